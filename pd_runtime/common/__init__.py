@@ -1,0 +1,1 @@
+"""Pieces shared by several processes: registries, HTTP proxying, logging set-up."""

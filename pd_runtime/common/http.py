@@ -1,0 +1,149 @@
+"""HTTP plumbing shared by the coordinator and the sidecar: header hygiene, streaming pass-through,
+and OpenAI-format error responses.
+
+Responses from upstream are streamed byte for byte (SSE included). If the client goes away, the
+response generator is cancelled and its ``finally`` closes the upstream response, so the worker
+sees the disconnect and aborts the request instead of generating into the void.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pd_runtime.errors import BadRequestError, ServingError, UpstreamError
+
+__all__ = [
+    "PREFILLER_HEADER",
+    "REQUEST_ID_HEADER",
+    "error_response",
+    "forward_headers",
+    "make_client",
+    "parse_json_body",
+    "send_streaming",
+]
+
+logger = logging.getLogger(__name__)
+
+PREFILLER_HEADER = "x-prefiller-host-port"
+REQUEST_ID_HEADER = "x-request-id"
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and ones the server recomputes.
+_DROP_REQUEST = frozenset(
+    {
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "accept-encoding",
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "date",
+        "server",
+    }
+)
+
+
+def forward_headers(
+    headers: Mapping[str, str], *, drop: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    return {
+        k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST and k.lower() not in drop
+    }
+
+
+def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncClient:
+    """A pooled client; one per process, reused by every request."""
+    timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    return httpx.AsyncClient(timeout=timeout, limits=limits)
+
+
+def error_response(exc: ServingError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequestError("request body must be a JSON object")
+    return body
+
+
+async def send_streaming(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    content: bytes,
+    method: str = "POST",
+    timeout: httpx.Timeout | None = None,
+    on_close: Callable[[int], None] | None = None,
+) -> Response:
+    """Send a request upstream and stream its response back unchanged (status, headers, bytes).
+
+    ``on_close(status)`` runs exactly once when the exchange ends, however it ends (the upstream
+    status, or 502/504 when upstream could not be reached), so callers can release what they hold.
+    """
+    closed = False
+
+    def close(status: int) -> None:
+        nonlocal closed
+        if on_close is not None and not closed:
+            closed = True
+            on_close(status)
+
+    request = client.build_request(
+        method, url, headers=headers, content=content, timeout=timeout or client.timeout
+    )
+    try:
+        upstream = await client.send(request, stream=True)
+    except httpx.TimeoutException as exc:
+        close(504)
+        raise UpstreamError(f"upstream {url} timed out: {exc!r}", status_code=504) from exc
+    except httpx.HTTPError as exc:
+        close(502)
+        raise UpstreamError(f"upstream {url} is unreachable: {exc!r}") from exc
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            # The stream broke midway: headers are gone already, so end the SSE stream with an
+            # error event rather than a silent truncation.
+            logger.warning("upstream stream from %s broke: %r", url, exc)
+            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                error = UpstreamError(f"upstream stream broke: {exc!r}").to_body()
+                yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            await upstream.aclose()
+            close(upstream.status_code)
+
+    response_headers = {
+        k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+    }
+    return StreamingResponse(body(), status_code=upstream.status_code, headers=response_headers)

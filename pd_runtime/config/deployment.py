@@ -1,0 +1,134 @@
+"""A whole deployment: the model, the engine settings, the worker groups, sidecars and coordinator.
+
+Port layout (each group's replicas take consecutive ports from their base)::
+
+    prefill-i   HTTP prefill.port+i   NIXL side channel prefill.side_channel_port+i   KV events prefill.kv_events_port+i
+    decode-i    HTTP decode.port+i    NIXL side channel decode.side_channel_port+i    KV events decode.kv_events_port+i
+    sidecar-i   sidecar.port+i   (in front of decode-i)
+    coordinator coordinator.port
+
+Every port must be unique; validation names the two fields that collide.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pd_runtime.config.coordinator import SchedulerConfig
+
+__all__ = [
+    "DeploymentConfig",
+    "EngineConfig",
+    "ModelConfig",
+    "SidecarConfig",
+    "TransportConfig",
+    "WorkerGroupConfig",
+]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+Port = Field(ge=1, le=65535)
+
+
+class ModelConfig(BaseModel):
+    model_config = _STRICT
+
+    path: str = Field(description="model directory (or hub id on machines that can download)")
+    served_name: str | None = Field(default=None, description="name clients use; default: path")
+    generate: Literal["tiny", "small"] | None = Field(
+        default=None, description="write a local random model of this size at `path` if missing"
+    )
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.path
+
+
+class EngineConfig(BaseModel):
+    """vLLM settings shared by every worker; anything else goes in ``extra_args``."""
+
+    model_config = _STRICT
+
+    block_size: int | None = Field(default=None, gt=0, description="default: 32 on CPU, 16 on GPU")
+    max_model_len: int = Field(default=2048, gt=0)
+    enforce_eager: bool = True
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class TransportConfig(BaseModel):
+    model_config = _STRICT
+
+    platform: Literal["auto", "cpu", "cuda"] = "auto"
+    ucx_tls: str | None = Field(default=None, description="override UCX_TLS; default: auto-detect")
+    ucx_net_devices: str | None = None
+    nixl_num_threads: int | None = Field(
+        default=None, ge=0, description="NIXL UCX worker threads; default: vLLM's (4)"
+    )
+
+
+class WorkerGroupConfig(BaseModel):
+    model_config = _STRICT
+
+    replicas: int = Field(ge=0)
+    port: int = Port
+    side_channel_port: int = Port
+    kv_events_port: int = Port
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class SidecarConfig(BaseModel):
+    model_config = _STRICT
+
+    port: int = Port
+    prefill_timeout_s: float = Field(default=120.0, gt=0)
+    decode_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class CoordinatorSection(BaseModel):
+    model_config = _STRICT
+
+    port: int = Port
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+class DeploymentConfig(BaseModel):
+    model_config = _STRICT
+
+    name: str = "pd-runtime"
+    host: str = "127.0.0.1"
+    model: ModelConfig
+    engine: EngineConfig = EngineConfig()
+    transport: TransportConfig = TransportConfig()
+    prefill: WorkerGroupConfig
+    decode: WorkerGroupConfig
+    sidecar: SidecarConfig
+    coordinator: CoordinatorSection
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentConfig:
+        if self.decode.replicas < 1:
+            raise ValueError("decode.replicas: at least one decode worker is required")
+        taken: dict[int, str] = {}
+
+        def claim(field: str, base: int, count: int) -> None:
+            for i in range(count):
+                owner = taken.setdefault(base + i, field)
+                if owner != field:
+                    raise ValueError(f"{field}: port {base + i} collides with {owner}")
+
+        claim("prefill.port", self.prefill.port, self.prefill.replicas)
+        claim("prefill.side_channel_port", self.prefill.side_channel_port, self.prefill.replicas)
+        claim("prefill.kv_events_port", self.prefill.kv_events_port, self.prefill.replicas)
+        claim("decode.port", self.decode.port, self.decode.replicas)
+        claim("decode.side_channel_port", self.decode.side_channel_port, self.decode.replicas)
+        claim("decode.kv_events_port", self.decode.kv_events_port, self.decode.replicas)
+        claim("sidecar.port", self.sidecar.port, self.decode.replicas)
+        claim("coordinator.port", self.coordinator.port, 1)
+        return self

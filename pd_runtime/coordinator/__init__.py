@@ -1,0 +1,1 @@
+"""The coordinator: the OpenAI-compatible front door that routes each request."""

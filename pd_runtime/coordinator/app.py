@@ -1,0 +1,158 @@
+"""The coordinator's HTTP server.
+
+Per generation request:
+  1. parse the body (400 on bad JSON), check the model (404 if it is not served here);
+  2. drop any routing header the client sent (``x-prefiller-host-port``): routing is ours to decide;
+  3. ask the scheduler for a decode endpoint and maybe a prefill endpoint, and log the decision as
+     ``Got pod scores {...}`` (the llm-d log shape);
+  4. forward to the decode endpoint's sidecar, with the prefill header when disaggregating, and
+     stream the answer back; tell the scheduler when the request has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pd_runtime.common.http import (
+    PREFILLER_HEADER,
+    REQUEST_ID_HEADER,
+    error_response,
+    forward_headers,
+    make_client,
+    parse_json_body,
+    send_streaming,
+)
+from pd_runtime.config.coordinator import CoordinatorConfig
+from pd_runtime.coordinator.metrics import CoordinatorMetrics
+from pd_runtime.errors import BadRequestError, NotFoundError, ServingError
+from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
+from pd_runtime.scheduling.registry import SCHEDULERS
+
+__all__ = ["create_app", "pod_scores_line"]
+
+logger = logging.getLogger("pd_runtime.coordinator")
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> str:
+    record: dict[str, Any] = {
+        "x-request-id": request_id,
+        "model": model,
+        "scores": result.scores,
+        "target": result.decode.address,
+        "prefill": result.prefill.address if result.prefill else None,
+    }
+    if result.breakdown is not None:
+        record["breakdown"] = result.breakdown
+    return "Got pod scores " + json.dumps(record)
+
+
+def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) -> FastAPI:
+    metrics = CoordinatorMetrics()
+    if scheduler is None:
+        scheduler = SCHEDULERS.create(
+            config.scheduler.policy, config.endpoints, **config.scheduler.params
+        )
+    state: dict[str, httpx.AsyncClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        state["client"] = make_client(config.connect_timeout_s, config.request_timeout_s)
+        await scheduler.start()
+        yield
+        await scheduler.stop()
+        await state["client"].aclose()
+
+    app = FastAPI(title="pd-runtime coordinator", lifespan=lifespan)
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.scheduler = scheduler
+    created = int(time.time())
+
+    async def generate(request: Request) -> Response:
+        route = request.url.path
+        started = time.perf_counter()
+        try:
+            raw_body = await request.body()
+            body = parse_json_body(raw_body)
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise BadRequestError("'model' is required and must be a string", param="model")
+            if model not in config.models:
+                raise NotFoundError(f"The model `{model}` does not exist.", param="model")
+            request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+            sched_request = SchedulingRequest(request_id, model, route, body)
+            decided = time.perf_counter()
+            result = scheduler.schedule(sched_request)
+            metrics.decision_seconds.observe(time.perf_counter() - decided)
+        except ServingError as exc:
+            metrics.errors.labels(exc.error_type).inc()
+            return error_response(exc)
+
+        logger.info(pod_scores_line(request_id, model, result))
+        mode = "disaggregated" if result.disaggregated else "direct"
+        metrics.decisions.labels(result.decode.name, mode).inc()
+        metrics.in_flight.labels(result.decode.name).inc()
+        headers = forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER}))
+        headers[REQUEST_ID_HEADER] = request_id
+        # The body is forwarded byte for byte: no re-serialisation on the hot path.
+        if result.prefill is not None:
+            headers[PREFILLER_HEADER] = result.prefill.address
+
+        def finished(status: int) -> None:
+            metrics.in_flight.labels(result.decode.name).dec()
+            metrics.requests.labels(route, mode, str(status)).inc()
+            metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            scheduler.release(sched_request, result)
+
+        try:
+            return await send_streaming(
+                state["client"],
+                f"{result.decode.url}{route}",
+                headers=headers,
+                content=raw_body,
+                on_close=finished,
+            )
+        except ServingError as exc:
+            metrics.errors.labels(exc.error_type).inc()
+            return error_response(exc)
+
+    for path in GENERATION_PATHS:
+        app.add_api_route(path, generate, methods=["POST"])
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "pd-runtime"}
+            for name in config.models
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/debug/scheduler")
+    async def debug_scheduler() -> JSONResponse:
+        return JSONResponse(scheduler.debug_state())
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def unknown(path: str) -> JSONResponse:
+        return error_response(NotFoundError(f"no route for /{path}"))
+
+    return app

@@ -1,0 +1,179 @@
+"""Turn a DeploymentConfig into concrete parts: processes with command lines, env, ports, placement.
+
+Placement on this machine::
+
+    GPUs present:  worker k gets GPUs [k*tp, (k+1)*tp)  via CUDA_VISIBLE_DEVICES (prefill first)
+    CPU only:      worker k is pinned to core cores[k % ncores]  via VLLM_CPU_OMP_THREADS_BIND
+
+The plan is pure data (no processes started), so it is what ``up`` runs and what tests inspect.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
+from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
+from pd_runtime.errors import ConfigError
+from pd_runtime.platform import Platform
+from pd_runtime.worker.command import WorkerSpec, build_worker_command
+
+__all__ = ["DeploymentPlan", "PartKind", "PartSpec", "plan_deployment"]
+
+PartKind = Literal["worker", "sidecar", "coordinator"]
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    name: str
+    kind: PartKind
+    argv: list[str]
+    env: dict[str, str]
+    host: str
+    port: int
+    placement: str = ""  # e.g. "cpu core 1" or "GPUs 0,1"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    parts: list[PartSpec]
+    coordinator: CoordinatorConfig
+    coordinator_config_path: Path
+    model_path: Path
+    workers: list[WorkerSpec] = field(default_factory=list)
+
+    def by_kind(self, kind: PartKind) -> list[PartSpec]:
+        return [p for p in self.parts if p.kind == kind]
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.coordinator.host}:{self.coordinator.port}"
+
+
+def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[str, WorkerSpec]]:
+    engine, host = config.engine, config.host
+    tp = engine.tensor_parallel_size
+    groups: list[tuple[Literal["prefill", "decode"], WorkerGroupConfig]] = [
+        ("prefill", config.prefill),
+        ("decode", config.decode),
+    ]
+    total = config.prefill.replicas + config.decode.replicas
+    if platform.name == "cuda" and total * tp > platform.gpu_count:
+        raise ConfigError(
+            f"prefill.replicas + decode.replicas: {total} workers x tensor_parallel_size {tp} need "
+            f"{total * tp} GPUs, this machine has {platform.gpu_count}"
+        )
+    specs: list[tuple[str, WorkerSpec]] = []
+    for role, group in groups:
+        for i in range(group.replicas):
+            k = len(specs)
+            on_cpu = platform.name == "cpu"
+            spec = WorkerSpec(
+                role=role,
+                model=config.model.path,
+                served_model_name=config.model.name,
+                host=host,
+                port=group.port + i,
+                platform=platform.name,
+                side_channel_port=group.side_channel_port + i,
+                kv_events_port=group.kv_events_port + i,
+                block_size=engine.block_size,
+                max_model_len=engine.max_model_len,
+                enforce_eager=engine.enforce_eager,
+                tensor_parallel_size=tp,
+                kv_cache_gib=engine.kv_cache_gib if on_cpu else None,
+                gpu_memory_utilization=None if on_cpu else engine.gpu_memory_utilization,
+                cpu_cores=str(platform.cpu_cores[k % len(platform.cpu_cores)]) if on_cpu else None,
+                gpu_ids=None if on_cpu else ",".join(str(g) for g in range(k * tp, (k + 1) * tp)),
+                ucx_tls=config.transport.ucx_tls,
+                ucx_net_devices=config.transport.ucx_net_devices,
+                nixl_num_threads=config.transport.nixl_num_threads,
+                extra_args=tuple(engine.extra_args) + tuple(group.extra_args),
+                extra_env=dict(group.env),
+            )
+            specs.append((f"{role}-{i}", spec))
+    return specs
+
+
+def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform) -> DeploymentPlan:
+    host = config.host
+    python = [sys.executable, "-m", "pd_runtime"]
+    parts: list[PartSpec] = []
+    endpoints: list[EndpointConfig] = []
+    workers = _worker_specs(config, platform)
+    prefill_addresses = [f"{host}:{s.port}" for _, s in workers if s.role == "prefill"]
+
+    for name, spec in workers:
+        argv, env = build_worker_command(spec)
+        where = f"GPUs {spec.gpu_ids}" if spec.gpu_ids else f"cpu core {spec.cpu_cores}"
+        parts.append(PartSpec(name, "worker", argv, env, host, spec.port, where))
+        if spec.role == "prefill":
+            endpoints.append(
+                EndpointConfig(
+                    name=name,
+                    role="prefill",
+                    address=f"{host}:{spec.port}",
+                    url=f"http://{host}:{spec.port}",
+                    kv_events=f"tcp://{host}:{spec.kv_events_port}",
+                )
+            )
+
+    for i, (_, spec) in enumerate(s for s in workers if s[1].role == "decode"):
+        sidecar_port = config.sidecar.port + i
+        argv = [
+            *python,
+            "sidecar",
+            "--host",
+            host,
+            "--port",
+            str(sidecar_port),
+            "--decode-url",
+            f"http://{host}:{spec.port}",
+            "--prefill-timeout",
+            str(config.sidecar.prefill_timeout_s),
+            "--decode-timeout",
+            str(config.sidecar.decode_timeout_s),
+        ]
+        for address in prefill_addresses:
+            argv += ["--prefiller", address]
+        parts.append(
+            PartSpec(f"sidecar-{i}", "sidecar", argv, {"PYTHONUNBUFFERED": "1"}, host, sidecar_port)
+        )
+        endpoints.append(
+            EndpointConfig(
+                name=f"decode-{i}",
+                role="decode",
+                address=f"{host}:{spec.port}",
+                url=f"http://{host}:{sidecar_port}",
+                kv_events=f"tcp://{host}:{spec.kv_events_port}",
+            )
+        )
+
+    coordinator = CoordinatorConfig(
+        host=host,
+        port=config.coordinator.port,
+        models=[config.model.name],
+        endpoints=endpoints,
+        scheduler=config.coordinator.scheduler,
+    )
+    coordinator_path = run_dir / "coordinator.yaml"
+    parts.append(
+        PartSpec(
+            "coordinator",
+            "coordinator",
+            [*python, "coordinator", "--config", str(coordinator_path)],
+            {"PYTHONUNBUFFERED": "1"},
+            host,
+            config.coordinator.port,
+        )
+    )
+    return DeploymentPlan(
+        parts, coordinator, coordinator_path, Path(config.model.path), [s for _, s in workers]
+    )

@@ -1,0 +1,1 @@
+"""Locally generated models: no downloads, deterministic weights and tokenizer."""

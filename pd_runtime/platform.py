@@ -1,0 +1,48 @@
+"""What kind of machine this is: GPUs (via NVML) or CPU only, and how many cores to pin.
+
+Kept free of torch imports so that the launcher and coordinator start fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Platform", "detect_platform", "resolve_platform"]
+
+PlatformName = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: PlatformName
+    gpu_count: int
+    cpu_cores: tuple[int, ...]
+
+
+def _gpu_count() -> int:
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVML raises its own error types when no driver is loaded
+        return 0
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def detect_platform() -> Platform:
+    gpus = _gpu_count()
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    return Platform("cuda" if gpus else "cpu", gpus, cores)
+
+
+def resolve_platform(requested: str) -> PlatformName:
+    if requested in ("cpu", "cuda"):
+        return requested  # type: ignore[return-value]
+    return detect_platform().name

@@ -1,0 +1,1 @@
+"""Where each request goes: the scheduler interface, its registry and the policies."""

@@ -1,0 +1,62 @@
+"""The scheduler seam between the coordinator's HTTP layer and routing policy.
+
+Contract: ``schedule`` is called once per generation request, on the event loop, and must not block
+(no I/O; heavy work such as tokenizing happens before, off the loop). It returns the decode endpoint
+that will serve the request and, when disaggregation pays, the prefill endpoint whose KV blocks the
+decode worker will pull. ``scores`` is what the ``Got pod scores`` line logs: endpoint address →
+score in [0, 1], or ``None`` when the policy used no scores. ``release`` is called exactly once per
+scheduled request when it ends (success or not), so policies can track in-flight load.
+Raise :class:`~pd_runtime.errors.NoEndpointError` when nothing can serve the request.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pd_runtime.config.coordinator import EndpointConfig
+
+__all__ = ["Scheduler", "SchedulingRequest", "SchedulingResult"]
+
+
+@dataclass(frozen=True)
+class SchedulingRequest:
+    request_id: str
+    model: str
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SchedulingResult:
+    decode: EndpointConfig
+    prefill: EndpointConfig | None
+    scores: dict[str, float] | None = None
+    breakdown: dict[str, dict[str, float]] | None = None
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill is not None
+
+
+class Scheduler(ABC):
+    def __init__(self, endpoints: Sequence[EndpointConfig], **params: Any) -> None:
+        self.endpoints = list(endpoints)
+
+    @abstractmethod
+    def schedule(self, request: SchedulingRequest) -> SchedulingResult: ...
+
+    def release(self, request: SchedulingRequest, result: SchedulingResult) -> None:  # noqa: B027
+        """The request has ended; default: nothing to forget."""
+
+    async def start(self) -> None:  # noqa: B027
+        """Start background work (event subscribers, scrapers); default: none."""
+
+    async def stop(self) -> None:  # noqa: B027
+        """Stop what ``start`` started."""
+
+    def debug_state(self) -> dict[str, Any]:
+        return {"endpoints": [e.model_dump() for e in self.endpoints]}

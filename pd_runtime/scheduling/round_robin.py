@@ -1,0 +1,37 @@
+"""Round-robin over decode endpoints and, independently, over prefill endpoints.
+
+The baseline policy: no signals, no scores (``scores`` is ``None``). Always disaggregates when a
+prefill endpoint exists (``disaggregate: false`` turns that off).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.errors import NoEndpointError
+from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
+
+__all__ = ["RoundRobinScheduler"]
+
+
+class RoundRobinScheduler(Scheduler):
+    def __init__(
+        self, endpoints: Sequence[EndpointConfig], *, disaggregate: bool = True, **params: Any
+    ) -> None:
+        super().__init__(endpoints, **params)
+        self.decode = [e for e in self.endpoints if e.role == "decode"]
+        self.prefill = [e for e in self.endpoints if e.role == "prefill"] if disaggregate else []
+        self._decode_turn = itertools.count()
+        self._prefill_turn = itertools.count()
+
+    def schedule(self, request: SchedulingRequest) -> SchedulingResult:
+        if not self.decode:
+            raise NoEndpointError("no decode endpoint is configured")
+        decode = self.decode[next(self._decode_turn) % len(self.decode)]
+        prefill = (
+            self.prefill[next(self._prefill_turn) % len(self.prefill)] if self.prefill else None
+        )
+        return SchedulingResult(decode=decode, prefill=prefill, scores=None)

@@ -1,0 +1,1 @@
+"""The decode-side sidecar: runs the prefill → decode chain for one decode worker."""

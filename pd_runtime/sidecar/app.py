@@ -1,0 +1,202 @@
+"""The sidecar's HTTP server, in front of one decode worker.
+
+Per request on /v1/completions and /v1/chat/completions:
+  1. No ``x-prefiller-host-port`` header: forward to the local decode worker (transparent proxy).
+  2. With the header: refuse (403) unless the prefiller is one this sidecar was configured to trust;
+     the sidecar is never an open relay.
+  3. Send the prefill request (see :mod:`pd_runtime.sidecar.rewrite`) and read its
+     ``kv_transfer_params``.
+  4. Send the client's request with those params to the decode worker and stream its answer back
+     exactly as the client asked (SSE or JSON).
+If the prefill fails, the decode worker prefills locally (counted and logged as a fallback), so the
+client still gets its answer. Every other path is proxied to the decode worker unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from pd_runtime.common.http import (
+    PREFILLER_HEADER,
+    REQUEST_ID_HEADER,
+    error_response,
+    forward_headers,
+    make_client,
+    parse_json_body,
+    send_streaming,
+)
+from pd_runtime.errors import ForbiddenError, ServingError
+from pd_runtime.sidecar.rewrite import build_decode_request, build_prefill_request
+
+__all__ = ["SidecarSettings", "create_app"]
+
+logger = logging.getLogger("pd_runtime.sidecar")
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    decode_url: str
+    allowed_prefillers: frozenset[str]
+    host: str = "127.0.0.1"
+    port: int = 8300
+    prefill_timeout_s: float = 120.0
+    decode_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+
+
+class SidecarMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pd_sidecar_requests",
+            "Requests by how they were served: disaggregated, direct "
+            "(no prefiller asked for) or fallback (prefill failed, decoded locally)",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "pd_sidecar_rejected_prefillers",
+            "Requests refused for naming an untrusted prefiller",
+            registry=self.registry,
+        )
+        self.prefill_seconds = Histogram(
+            "pd_sidecar_prefill_seconds", "Time of the prefill hop", registry=self.registry
+        )
+
+
+def create_app(settings: SidecarSettings) -> FastAPI:
+    metrics = SidecarMetrics()
+    state: dict[str, httpx.AsyncClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        state["client"] = make_client(settings.connect_timeout_s, settings.decode_timeout_s)
+        yield
+        await state["client"].aclose()
+
+    app = FastAPI(title="pd-runtime sidecar", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    decode_url = settings.decode_url.rstrip("/")
+
+    async def prefill(
+        client: httpx.AsyncClient,
+        prefiller: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> dict[str, Any] | None:
+        """Steps 3: returns the prefiller's kv_transfer_params, or None to decode locally."""
+        started = time.perf_counter()
+        try:
+            response = await client.post(
+                f"http://{prefiller}{path}",
+                json=build_prefill_request(body),
+                headers=headers,
+                timeout=httpx.Timeout(
+                    settings.prefill_timeout_s, connect=settings.connect_timeout_s
+                ),
+            )
+        except httpx.HTTPError as exc:
+            logger.warning("prefill on %s failed (%r); decoding locally", prefiller, exc)
+            return None
+        finally:
+            metrics.prefill_seconds.observe(time.perf_counter() - started)
+        if response.status_code != 200:
+            logger.warning(
+                "prefill on %s answered %d (%s); decoding locally",
+                prefiller,
+                response.status_code,
+                response.text[:200],
+            )
+            return None
+        try:
+            params = response.json().get("kv_transfer_params")
+        except (json.JSONDecodeError, AttributeError):
+            params = None
+        if not params:
+            logger.warning(
+                "prefill on %s returned no kv_transfer_params; decoding locally", prefiller
+            )
+        return params or None
+
+    async def generate(request: Request) -> Response:
+        path = request.url.path
+        client = state["client"]
+        prefiller = request.headers.get(PREFILLER_HEADER)
+        headers = forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER}))
+        try:
+            body = parse_json_body(await request.body())
+            if prefiller and prefiller not in settings.allowed_prefillers:
+                metrics.rejected.inc()
+                logger.warning(
+                    "refused untrusted prefiller %r (request %s)",
+                    prefiller,
+                    request.headers.get(REQUEST_ID_HEADER),
+                )
+                raise ForbiddenError(f"prefiller {prefiller!r} is not one this sidecar trusts")
+            params = await prefill(client, prefiller, path, body, headers) if prefiller else None
+            mode = "direct" if not prefiller else ("disaggregated" if params else "fallback")
+            metrics.requests.labels(mode).inc()
+            decode_body = build_decode_request(body, params)
+            return await send_streaming(
+                client,
+                f"{decode_url}{path}",
+                headers=headers,
+                content=json.dumps(decode_body).encode(),
+            )
+        except ServingError as exc:
+            return error_response(exc)
+
+    for path in GENERATION_PATHS:
+        app.add_api_route(path, generate, methods=["POST"])
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Healthy when the decode worker behind this sidecar is."""
+        try:
+            response = await state["client"].get(f"{decode_url}/health", timeout=5.0)
+        except httpx.HTTPError as exc:
+            return JSONResponse({"status": "decode worker unreachable", "error": repr(exc)}, 503)
+        return JSONResponse(
+            {"status": "ok" if response.status_code == 200 else "decode unhealthy"},
+            200 if response.status_code == 200 else 503,
+        )
+
+    @app.get("/sidecar/metrics")
+    async def sidecar_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def passthrough(path: str, request: Request) -> Response:
+        query = f"?{request.url.query}" if request.url.query else ""
+        try:
+            return await send_streaming(
+                state["client"],
+                f"{decode_url}/{path}{query}",
+                method=request.method,
+                headers=forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER})),
+                content=await request.body(),
+            )
+        except ServingError as exc:
+            return error_response(exc)
+
+    return app

@@ -1,0 +1,66 @@
+"""How the sidecar rewrites one client request into the prefill and decode requests (NIXL protocol).
+
+    client body ──┬──▶ prefill body: max_tokens=1 (and max_completion_tokens=1 if present), n=1,
+                  │    stream=false, no stream_options, kv_transfer_params = "please keep the KV
+                  │    blocks for a remote decoder"  ──▶ prefill worker
+                  │                                         │ response.kv_transfer_params
+                  │                                         ▼ (engine id, block ids, host, port)
+                  └──▶ decode body: the client's body unchanged, plus those kv_transfer_params
+                       ──▶ local decode worker, which pulls the blocks over NIXL and streams back
+
+A ``kv_transfer_params`` sent by a client is always dropped: it would let anyone aim the decode
+worker's NIXL pull at an arbitrary host.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = [
+    "REMOTE_DECODE_REQUEST",
+    "build_decode_request",
+    "build_prefill_request",
+    "strip_client_transfer_params",
+]
+
+#: What a prefill worker needs to hear to keep the blocks for a remote decoder (vLLM NixlConnector).
+REMOTE_DECODE_REQUEST: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+def strip_client_transfer_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The body without any client-supplied ``kv_transfer_params`` (a shallow copy if changed)."""
+    if "kv_transfer_params" not in body:
+        return body
+    return {k: v for k, v in body.items() if k != "kv_transfer_params"}
+
+
+def build_prefill_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The one-token, non-streaming copy of ``body`` that makes the prefill worker compute the KV."""
+    prefill = copy.deepcopy(strip_client_transfer_params(body))
+    prefill["max_tokens"] = 1
+    if "max_completion_tokens" in prefill:
+        prefill["max_completion_tokens"] = 1
+    prefill["stream"] = False
+    prefill.pop("stream_options", None)
+    prefill.pop("min_tokens", None)  # must not exceed max_tokens
+    prefill["n"] = 1
+    prefill["kv_transfer_params"] = dict(REMOTE_DECODE_REQUEST)
+    return prefill
+
+
+def build_decode_request(
+    body: dict[str, Any], kv_transfer_params: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The client's request for the decode worker; without params it simply prefills locally."""
+    decode = strip_client_transfer_params(body)
+    if kv_transfer_params:
+        decode = {**decode, "kv_transfer_params": kv_transfer_params}
+    return decode

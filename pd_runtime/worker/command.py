@@ -1,0 +1,150 @@
+"""Turn a worker description into the vLLM command line and environment that runs it.
+
+The P/D essentials every worker gets:
+  * ``--kv-transfer-config`` with NixlConnector, ``kv_producer`` (prefill) / ``kv_consumer``
+    (decode) / ``kv_both``, and the KV buffer on the platform's device (``cpu`` here, ``cuda`` on GPUs);
+  * ``VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`` so the decode side can fetch the prefill's NIXL metadata;
+  * ``--kv-events-config`` publishing block events over ZMQ with topic ``kv@HOST:PORT@MODEL``
+    (the scheduler's prefix index subscribes to them);
+  * a block size the platform accepts (a multiple of 32 on CPU);
+  * the UCX transport chosen by :mod:`pd_runtime.worker.transport`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pd_runtime.errors import ConfigError
+from pd_runtime.worker.transport import ucx_environment
+
+__all__ = [
+    "KV_ROLES",
+    "WorkerSpec",
+    "build_worker_command",
+    "default_block_size",
+    "kv_events_topic",
+]
+
+Role = Literal["prefill", "decode", "both"]
+KV_ROLES: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+
+
+def default_block_size(platform: str) -> int:
+    return 32 if platform == "cpu" else 16
+
+
+def kv_events_topic(host: str, port: int, model: str) -> str:
+    return f"kv@{host}:{port}@{model}"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: Role
+    model: str
+    port: int
+    platform: Literal["cpu", "cuda"]
+    host: str = "127.0.0.1"
+    served_model_name: str | None = None
+    side_channel_port: int = 5600
+    kv_events_port: int | None = 5557
+    block_size: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    kv_cache_gib: float | None = None
+    gpu_memory_utilization: float | None = None
+    cpu_cores: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0-3"
+    gpu_ids: str | None = None  # CUDA_VISIBLE_DEVICES
+    ucx_tls: str | None = None
+    ucx_net_devices: str | None = None
+    nixl_num_threads: int | None = None  # NIXL UCX worker threads (vLLM's default: 4)
+    extra_args: tuple[str, ...] = ()
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name_for_clients(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def effective_block_size(self) -> int:
+        size = self.block_size or default_block_size(self.platform)
+        if self.platform == "cpu" and size % 32:
+            raise ConfigError(
+                f"block_size: {size} is not a multiple of 32, which vLLM-CPU requires"
+            )
+        return size
+
+
+def build_worker_command(
+    spec: WorkerSpec, environ: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """Return ``(argv, env_updates)`` for vLLM's OpenAI server; the caller merges env into its own."""
+    if spec.role not in KV_ROLES:
+        raise ConfigError(f"role: {spec.role!r} is not one of {sorted(KV_ROLES)}")
+    kv_transfer: dict[str, object] = {
+        "kv_connector": "NixlConnector",
+        "kv_role": KV_ROLES[spec.role],
+        "kv_buffer_device": "cpu" if spec.platform == "cpu" else "cuda",
+    }
+    if spec.nixl_num_threads is not None:
+        kv_transfer["kv_connector_extra_config"] = {"num_threads": spec.nixl_num_threads}
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        spec.model,
+        "--served-model-name",
+        spec.name_for_clients,
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.port),
+        "--block-size",
+        str(spec.effective_block_size),
+        "--kv-transfer-config",
+        json.dumps(kv_transfer),
+        "--enable-prefix-caching",
+    ]
+    if spec.kv_events_port is not None:
+        kv_events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://{spec.host}:{spec.kv_events_port}",
+            "topic": kv_events_topic(spec.host, spec.port, spec.name_for_clients),
+        }
+        argv += ["--kv-events-config", json.dumps(kv_events)]
+    if spec.max_model_len:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.enforce_eager:
+        argv.append("--enforce-eager")
+    if spec.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.gpu_memory_utilization is not None and spec.platform == "cuda":
+        argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    argv += list(spec.extra_args)
+
+    env = {
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": spec.host,
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(spec.side_channel_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(
+        ucx_environment(
+            spec.platform,
+            override_tls=spec.ucx_tls,
+            override_net_devices=spec.ucx_net_devices,
+            environ=environ,
+        )
+    )
+    if spec.platform == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores or "nobind"
+        if spec.kv_cache_gib is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{spec.kv_cache_gib:g}"
+    elif spec.gpu_ids is not None:
+        env["CUDA_VISIBLE_DEVICES"] = spec.gpu_ids
+    env.update(spec.extra_env)
+    return argv, env

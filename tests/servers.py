@@ -1,0 +1,109 @@
+"""Test helpers: run an ASGI app on a real loopback port in a background thread, and a *recording
+fake* vLLM server (named as a fake: it stands in where a real engine cannot show the behaviour,
+such as a prefill that fails on purpose or a stream that breaks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(app: FastAPI, port: int | None = None) -> Iterator[str]:
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@dataclass
+class FakeEngine:
+    """Records every request; answers like vLLM's OpenAI server (non-streaming and SSE)."""
+
+    name: str
+    fail_with: int | None = None  # answer every generation request with this status
+    hang_s: float = 0.0
+    break_stream_after: int | None = None  # raise after N SSE chunks
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        async def generate(request: Request) -> Response:
+            body = json.loads(await request.body())
+            self.requests.append(body)
+            self.headers.append(dict(request.headers))
+            if self.hang_s:
+                await asyncio.sleep(self.hang_s)
+            if self.fail_with:
+                return JSONResponse({"error": {"message": "boom"}}, status_code=self.fail_with)
+            params = {
+                "remote_engine_id": f"{self.name}-engine",
+                "remote_block_ids": [1, 2],
+                "remote_host": "127.0.0.1",
+                "remote_port": 5600,
+            }
+            if body.get("stream"):
+                return StreamingResponse(self._sse(body), media_type="text/event-stream")
+            return JSONResponse(
+                {
+                    "id": "x",
+                    "object": "text_completion",
+                    "served_by": self.name,
+                    "choices": [{"index": 0, "text": f"{self.name}!"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+                    "kv_transfer_params": params,
+                }
+            )
+
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            app.add_api_route(path, generate, methods=["POST"])
+
+        @app.get("/health")
+        async def health() -> Response:
+            return Response(status_code=200)
+
+        @app.get("/v1/models")
+        async def models() -> JSONResponse:
+            return JSONResponse({"object": "list", "data": [{"id": "m", "served_by": self.name}]})
+
+        return app
+
+    async def _sse(self, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+        for i in range(3):
+            if self.break_stream_after is not None and i >= self.break_stream_after:
+                raise RuntimeError("fake engine breaks the stream on purpose")
+            chunk = {"choices": [{"index": 0, "text": f"t{i}"}], "served_by": self.name}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            await asyncio.sleep(0.01)
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,93 @@
+"""The local launcher's supervision, with small stand-in processes (the same code path starts vLLM;
+what is under test here is start order, health waiting, failure reporting and clean shutdown)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pd_runtime.config import CoordinatorConfig
+from pd_runtime.errors import LaunchError
+from pd_runtime.launcher.local import LocalLauncher
+from pd_runtime.launcher.topology import DeploymentPlan, PartSpec
+from tests.servers import free_port
+
+# Serves GET /health, and leaves a grandchild running (like vLLM's engine core) whose pid it records.
+HEALTHY = """
+import http.server, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[2], "w").write(str(child.pid))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+CRASHES = "import sys, time; time.sleep(1); print('CUDA out of memory (pretend)'); sys.exit(3)"
+
+
+def part(name: str, kind: str, script: str, *args: str) -> PartSpec:
+    port = free_port()
+    argv = [sys.executable, "-c", script, str(port), *args]
+    return PartSpec(name, kind, argv, {}, "127.0.0.1", port)  # type: ignore[arg-type]
+
+
+def plan(tmp_path: Path, parts: list[PartSpec]) -> DeploymentPlan:
+    coordinator = CoordinatorConfig.model_validate(
+        {
+            "models": ["m"],
+            "endpoints": [{"name": "d", "role": "decode", "address": "h:1", "url": "http://h:1"}],
+        }
+    )
+    return DeploymentPlan(parts, coordinator, tmp_path / "coordinator.yaml", tmp_path)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_start_waits_for_health_and_stop_leaves_no_orphans(tmp_path: Path) -> None:
+    pids = tmp_path / "grandchild.pid"
+    parts = [
+        part("w", "worker", HEALTHY, str(pids)),
+        part("coordinator", "coordinator", HEALTHY, str(tmp_path / "c.pid")),
+    ]
+    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30)
+    launcher.start()
+    processes = [p.process.pid for p in launcher.parts]
+    grandchild = int(pids.read_text())
+    assert all(alive(pid) for pid in [*processes, grandchild])
+    assert (tmp_path / "coordinator.yaml").exists()
+    launcher.stop(grace_s=5)
+    time.sleep(0.2)
+    assert not any(alive(pid) for pid in [*processes, grandchild])
+
+
+def test_a_part_that_dies_at_startup_aborts_the_launch_with_its_log(tmp_path: Path) -> None:
+    healthy = part("decode-0", "worker", HEALTHY, str(tmp_path / "g.pid"))
+    parts = [healthy, part("prefill-0", "worker", CRASHES)]
+    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30)
+    with pytest.raises(LaunchError) as excinfo:
+        launcher.start()
+    message = str(excinfo.value)
+    assert "prefill-0 exited with code 3" in message
+    assert "CUDA out of memory (pretend)" in message
+    assert launcher.parts == []
+    time.sleep(0.2)
+    assert not alive(int((tmp_path / "g.pid").read_text()))
+
+
+def test_a_part_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
+    silent = part("decode-0", "worker", "import time, sys; time.sleep(60)")
+    launcher = LocalLauncher(plan(tmp_path, [silent]), tmp_path, startup_timeout_s=1.5)
+    with pytest.raises(LaunchError, match="not healthy after 2s"):
+        launcher.start()

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pd_runtime.config import DeploymentConfig
+from pd_runtime.config.loader import parse_config
+from pd_runtime.errors import ConfigError
+from pd_runtime.launcher.topology import plan_deployment
+from pd_runtime.platform import Platform
+
+LOCAL = Path(__file__).resolve().parents[2] / "configs" / "local-cpu.yaml"
+
+
+def config(**changes: object) -> DeploymentConfig:
+    data = yaml.safe_load(LOCAL.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    return parse_config(DeploymentConfig, data)
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_cpu_plan_pins_workers_round_robin_and_wires_sidecars(tmp_path: Path) -> None:
+    plan = plan_deployment(config(), tmp_path, Platform("cpu", 0, (0, 1)))
+    names = [p.name for p in plan.parts]
+    assert names == ["prefill-0", "decode-0", "decode-1", "sidecar-0", "sidecar-1", "coordinator"]
+    workers = {p.name: p for p in plan.by_kind("worker")}
+    assert [workers[n].env["VLLM_CPU_OMP_THREADS_BIND"] for n in names[:3]] == ["0", "1", "0"]
+    assert {workers[n].env["VLLM_NIXL_SIDE_CHANNEL_PORT"] for n in names[:3]} == {
+        "5600",
+        "5610",
+        "5611",
+    }
+    assert (
+        json.loads(flag(workers["decode-1"].argv, "--kv-transfer-config"))["kv_role"]
+        == "kv_consumer"
+    )
+    sidecar = plan.by_kind("sidecar")[1]
+    assert flag(sidecar.argv, "--decode-url") == "http://127.0.0.1:8201"
+    assert flag(sidecar.argv, "--prefiller") == "127.0.0.1:8100"
+    decode = plan.coordinator.by_role("decode")
+    assert [(e.address, e.url) for e in decode] == [
+        ("127.0.0.1:8200", "http://127.0.0.1:8300"),
+        ("127.0.0.1:8201", "http://127.0.0.1:8301"),
+    ]
+    assert plan.coordinator.by_role("prefill")[0].kv_events == "tcp://127.0.0.1:5700"
+    assert plan.gateway_url == "http://127.0.0.1:8000"
+    assert plan.coordinator.models == ["tiny-qwen3"]
+
+
+def test_gpu_plan_gives_each_worker_its_own_gpu_group(tmp_path: Path) -> None:
+    plan = plan_deployment(
+        config(engine__tensor_parallel_size=2), tmp_path, Platform("cuda", 8, (0, 1))
+    )
+    gpus = [p.env["CUDA_VISIBLE_DEVICES"] for p in plan.by_kind("worker")]
+    assert gpus == ["0,1", "2,3", "4,5"]
+    assert all("VLLM_CPU_OMP_THREADS_BIND" not in p.env for p in plan.by_kind("worker"))
+
+
+def test_gpu_plan_refuses_more_workers_than_gpus(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="need 6 GPUs, this machine has 4"):
+        plan_deployment(config(engine__tensor_parallel_size=2), tmp_path, Platform("cuda", 4, (0,)))

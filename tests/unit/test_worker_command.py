@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pd_runtime.errors import ConfigError
+from pd_runtime.worker.command import WorkerSpec, build_worker_command
+from pd_runtime.worker.transport import RdmaPort, detect_rdma_ports, ucx_environment
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.mark.parametrize(
+    ("role", "kv_role"),
+    [("prefill", "kv_producer"), ("decode", "kv_consumer"), ("both", "kv_both")],
+)
+def test_roles_map_to_nixl_kv_roles(role: str, kv_role: str) -> None:
+    spec = WorkerSpec(role=role, model="/m", port=8100, platform="cpu", served_model_name="tiny")
+    argv, env = build_worker_command(spec, environ={})
+    transfer = json.loads(flag(argv, "--kv-transfer-config"))
+    assert transfer == {
+        "kv_connector": "NixlConnector",
+        "kv_role": kv_role,
+        "kv_buffer_device": "cpu",
+    }
+    events = json.loads(flag(argv, "--kv-events-config"))
+    assert events["topic"] == "kv@127.0.0.1:8100@tiny"
+    assert events["endpoint"] == "tcp://127.0.0.1:5557"
+    assert flag(argv, "--block-size") == "32"
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600"
+    assert env["UCX_TLS"] == "tcp,sm,self"
+
+
+def test_gpu_worker_uses_cuda_buffers_and_devices() -> None:
+    spec = WorkerSpec(
+        role="decode",
+        model="/m",
+        port=1,
+        platform="cuda",
+        gpu_ids="2,3",
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.85,
+    )
+    argv, env = build_worker_command(spec, environ={})
+    assert json.loads(flag(argv, "--kv-transfer-config"))["kv_buffer_device"] == "cuda"
+    assert flag(argv, "--block-size") == "16"
+    assert flag(argv, "--tensor-parallel-size") == "2"
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env
+    assert env["UCX_TLS"].endswith("cuda_copy,cuda_ipc")
+
+
+def test_cpu_pinning_kv_cache_and_passthrough_args() -> None:
+    spec = WorkerSpec(
+        role="prefill",
+        model="/m",
+        port=1,
+        platform="cpu",
+        cpu_cores="1",
+        kv_cache_gib=2,
+        extra_args=("--max-num-seqs", "8"),
+        kv_events_port=None,
+    )
+    argv, env = build_worker_command(spec, environ={})
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert argv[-2:] == ["--max-num-seqs", "8"]
+    assert "--kv-events-config" not in argv
+
+
+def test_cpu_block_size_must_be_a_multiple_of_32() -> None:
+    spec = WorkerSpec(role="prefill", model="/m", port=1, platform="cpu", block_size=16)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        build_worker_command(spec, environ={})
+
+
+def test_ucx_prefers_active_rdma_ports_and_respects_overrides() -> None:
+    ports = [
+        RdmaPort("mlx5_0", 1, "InfiniBand", True),
+        RdmaPort("mlx5_1", 1, "Ethernet", False),
+        RdmaPort("mlx5_2", 1, "Ethernet", True),
+    ]
+    env = ucx_environment("cuda", ports=ports, environ={})
+    assert env["UCX_TLS"] == "rc,ud,sm,self,cuda_copy,cuda_ipc"
+    assert env["UCX_NET_DEVICES"] == "mlx5_0:1,mlx5_2:1"
+    assert ucx_environment("cpu", ports=[ports[1]], environ={}) == {"UCX_TLS": "tcp,sm,self"}
+    assert ucx_environment("cpu", ports=ports, override_tls="tcp", environ={}) == {"UCX_TLS": "tcp"}
+    inherited = ucx_environment("cpu", ports=ports, environ={"UCX_TLS": "shm,self"})
+    assert inherited["UCX_TLS"] == "shm,self"
+
+
+def test_rdma_detection_reads_sysfs(tmp_path: Path) -> None:
+    assert detect_rdma_ports(tmp_path / "absent") == []
+    for device, state, link in (
+        ("mlx5_0", "4: ACTIVE", "InfiniBand"),
+        ("mlx5_1", "1: DOWN", "Ethernet"),
+    ):
+        port = tmp_path / device / "ports" / "1"
+        port.mkdir(parents=True)
+        (port / "state").write_text(state + "\n")
+        (port / "link_layer").write_text(link + "\n")
+    found = detect_rdma_ports(tmp_path)
+    assert found == [
+        RdmaPort("mlx5_0", 1, "InfiniBand", True),
+        RdmaPort("mlx5_1", 1, "Ethernet", False),
+    ]
