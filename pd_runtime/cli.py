@@ -197,11 +197,15 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _terminate_on_sigterm() -> None:
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both mean "stop everything cleanly"; set explicitly because a process
+    started in the background by a shell inherits SIGINT as ignored."""
+
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def _run_up(args: argparse.Namespace, demo: bool) -> int:
@@ -220,7 +224,7 @@ def _run_up(args: argparse.Namespace, demo: bool) -> int:
         startup_timeout_s=config.startup_timeout_s,
         progress=lambda m: print(f"[up] {m}", flush=True),
     )
-    _terminate_on_sigterm()
+    _stop_on_signals()
     try:
         launcher.start()
         for part in plan.parts:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pd_runtime.errors import BadRequestError, ServingError, UpstreamError
@@ -23,6 +24,7 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "error_response",
     "forward_headers",
+    "install_error_handlers",
     "make_client",
     "parse_json_body",
     "send_streaming",
@@ -81,6 +83,24 @@ def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncC
 
 def error_response(exc: ServingError) -> JSONResponse:
     return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+
+def install_error_handlers(app: FastAPI, component: str) -> None:
+    """Whatever escapes a handler still reaches the client in the OpenAI error shape, and is logged
+    with its traceback, rather than as a plain-text 500."""
+    component_logger = logging.getLogger(f"pd_runtime.{component}")
+
+    async def serving_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServingError)
+        return error_response(exc)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        component_logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        error = ServingError(f"internal error in the {component}: {type(exc).__name__}")
+        return error_response(error)
+
+    app.add_exception_handler(ServingError, serving_error)
+    app.add_exception_handler(Exception, unexpected)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pd_runtime.common.http import (
     REQUEST_ID_HEADER,
     error_response,
     forward_headers,
+    install_error_handlers,
     make_client,
     parse_json_body,
     send_streaming,
@@ -75,6 +76,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         await state["client"].aclose()
 
     app = FastAPI(title="pd-runtime coordinator", lifespan=lifespan)
+    install_error_handlers(app, "coordinator")
     app.state.config = config
     app.state.metrics = metrics
     app.state.scheduler = scheduler

@@ -37,6 +37,7 @@ from pd_runtime.common.http import (
     REQUEST_ID_HEADER,
     error_response,
     forward_headers,
+    install_error_handlers,
     make_client,
     parse_json_body,
     send_streaming,
@@ -93,6 +94,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         await state["client"].aclose()
 
     app = FastAPI(title="pd-runtime sidecar", lifespan=lifespan)
+    install_error_handlers(app, "sidecar")
     app.state.settings = settings
     app.state.metrics = metrics
     decode_url = settings.decode_url.rstrip("/")

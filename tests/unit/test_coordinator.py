@@ -138,3 +138,30 @@ def test_unreachable_decode_endpoint_is_a_502_not_a_hang() -> None:
         response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert response.status_code == 502
     assert response.json()["error"]["type"] == "BadGatewayError"
+
+
+def test_a_scheduler_bug_is_a_500_in_openai_format_not_a_crash() -> None:
+    from pd_runtime.scheduling.base import Scheduler
+
+    class Broken(Scheduler):
+        def schedule(self, request):  # type: ignore[no-untyped-def]
+            raise ZeroDivisionError("oops")
+
+    config = CoordinatorConfig.model_validate(
+        {
+            "models": ["tiny"],
+            "endpoints": [
+                {
+                    "name": "d",
+                    "role": "decode",
+                    "address": "127.0.0.1:1",
+                    "url": "http://127.0.0.1:1",
+                }
+            ],
+        }
+    )
+    with serve(create_app(config, scheduler=Broken(config.endpoints))) as url:
+        response = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert response.status_code == 500
+        assert "ZeroDivisionError" in response.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").status_code == 200
