@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pd_runtime.config.deployment import DeploymentConfig
+from pd_runtime.errors import ConfigError
 from pd_runtime.launcher.topology import DeploymentPlan, plan_deployment
 from pd_runtime.platform import detect_platform, resolve_platform
 
@@ -15,11 +16,17 @@ __all__ = ["prepare_deployment"]
 def prepare_deployment(
     config: DeploymentConfig, run_dir: Path, progress: Callable[[str], None] = print
 ) -> DeploymentPlan:
-    if config.model.generate and not Path(config.model.path).exists():
-        from pd_runtime.model.tiny import write_model
+    if config.model.generate:
+        from pd_runtime.model.tiny import MARKER_FILE, write_model
 
-        progress(f"writing a local {config.model.generate} model to {config.model.path}")
-        write_model(config.model.path, size=config.model.generate, seed=config.model.seed)
+        # Idempotent: returns at once when the directory already holds this size/seed/format. A model
+        # we generated earlier (marker present) in another size/seed/format is regenerated; any other
+        # directory is left alone and reported.
+        ours = (Path(config.model.path) / MARKER_FILE).exists()
+        try:
+            write_model(config.model.path, config.model.generate, config.model.seed, overwrite=ours)
+        except FileExistsError as exc:
+            raise ConfigError(f"model.path: {exc}") from exc
     platform = detect_platform()
     wanted = resolve_platform(config.transport.platform)
     if wanted != platform.name:

@@ -12,7 +12,7 @@ Layout written by :func:`write_model`::
     out_dir/
       config.json              Qwen3ForCausalLM, bf16, tied embeddings
       generation_config.json   bos/eos/pad only (no sampling defaults: vLLM would apply them)
-      model.safetensors        HF Qwen3 tensor names, std-0.02 normal init, norms = 1
+      model.safetensors        HF Qwen3 tensor names, std-0.02 normal init, norms = 1 (q/k: 1.5)
       tokenizer.json           byte-level BPE, specials <|endoftext|> <|im_start|> <|im_end|>
       tokenizer_config.json    PreTrainedTokenizerFast + ChatML chat_template
       special_tokens_map.json
@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 # Bump when anything written changes, so stale directories are regenerated instead of reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_FILE = "pd_runtime_model.json"
 # Ids follow list order (0, 1, 2): the trainer puts special tokens first.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -73,6 +73,14 @@ _FILES = (
 # The tokenizer must not change with the weight seed: prompts mean the same ids for every seed.
 _CORPUS_SEED = 20261124
 _INIT_STD = 0.02
+# Gain of the q/k RMSNorms (1.0 = plain ones). With all-ones norms a random model attends almost
+# uniformly, so the last hidden state barely depends on the prompt: greedy output collapses onto one
+# attractor token whatever the prompt, and a P/D test could not tell a corrupted KV transfer from a
+# good one. Sharper attention (gain 1.5 = scores 2.25x) makes outputs change when any 32-token block
+# of a ~240-token prompt changes (11 of 12 cases vs 5 of 12, fp32 reference), while the top-2 logit
+# gap stays well above bf16 noise (~0.01): median 0.35, 5th percentile 0.03. Above ~1.75 the text
+# gets more varied but near-ties appear, so greedy P/D-vs-colocated comparisons would turn flaky.
+_QK_NORM_GAIN = 1.5
 
 # Qwen-style ChatML. Content is used as a plain string, so vLLM detects the "string" content format
 # and joins OpenAI content parts before rendering.
@@ -287,7 +295,10 @@ def _tensor_shapes(size: ModelSize, vocab: int) -> list[tuple[str, tuple[int, ..
 
 
 def _write_weights(path: Path, size: ModelSize, vocab: int, tok_vocab: int, seed: int) -> None:
-    """Normal(0, 0.02) matrices from one seeded generator, norms = 1; no lm_head (tied)."""
+    """Normal(0, 0.02) matrices from one seeded generator; norms = 1 except the q/k gain.
+
+    No lm_head tensor: the embeddings are tied, as in small Qwen3 checkpoints.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -295,7 +306,8 @@ def _write_weights(path: Path, size: ModelSize, vocab: int, tok_vocab: int, seed
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in _tensor_shapes(size, vocab):
         if len(shape) == 1:
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            gain = _QK_NORM_GAIN if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            tensors[name] = torch.full(shape, gain, dtype=torch.bfloat16)
             continue
         t = torch.empty(shape, dtype=torch.float32).normal_(0.0, _INIT_STD, generator=gen)
         if name == "model.embed_tokens.weight":
