@@ -106,7 +106,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         body: dict[str, Any],
         headers: dict[str, str],
     ) -> dict[str, Any] | None:
-        """Steps 3: returns the prefiller's kv_transfer_params, or None to decode locally."""
+        """Step 3: returns the prefiller's kv_transfer_params, or None to decode locally."""
         started = time.perf_counter()
         try:
             response = await client.post(

@@ -1,0 +1,313 @@
+"""PrefixIndex: which endpoint holds which blocks, in which tier, fed by KV events.
+
+Two maps, kept consistent (``check_integrity`` verifies it)::
+
+    _endpoints[endpoint][medium][engine_hash] -> key   per publisher: resolves parents and removals
+    _holders[key][endpoint] -> tier bitmask            global: what ``match`` walks
+    _dupes[(endpoint, bit, key)] -> extra refs         rare: two engine hashes -> one key
+
+``key`` is ours (:mod:`pd_runtime.kv_events.keys`), so the same tokens on two engines with
+different hash seeds share one ``_holders`` entry; engine hashes never leave their endpoint's map.
+
+Event handling (all idempotent, none raises on odd but well-typed events; oddities are counted):
+
+* BlockStored: keys chained from the parent's key. A *parent unknown* to the endpoint (events
+  missed, or the parent's store came before we subscribed) makes the blocks unreachable from the
+  root, and ``match`` only walks from the root, so they are dropped and counted in
+  ``stats.orphan_blocks``; their children are then orphans too, until the engine stores the chain
+  again. Placeholders (no tokens, from offloading connectors) are resolved through the same
+  endpoint's other tiers, or dropped (``stats.unkeyable_blocks``). Re-stores of known blocks
+  (vLLM 0.32 re-emits reused prefix blocks) are no-ops.
+* BlockRemoved: unknown hashes are counted (``stats.unknown_removals``), not errors.
+* AllBlocksCleared: clears every tier of the endpoint (the event names no medium; dropping too
+  much only costs a missed hit, keeping too much would route to a cold cache).
+* Events of KV cache groups other than ``group_idx`` (hybrid models) are ignored and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pd_runtime.errors import PDRuntimeError
+from pd_runtime.kv_events.events import (
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EngineBlockHash,
+)
+from pd_runtime.kv_events.keys import ROOT_KEY, BlockKey, chain_keys
+
+__all__ = ["IndexIntegrityError", "IndexStats", "PrefixIndex"]
+
+_Tier = dict[EngineBlockHash, BlockKey]
+
+
+class IndexIntegrityError(PDRuntimeError):
+    """``check_integrity`` found the maps disagreeing (a bug in the index, never in the input)."""
+
+
+@dataclass(slots=True)
+class IndexStats:
+    """Counters in blocks (not events) since the index was created."""
+
+    stored: int = 0
+    duplicate_stores: int = 0
+    orphan_blocks: int = 0
+    unkeyable_blocks: int = 0
+    removed: int = 0
+    unknown_removals: int = 0
+    ignored_other_group: int = 0
+    clears: int = 0
+
+
+class PrefixIndex:
+    """Prefix-cache index over many endpoints; not thread-safe (use from one event loop)."""
+
+    __slots__ = ("_bits", "_dupes", "_endpoints", "_holders", "group_idx", "stats")
+
+    def __init__(self, *, group_idx: int = 0) -> None:
+        #: The KV cache group indexed; events with ``group_idx=None`` count as this group.
+        self.group_idx = group_idx
+        self.stats = IndexStats()
+        self._holders: dict[BlockKey, dict[str, int]] = {}
+        self._endpoints: dict[str, dict[str, _Tier]] = {}
+        self._dupes: dict[tuple[str, int, BlockKey], int] = {}
+        self._bits: dict[str, int] = {MEDIUM_GPU: 1}
+
+    # ---- keys and queries -------------------------------------------------------------------
+
+    @staticmethod
+    def block_keys(
+        token_ids: Sequence[int],
+        block_size: int,
+        extra_keys: Sequence[tuple[Any, ...] | None] | None = None,
+    ) -> list[BlockKey]:
+        """Chained keys of a request's full blocks (see :func:`~.keys.chain_keys`)."""
+        return chain_keys(ROOT_KEY, token_ids, block_size, extra_keys)
+
+    def match(
+        self, keys: Sequence[BlockKey], *, media: Collection[str] | None = None
+    ) -> dict[str, int]:
+        """Leading blocks of ``keys`` each endpoint holds, stopping at its first miss.
+
+        Only endpoints with at least one block appear. ``media`` restricts which tiers count
+        (default: any). Cost: one dict lookup per block until every endpoint has missed.
+        """
+        mask = -1 if media is None else self._mask(media)
+        holders = self._holders
+        result: dict[str, int] = {}
+        alive: set[str] | None = None
+        i = 0
+        for i, key in enumerate(keys):
+            h = holders.get(key)
+            if h is None:
+                break
+            here = h.keys() if mask == -1 else {e for e, m in h.items() if m & mask}
+            if alive is None:
+                alive = set(here)
+            elif not here >= alive:  # usual case: the same holders all along, no allocation
+                for gone in alive - here:
+                    result[gone] = i
+                alive &= here
+            if not alive:
+                break
+        else:
+            i = len(keys)
+        for endpoint in alive or ():
+            result[endpoint] = i
+        return result
+
+    def size(self) -> int:
+        """Distinct keys held by at least one endpoint."""
+        return len(self._holders)
+
+    def endpoints(self) -> list[str]:
+        return list(self._endpoints)
+
+    def endpoint_counts(self) -> dict[str, dict[str, int]]:
+        """Blocks per endpoint per medium (engine hashes, so duplicates count twice)."""
+        return {e: {m: len(t) for m, t in tiers.items()} for e, tiers in self._endpoints.items()}
+
+    # ---- updates ----------------------------------------------------------------------------
+
+    def apply(self, endpoint: str, event: BlockStored | BlockRemoved | AllBlocksCleared) -> None:
+        """Apply one event published by ``endpoint``; registers the endpoint if new."""
+        if isinstance(event, BlockStored):
+            self._store(endpoint, event)
+        elif isinstance(event, BlockRemoved):
+            self._remove(endpoint, event)
+        elif isinstance(event, AllBlocksCleared):
+            self.clear(endpoint)
+        else:
+            raise TypeError(f"not a KV event: {type(event).__name__}")
+
+    def apply_batch(
+        self, endpoint: str, events: Sequence[BlockStored | BlockRemoved | AllBlocksCleared]
+    ) -> None:
+        for event in events:
+            self.apply(endpoint, event)
+
+    def add_endpoint(self, endpoint: str) -> None:
+        """Register an endpoint with no blocks (``match`` will still omit it)."""
+        self._endpoints.setdefault(endpoint, {})
+
+    def clear(self, endpoint: str) -> None:
+        """Forget the endpoint's blocks but keep it registered (AllBlocksCleared, event gaps)."""
+        self.stats.clears += 1
+        self._drop_all(endpoint)
+        self._endpoints[endpoint] = {}
+
+    def remove_endpoint(self, endpoint: str) -> None:
+        """Forget the endpoint entirely; unknown endpoints are ignored."""
+        self._drop_all(endpoint)
+        self._endpoints.pop(endpoint, None)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _bit(self, medium: str | None) -> int:
+        medium = medium or MEDIUM_GPU
+        bit = self._bits.get(medium)
+        if bit is None:
+            bit = self._bits[medium] = 1 << len(self._bits)
+        return bit
+
+    def _mask(self, media: Collection[str]) -> int:
+        return sum(self._bits.get(m, 0) for m in set(media))
+
+    def _tier(self, endpoint: str, medium: str | None) -> _Tier:
+        tiers = self._endpoints.get(endpoint)
+        if tiers is None:
+            tiers = self._endpoints[endpoint] = {}
+        medium = medium or MEDIUM_GPU
+        tier = tiers.get(medium)
+        if tier is None:
+            tier = tiers[medium] = {}
+        return tier
+
+    def _lookup(self, endpoint: str, engine_hash: EngineBlockHash) -> BlockKey | None:
+        """Our key for an engine hash in any tier of the endpoint (hashes are tier-independent)."""
+        for tier in self._endpoints.get(endpoint, {}).values():
+            key = tier.get(engine_hash)
+            if key is not None:
+                return key
+        return None
+
+    def _store(self, endpoint: str, ev: BlockStored) -> None:
+        hashes = ev.block_hashes
+        if ev.group_idx is not None and ev.group_idx != self.group_idx:
+            self.stats.ignored_other_group += len(hashes)
+            return
+        tier, bit = self._tier(endpoint, ev.medium), self._bit(ev.medium)
+        bs = ev.block_size
+        if bs <= 0 or len(ev.token_ids) != len(hashes) * bs:
+            for h in hashes:  # placeholder: only the hash; find it in another tier
+                found = self._lookup(endpoint, h)
+                if found is None:
+                    self.stats.unkeyable_blocks += 1
+                else:
+                    self._add(endpoint, tier, bit, h, found)
+            return
+        parent = ROOT_KEY
+        if ev.parent_block_hash is not None:
+            found = self._lookup(endpoint, ev.parent_block_hash)
+            if found is None:
+                self.stats.orphan_blocks += len(hashes)
+                return
+            parent = found
+        keys = chain_keys(parent, ev.token_ids, bs, ev.extra_keys)
+        for h, key in zip(hashes, keys, strict=True):
+            self._add(endpoint, tier, bit, h, key)
+
+    def _add(self, endpoint: str, tier: _Tier, bit: int, h: EngineBlockHash, key: int) -> None:
+        old = tier.get(h)
+        if old == key:
+            self.stats.duplicate_stores += 1
+            return
+        if old is not None:  # same engine hash, new key (block size changed): replace
+            self._drop(endpoint, tier, bit, h)
+        tier[h] = key
+        self.stats.stored += 1
+        holders = self._holders.get(key)
+        if holders is None:
+            self._holders[key] = {endpoint: bit}
+            return
+        m = holders.get(endpoint, 0)
+        if m & bit:
+            d = (endpoint, bit, key)
+            self._dupes[d] = self._dupes.get(d, 0) + 1
+        else:
+            holders[endpoint] = m | bit
+
+    def _drop(self, endpoint: str, tier: _Tier, bit: int, h: EngineBlockHash) -> bool:
+        key = tier.pop(h, None)
+        if key is None:
+            return False
+        if self._dupes:
+            d = (endpoint, bit, key)
+            refs = self._dupes.get(d)
+            if refs is not None:
+                if refs > 1:
+                    self._dupes[d] = refs - 1
+                else:
+                    del self._dupes[d]
+                return True
+        holders = self._holders[key]
+        m = holders[endpoint] & ~bit
+        if m:
+            holders[endpoint] = m
+        else:
+            del holders[endpoint]
+            if not holders:
+                del self._holders[key]
+        return True
+
+    def _remove(self, endpoint: str, ev: BlockRemoved) -> None:
+        if ev.group_idx is not None and ev.group_idx != self.group_idx:
+            self.stats.ignored_other_group += len(ev.block_hashes)
+            return
+        tier, bit = self._tier(endpoint, ev.medium), self._bit(ev.medium)
+        for h in ev.block_hashes:
+            if self._drop(endpoint, tier, bit, h):
+                self.stats.removed += 1
+            else:
+                self.stats.unknown_removals += 1
+
+    def _drop_all(self, endpoint: str) -> None:
+        for medium, tier in self._endpoints.get(endpoint, {}).items():
+            bit = self._bits[medium]
+            for key in set(tier.values()):
+                holders = self._holders[key]
+                m = holders[endpoint] & ~bit
+                if m:
+                    holders[endpoint] = m
+                else:
+                    del holders[endpoint]
+                    if not holders:
+                        del self._holders[key]
+        if self._dupes:
+            self._dupes = {d: n for d, n in self._dupes.items() if d[0] != endpoint}
+
+    def check_integrity(self) -> None:
+        """Recompute ``_holders`` and ``_dupes`` from the per-endpoint maps; raise on mismatch."""
+        holders: dict[BlockKey, dict[str, int]] = {}
+        refs: dict[tuple[str, int, BlockKey], int] = {}
+        for endpoint, tiers in self._endpoints.items():
+            for medium, tier in tiers.items():
+                bit = self._bits[medium]
+                for key in tier.values():
+                    per = holders.setdefault(key, {})
+                    per[endpoint] = per.get(endpoint, 0) | bit
+                    refs[(endpoint, bit, key)] = refs.get((endpoint, bit, key), 0) + 1
+        dupes = {d: n - 1 for d, n in refs.items() if n > 1}
+        if holders != self._holders:
+            bad = {
+                k
+                for k in holders.keys() | self._holders.keys()
+                if holders.get(k) != self._holders.get(k)
+            }
+            raise IndexIntegrityError(f"holders disagree with endpoint maps for {len(bad)} keys")
+        if dupes != self._dupes:
+            raise IndexIntegrityError(f"duplicate refs disagree: {dupes} != {self._dupes}")

@@ -1,0 +1,1 @@
+"""Tests of pd_runtime.kv_events."""
