@@ -12,7 +12,7 @@ Layout written by :func:`write_model`::
     out_dir/
       config.json              Qwen3ForCausalLM, bf16, tied embeddings
       generation_config.json   bos/eos/pad only (no sampling defaults: vLLM would apply them)
-      model.safetensors        HF Qwen3 tensor names, std-0.02 normal init, norms = 1 (q/k: 1.5)
+      model.safetensors        HF Qwen3 tensor names, std-0.02 normal init, norms = 1 (q/k: see ModelSize)
       tokenizer.json           byte-level BPE, specials <|endoftext|> <|im_start|> <|im_end|>
       tokenizer_config.json    PreTrainedTokenizerFast + ChatML chat_template
       special_tokens_map.json
@@ -73,14 +73,6 @@ _FILES = (
 # The tokenizer must not change with the weight seed: prompts mean the same ids for every seed.
 _CORPUS_SEED = 20261124
 _INIT_STD = 0.02
-# Gain of the q/k RMSNorms (1.0 = plain ones). With all-ones norms a random model attends almost
-# uniformly, so the last hidden state barely depends on the prompt: greedy output collapses onto one
-# attractor token whatever the prompt, and a P/D test could not tell a corrupted KV transfer from a
-# good one. Sharper attention (gain 1.5 = scores 2.25x) makes outputs change when any 32-token block
-# of a ~240-token prompt changes (11 of 12 cases vs 5 of 12, fp32 reference), while the top-2 logit
-# gap stays well above bf16 noise (~0.01): median 0.35, 5th percentile 0.03. Above ~1.75 the text
-# gets more varied but near-ties appear, so greedy P/D-vs-colocated comparisons would turn flaky.
-_QK_NORM_GAIN = 1.5
 
 # Qwen-style ChatML. Content is used as a plain string, so vLLM detects the "string" content format
 # and joins OpenAI content parts before rendering.
@@ -94,7 +86,17 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Shape of a generated model. ``vocab_size`` is the tokenizer's training target."""
+    """Shape of a generated model. ``vocab_size`` is the tokenizer's training target.
+
+    ``qk_norm_gain`` is the value of the q/k RMSNorm weights (1.0 = plain ones). With all-ones norms
+    the tiny model attends almost uniformly, so its last hidden state barely depends on the prompt:
+    greedy output collapses onto one attractor token whatever the prompt, and a P/D test could not
+    tell a corrupted KV transfer from a good one. Gain 1.5 (scores x2.25) makes its output change
+    when any 32-token block of a ~240-token prompt is replaced (12 of 12 cases vs 5 of 12, fp32
+    reference) while the top-2 logit gap stays above bf16 noise (~0.01): median 0.35, 5th
+    percentile ~0.02. Higher gains give more varied text but near-ties, i.e. flaky greedy
+    comparisons. The deeper, wider "small" model is already prompt-sensitive at 1.0.
+    """
 
     hidden_size: int
     num_layers: int
@@ -104,11 +106,12 @@ class ModelSize:
     intermediate_size: int
     vocab_size: int
     max_position_embeddings: int
+    qk_norm_gain: float = 1.0
 
 
 MODEL_SIZES: dict[str, ModelSize] = {
     # Loads in seconds; for correctness tests.
-    "tiny": ModelSize(256, 4, 4, 2, 64, 512, 2048, 4096),
+    "tiny": ModelSize(256, 4, 4, 2, 64, 512, 2048, 4096, qk_norm_gain=1.5),
     # ~149M parameters (~298 MB bf16): a ~2k-token prefill costs visible time on a 2-core CPU, which
     # the demo and benchmarks need to show what disaggregation buys.
     "small": ModelSize(1024, 12, 16, 4, 64, 3072, 4096, 4096),
@@ -306,7 +309,8 @@ def _write_weights(path: Path, size: ModelSize, vocab: int, tok_vocab: int, seed
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in _tensor_shapes(size, vocab):
         if len(shape) == 1:
-            gain = _QK_NORM_GAIN if name.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            is_qk = name.endswith(("q_norm.weight", "k_norm.weight"))
+            gain = size.qk_norm_gain if is_qk else 1.0
             tensors[name] = torch.full(shape, gain, dtype=torch.bfloat16)
             continue
         t = torch.empty(shape, dtype=torch.float32).normal_(0.0, _INIT_STD, generator=gen)

@@ -98,6 +98,10 @@ def test_tensor_shapes_match_config(tiny: Path) -> None:
     with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
         got = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         assert str(f.get_tensor("model.norm.weight").dtype) == "torch.bfloat16"
+        # The q/k gain is what makes greedy output depend on the prompt (see ModelSize).
+        q_norm = f.get_tensor("model.layers.0.self_attn.q_norm.weight").float()
+        assert q_norm.eq(MODEL_SIZES["tiny"].qk_norm_gain).all()
+        assert f.get_tensor("model.norm.weight").float().eq(1.0).all()
     assert got == expected
     info = describe(tiny)
     assert (info["size"], info["seed"]) == ("tiny", 0)
