@@ -222,6 +222,7 @@ def _run_up(args: argparse.Namespace, demo: bool) -> int:
         plan,
         run_dir,
         startup_timeout_s=config.startup_timeout_s,
+        parallel_startup=config.parallel_startup,
         progress=lambda m: print(f"[up] {m}", flush=True),
     )
     _stop_on_signals()

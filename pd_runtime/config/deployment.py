@@ -110,6 +110,11 @@ class DeploymentConfig(BaseModel):
     sidecar: SidecarConfig
     coordinator: CoordinatorSection
     startup_timeout_s: float = Field(default=300.0, gt=0)
+    parallel_startup: bool = Field(
+        default=False,
+        description="start workers all at once; default one at a time, since concurrent NIXL agent "
+        "initialisation on one host was seen to hang (cf. ai-dynamo/nixl#1668)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:

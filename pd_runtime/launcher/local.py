@@ -1,6 +1,6 @@
 """Run a deployment plan as local processes and supervise them.
 
-Start order: workers (all at once, they take the longest) → sidecars → coordinator; each stage waits
+Start order: workers (one at a time unless ``parallel_startup``) → sidecars → coordinator; each stage waits
 until its parts answer ``GET /health``. Every process gets its own process group (so stopping it also
 stops vLLM's engine-core child) and asks the kernel to SIGTERM it if the launcher dies, so a killed
 launcher leaves no orphans. A part that exits during start-up aborts the launch with the tail of its
@@ -74,11 +74,13 @@ class LocalLauncher:
         run_dir: Path,
         *,
         startup_timeout_s: float = 300.0,
+        parallel_startup: bool = False,
         progress: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.plan = plan
         self.run_dir = Path(run_dir)
         self.startup_timeout_s = startup_timeout_s
+        self.parallel_startup = parallel_startup
         self.progress = progress
         self.parts: list[RunningPart] = []
 
@@ -90,8 +92,12 @@ class LocalLauncher:
         try:
             stages: tuple[PartKind, ...] = ("worker", "sidecar", "coordinator")
             for kind in stages:
-                stage = [self._spawn(spec) for spec in self.plan.by_kind(kind)]
-                self._wait_healthy(stage)
+                specs = self.plan.by_kind(kind)
+                if kind == "worker" and not self.parallel_startup:
+                    for spec in specs:  # one NIXL agent initialising at a time
+                        self._wait_healthy([self._spawn(spec)])
+                else:
+                    self._wait_healthy([self._spawn(spec) for spec in specs])
         except BaseException:
             self.stop()
             raise

@@ -61,7 +61,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         progress=lambda m: print(f"[e2e] {m}", flush=True),
     )
     launcher = LocalLauncher(
-        plan, run_dir, startup_timeout_s=600, progress=lambda m: print(f"[e2e] {m}", flush=True)
+        plan, run_dir, startup_timeout_s=900, progress=lambda m: print(f"[e2e] {m}", flush=True)
     )
     launcher.start()
     try:
