@@ -113,7 +113,9 @@ MODEL_SIZES: dict[str, ModelSize] = {
     # Loads in seconds; for correctness tests.
     "tiny": ModelSize(256, 4, 4, 2, 64, 512, 2048, 4096, qk_norm_gain=1.5),
     # ~149M parameters (~298 MB bf16): a ~2k-token prefill costs visible time on a 2-core CPU, which
-    # the demo and benchmarks need to show what disaggregation buys.
+    # the demo and benchmarks need to show what disaggregation buys. On CPUs without AVX-512 bf16
+    # serve it with `--dtype float32`: bf16 matmuls are emulated there, ~5x slower (1500-token
+    # prefill on one AVX2 core: ~17.5 s in fp32, ~60 ms per prompt token in bf16).
     "small": ModelSize(1024, 12, 16, 4, 64, 3072, 4096, 4096),
 }
 
@@ -355,9 +357,9 @@ def _config(size: ModelSize, vocab: int, ids: dict[str, int]) -> dict[str, Any]:
 
 
 def _write_files(tmp: Path, size_name: str, seed: int) -> None:
-    size = MODEL_SIZES[size_name]
     from tokenizers import Tokenizer
 
+    size = MODEL_SIZES[size_name]
     tok = Tokenizer.from_str(_tokenizer_json(size.vocab_size))
     tok_vocab = tok.get_vocab_size()
     vocab = -(-tok_vocab // 64) * 64  # round up: aligned embedding rows, as real checkpoints pad
@@ -415,13 +417,10 @@ def is_complete(out_dir: str | Path, size: str, seed: int) -> bool:
     """True if ``out_dir`` holds every file of a current-format ``size`` model from ``seed``."""
     out_dir = Path(out_dir)
     marker = _read_marker(out_dir)
-    if marker is None or (marker.get("format_version"), marker.get("size"), marker.get("seed")) != (
-        FORMAT_VERSION,
-        size,
-        seed,
-    ):
+    if marker is None:
         return False
-    return all((out_dir / f).is_file() for f in _FILES)
+    made = (marker.get("format_version"), marker.get("size"), marker.get("seed"))
+    return made == (FORMAT_VERSION, size, seed) and all((out_dir / f).is_file() for f in _FILES)
 
 
 def write_model(

@@ -8,6 +8,7 @@ to reuse if a complete one is recognised and an incomplete one is not. No vLLM h
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from pd_runtime.model.tiny import (
     MODEL_SIZES,
     _tokenizer_json,
     describe,
+    is_complete,
     write_model,
 )
 
@@ -50,6 +52,18 @@ def test_second_call_does_not_rewrite(tiny: Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()}
     assert write_model(tiny, "tiny", seed=0) == tiny
     assert {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()} == before
+
+
+def test_incomplete_directory_is_not_taken_as_done(tiny: Path, tmp_path: Path) -> None:
+    # What an interrupted copy or a hand-edited directory looks like: marker present, a file missing.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    (broken / "model.safetensors").unlink()
+    assert is_complete(tiny, "tiny", 0)
+    assert not is_complete(broken, "tiny", 0)
+    assert not is_complete(tiny, "tiny", 1)
+    with pytest.raises(FileExistsError):
+        write_model(broken, "tiny", seed=0)
 
 
 def test_foreign_directory_needs_overwrite(tmp_path: Path) -> None:
