@@ -55,18 +55,15 @@ def pod_score_lines(log_path: Path, request_ids: list[str]) -> dict[str, dict[st
     return found
 
 
-def _nixl_transfers(plan: DeploymentPlan) -> dict[str, float]:
+def _metric(plan: DeploymentPlan, role: str, name: str) -> dict[str, float]:
+    """``name`` from each ``role`` endpoint's own /metrics."""
     return {
-        e.name: scrape_metrics(e.metrics_url).get("vllm:nixl_xfer_time_seconds_count", 0.0)
-        for e in plan.coordinator.by_role("decode")
+        e.name: scrape_metrics(e.metrics_url).get(name, 0.0) for e in plan.coordinator.by_role(role)
     }
 
 
-def _prompt_tokens(plan: DeploymentPlan, role: str) -> dict[str, float]:
-    return {
-        e.name: scrape_metrics(e.metrics_url).get("vllm:prompt_tokens_total", 0.0)
-        for e in plan.coordinator.by_role(role)
-    }
+NIXL_TRANSFERS = "vllm:nixl_xfer_time_seconds_count"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
 
 
 def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
@@ -77,8 +74,8 @@ def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
         models = client.get("/v1/models").json()
         print(json.dumps(models, indent=2))
 
-        transfers_before = _nixl_transfers(plan)
-        prefill_before = _prompt_tokens(plan, "prefill")
+        transfers_before = _metric(plan, "decode", NIXL_TRANSFERS)
+        prefill_before = _metric(plan, "prefill", PROMPT_TOKENS)
         request_ids: list[str] = []
         _step(2, f"Sending a {len(DEMO_PROMPT.split())}-word prompt twice through the gateway")
         for attempt in (1, 2):
@@ -114,8 +111,8 @@ def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
         )
 
         _step(4, "The KV blocks travelled over NIXL (from the workers' own /metrics)")
-        transfers_after = _nixl_transfers(plan)
-        prefill_after = _prompt_tokens(plan, "prefill")
+        transfers_after = _metric(plan, "decode", NIXL_TRANSFERS)
+        prefill_after = _metric(plan, "prefill", PROMPT_TOKENS)
         for name, count in transfers_after.items():
             delta = count - transfers_before.get(name, 0.0)
             print(

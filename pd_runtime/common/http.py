@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pd_runtime.errors import BadRequestError, ServingError, UpstreamError
 
 __all__ = [
+    "GENERATION_PATHS",
     "PREFILLER_HEADER",
     "REQUEST_ID_HEADER",
     "error_response",
@@ -32,6 +33,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 PREFILLER_HEADER = "x-prefiller-host-port"
 REQUEST_ID_HEADER = "x-request-id"
 

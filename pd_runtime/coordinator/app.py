@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pd_runtime.common.http import (
+    GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
     error_response,
@@ -42,8 +43,6 @@ from pd_runtime.scheduling.registry import SCHEDULERS
 __all__ = ["create_app", "pod_scores_line"]
 
 logger = logging.getLogger("pd_runtime.coordinator")
-
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> str:

@@ -254,6 +254,11 @@ class PrefixIndex:
                 else:
                     del self._dupes[d]
                 return True
+        self._clear_bit(key, endpoint, bit)
+        return True
+
+    def _clear_bit(self, key: BlockKey, endpoint: str, bit: int) -> None:
+        """``endpoint`` no longer holds ``key`` in the tier ``bit``; forget empty entries."""
         holders = self._holders[key]
         m = holders[endpoint] & ~bit
         if m:
@@ -262,7 +267,6 @@ class PrefixIndex:
             del holders[endpoint]
             if not holders:
                 del self._holders[key]
-        return True
 
     def _remove(self, endpoint: str, ev: BlockRemoved) -> None:
         if ev.group_idx is not None and ev.group_idx != self.group_idx:
@@ -279,14 +283,7 @@ class PrefixIndex:
         for medium, tier in self._endpoints.get(endpoint, {}).items():
             bit = self._bits[medium]
             for key in set(tier.values()):
-                holders = self._holders[key]
-                m = holders[endpoint] & ~bit
-                if m:
-                    holders[endpoint] = m
-                else:
-                    del holders[endpoint]
-                    if not holders:
-                        del self._holders[key]
+                self._clear_bit(key, endpoint, bit)
         if self._dupes:
             self._dupes = {d: n for d, n in self._dupes.items() if d[0] != endpoint}
 

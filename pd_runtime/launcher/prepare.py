@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,5 +31,5 @@ def prepare_deployment(
     platform = detect_platform()
     wanted = resolve_platform(config.transport.platform)
     if wanted != platform.name:
-        platform = type(platform)(wanted, platform.gpu_count, platform.cpu_cores)
+        platform = dataclasses.replace(platform, name=wanted)
     return plan_deployment(config, Path(run_dir), platform)

@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 
 from pd_runtime.common.http import (
+    GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
     error_response,
@@ -48,8 +49,6 @@ from pd_runtime.sidecar.rewrite import build_decode_request, build_prefill_reque
 __all__ = ["SidecarSettings", "create_app"]
 
 logger = logging.getLogger("pd_runtime.sidecar")
-
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,8 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         prefiller = request.headers.get(PREFILLER_HEADER)
         headers = forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER}))
         try:
-            body = parse_json_body(await request.body())
+            raw_body = await request.body()
+            body = parse_json_body(raw_body)
             if prefiller and prefiller not in settings.allowed_prefillers:
                 metrics.rejected.inc()
                 logger.warning(
@@ -159,11 +159,10 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             mode = "direct" if not prefiller else ("disaggregated" if params else "fallback")
             metrics.requests.labels(mode).inc()
             decode_body = build_decode_request(body, params)
+            # Unchanged (direct, no client transfer params): forward the bytes as received.
+            content = raw_body if decode_body is body else json.dumps(decode_body).encode()
             return await send_streaming(
-                client,
-                f"{decode_url}{path}",
-                headers=headers,
-                content=json.dumps(decode_body).encode(),
+                client, f"{decode_url}{path}", headers=headers, content=content
             )
         except ServingError as exc:
             return error_response(exc)
