@@ -59,6 +59,11 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", help="GPU: CUDA_VISIBLE_DEVICES")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--ucx-tls", help="override the auto-detected UCX_TLS")
+    p.add_argument(
+        "--nixl-progress-delay-us",
+        type=int,
+        help="poll timeout of NIXL's UCX progress thread (default: 1000 on CPU, NIXL's 0 on GPU)",
+    )
     p.add_argument("--no-enforce-eager", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment")
 
@@ -142,6 +147,7 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
         cpu_cores=args.cpu_cores,
         gpu_ids=args.gpus,
         ucx_tls=args.ucx_tls,
+        nixl_progress_delay_us=args.nixl_progress_delay_us,
         extra_args=tuple(passthrough),
     )
     argv, env = build_worker_command(spec)

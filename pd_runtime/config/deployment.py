@@ -69,6 +69,12 @@ class TransportConfig(BaseModel):
     nixl_num_threads: int | None = Field(
         default=None, ge=0, description="NIXL UCX worker threads; default: vLLM's (4)"
     )
+    nixl_progress_delay_us: int | None = Field(
+        default=None,
+        ge=0,
+        description="poll timeout of NIXL's UCX progress thread; default: 1000 on cpu "
+        "(0 makes it spin a core per worker), NIXL's own (0) on cuda",
+    )
 
 
 class WorkerGroupConfig(BaseModel):
@@ -112,8 +118,8 @@ class DeploymentConfig(BaseModel):
     startup_timeout_s: float = Field(default=300.0, gt=0)
     parallel_startup: bool = Field(
         default=False,
-        description="start workers all at once; default one at a time, since concurrent NIXL agent "
-        "initialisation on one host was seen to hang (cf. ai-dynamo/nixl#1668)",
+        description="start workers all at once; default one at a time, which on a few cores is "
+        "as fast and keeps a slow start from being blamed on a neighbour",
     )
 
     @model_validator(mode="after")

@@ -175,9 +175,13 @@ class LocalLauncher:
                         del pending[name]
                         self.progress(f"{name} healthy after {time.monotonic() - started:.0f}s")
                 if pending and time.monotonic() > deadline:
+                    tails = "".join(
+                        f"\nlast lines of {part.log_path}:\n{log_tail(part.log_path)}"
+                        for _, part in sorted(pending.items())
+                    )
                     raise LaunchError(
                         f"{', '.join(sorted(pending))} not healthy after "
-                        f"{self.startup_timeout_s:.0f}s; see logs in {self.run_dir}"
+                        f"{self.startup_timeout_s:.0f}s; see logs in {self.run_dir}{tails}"
                     )
                 if pending:
                     time.sleep(0.5)

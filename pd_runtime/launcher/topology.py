@@ -95,6 +95,7 @@ def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[st
                 ucx_tls=config.transport.ucx_tls,
                 ucx_net_devices=config.transport.ucx_net_devices,
                 nixl_num_threads=config.transport.nixl_num_threads,
+                nixl_progress_delay_us=config.transport.nixl_progress_delay_us,
                 extra_args=tuple(engine.extra_args) + tuple(group.extra_args),
                 extra_env=dict(group.env),
             )

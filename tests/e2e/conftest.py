@@ -38,9 +38,10 @@ def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
 
 
 class Deployment:
-    def __init__(self, plan: DeploymentPlan, run_dir: Path) -> None:
+    def __init__(self, plan: DeploymentPlan, run_dir: Path, pids: dict[str, int]) -> None:
         self.plan = plan
         self.run_dir = run_dir
+        self.pids = pids  # part name -> pid of the process the launcher started
         self.gateway = plan.gateway_url
         self.model = plan.coordinator.models[0]
         self.decode = plan.coordinator.by_role("decode")
@@ -65,6 +66,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     )
     launcher.start()
     try:
-        yield Deployment(plan, run_dir)
+        yield Deployment(plan, run_dir, {p.spec.name: p.process.pid for p in launcher.parts})
     finally:
         launcher.stop()

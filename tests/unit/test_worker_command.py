@@ -108,3 +108,19 @@ def test_rdma_detection_reads_sysfs(tmp_path: Path) -> None:
         RdmaPort("mlx5_0", 1, "InfiniBand", True),
         RdmaPort("mlx5_1", 1, "Ethernet", False),
     ]
+
+
+def test_cpu_workers_get_a_nixl_progress_delay_and_gpu_workers_keep_nixl_default() -> None:
+    cpu = WorkerSpec(role="prefill", model="/m", port=8100, platform="cpu")
+    _, env = build_worker_command(cpu, environ={})
+    assert env["PD_RUNTIME_NIXL_PROGRESS_DELAY_US"] == "1000"
+    assert "VLLM_PLUGINS" not in env
+    gpu = WorkerSpec(role="prefill", model="/m", port=8100, platform="cuda")
+    _, env = build_worker_command(gpu, environ={})
+    assert "PD_RUNTIME_NIXL_PROGRESS_DELAY_US" not in env
+    tuned = WorkerSpec(
+        role="decode", model="/m", port=8200, platform="cuda", nixl_progress_delay_us=5
+    )
+    _, env = build_worker_command(tuned, environ={"VLLM_PLUGINS": "lora_filesystem_resolver"})
+    assert env["PD_RUNTIME_NIXL_PROGRESS_DELAY_US"] == "5"
+    assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,pd_runtime_nixl"

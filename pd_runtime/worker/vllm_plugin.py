@@ -1,0 +1,87 @@
+"""vLLM general plugin: tune how NIXL's agent is created inside each vLLM process.
+
+vLLM loads every ``vllm.general_plugins`` entry point in the API server, the engine core and the
+worker processes, before the KV connector creates its NIXL agent, so this is the one place where
+pd-runtime can reach the agent's configuration without forking vLLM.
+
+Why it exists: NIXL's Python API creates every agent with ``pthrDelay = 0``, so the UCX backend's
+shared progress thread polls its workers with a zero timeout and spins a whole core per vLLM
+worker, even when idle. On a GPU node that core is usually spare; on a CPU node (or a small VM)
+it starves the engine itself: a second worker pinned to the same core did not finish starting in
+15 minutes. With a delay the thread sleeps in ``poll()`` on the UCX event fds and wakes as soon as
+UCX signals work, so transfers do not wait for the timeout.
+
+The plugin does nothing unless the launcher sets ``PD_RUNTIME_NIXL_PROGRESS_DELAY_US`` (the
+worker command does, from ``transport.nixl_progress_delay_us``), so installing pd-runtime next
+to an unrelated vLLM deployment changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any
+
+DELAY_ENV = "PD_RUNTIME_NIXL_PROGRESS_DELAY_US"
+PLUGIN_NAME = "pd_runtime_nixl"  # the entry point's name in pyproject.toml
+
+# A child of vLLM's own logger, so the line appears in the worker's log with vLLM's format.
+logger = logging.getLogger("vllm.pd_runtime")
+
+
+class _BindingsWithProgressDelay:
+    """Stands in for NIXL's bindings module inside ``nixl._api``: every agent it creates gets
+    ``pthrDelay`` set; everything else is the real module."""
+
+    def __init__(self, bindings: Any, delay_us: int) -> None:
+        self._bindings = bindings
+        self._delay_us = delay_us
+
+    def nixlAgent(self, name: str, config: Any) -> Any:  # NIXL's own name
+        config.pthrDelay = self._delay_us
+        return self._bindings.nixlAgent(name, config)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bindings, name)
+
+
+def progress_delay_from_env(environ: dict[str, str] | None = None) -> int | None:
+    raw = (os.environ if environ is None else environ).get(DELAY_ENV)
+    if raw is None or raw == "":
+        return None
+    try:
+        delay = int(raw)
+    except ValueError:
+        raise ValueError(f"{DELAY_ENV}={raw!r} is not an integer number of microseconds") from None
+    if delay < 0:
+        raise ValueError(f"{DELAY_ENV}={raw!r} must be >= 0")
+    return delay
+
+
+def install_progress_delay(api_module: Any, delay_us: int) -> bool:
+    """Make ``api_module`` (NIXL's ``_api``) create agents with ``pthrDelay = delay_us``.
+    Idempotent: vLLM may load plugins more than once per process. Returns whether it patched."""
+    bindings = getattr(api_module, "nixlBind", None)
+    if bindings is None:
+        return False
+    if isinstance(bindings, _BindingsWithProgressDelay):
+        bindings._delay_us = delay_us
+        return True
+    api_module.nixlBind = _BindingsWithProgressDelay(bindings, delay_us)
+    return True
+
+
+def register() -> None:
+    """Entry point for ``vllm.general_plugins``."""
+    delay = progress_delay_from_env()
+    if delay is None:
+        return
+    try:
+        api = importlib.import_module("nixl._api")
+    except ImportError:
+        return  # no NIXL in this environment: nothing to tune
+    if install_progress_delay(api, delay):
+        logger.info("pd-runtime: NIXL progress thread poll timeout set to %d us", delay)
+    else:
+        logger.warning("pd-runtime: NIXL's _api has no nixlBind; progress delay not applied")

@@ -1,0 +1,40 @@
+"""Idle workers stay idle after NIXL transfers.
+
+NIXL's default agent configuration makes its UCX progress thread poll with a zero timeout, which
+spins a core per worker; on this 2-core machine that starved a third worker's start-up for 15
+minutes. The launcher gives the thread a poll timeout (pd_runtime.worker.vllm_plugin). This runs
+after test_pd_serving (file order), when every worker has made NIXL connections."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+from tests.e2e.conftest import Deployment
+
+
+def cpu_seconds(root: psutil.Process) -> float:
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def test_idle_workers_do_not_spin_a_core(deployment: Deployment) -> None:
+    workers = {
+        part.name: psutil.Process(deployment.pids[part.name])
+        for part in deployment.plan.parts
+        if part.kind == "worker"
+    }
+    assert len(workers) == 3
+    window_s = 5.0
+    before = {name: cpu_seconds(p) for name, p in workers.items()}
+    time.sleep(window_s)
+    share = {name: (cpu_seconds(p) - before[name]) / window_s for name, p in workers.items()}
+    # A spinning progress thread alone is ~1.0 (a whole core); idle vLLM-CPU is ~0.05-0.1.
+    assert all(s < 0.5 for s in share.values()), f"core share per idle worker: {share}"
