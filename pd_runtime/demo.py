@@ -79,6 +79,8 @@ def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
         request_ids: list[str] = []
         _step(2, f"Sending a {len(DEMO_PROMPT.split())}-word prompt twice through the gateway")
         for attempt in (1, 2):
+            if attempt == 2:
+                time.sleep(1.0)  # the first request's KV events reach the coordinator's index
             request_id = f"demo-{int(time.time())}-{attempt}"
             request_ids.append(request_id)
             started = time.perf_counter()
@@ -107,7 +109,11 @@ def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
             )
         print(
             "target = the decode worker chosen; prefill = the prefill worker that computed the "
-            "prompt's KV blocks; scores = per-endpoint prefix-cache scores (null: none used)."
+            "prompt's KV blocks (null: the decode worker serves it alone); scores = share of the "
+            "prompt each endpoint already holds, learned from the workers' KV events (null: "
+            "none); reason = why the request was or was not disaggregated; breakdown = every "
+            "scorer's score per endpoint. With the kv-aware policy the second request finds "
+            "the prompt cached on the first one's decode worker and goes there directly."
         )
 
         _step(4, "The KV blocks travelled over NIXL (from the workers' own /metrics)")

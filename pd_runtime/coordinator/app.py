@@ -53,6 +53,8 @@ def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> st
         "target": result.decode.address,
         "prefill": result.prefill.address if result.prefill else None,
     }
+    if result.reason is not None:
+        record["reason"] = result.reason
     if result.breakdown is not None:
         record["breakdown"] = result.breakdown
     return "Got pod scores " + json.dumps(record)
@@ -93,8 +95,13 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             if model not in config.models:
                 raise NotFoundError(f"The model `{model}` does not exist.", param="model")
             request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-            sched_request = SchedulingRequest(request_id, model, route, body)
+            sched_request = SchedulingRequest(
+                request_id, model, route, body, headers=dict(request.headers)
+            )
+            prepared = time.perf_counter()
+            sched_request = await scheduler.prepare(sched_request)
             decided = time.perf_counter()
+            metrics.prepare_seconds.observe(decided - prepared)
             result = scheduler.schedule(sched_request)
             metrics.decision_seconds.observe(time.perf_counter() - decided)
         except ServingError as exc:
@@ -103,7 +110,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
 
         logger.info(pod_scores_line(request_id, model, result))
         mode = "disaggregated" if result.disaggregated else "direct"
-        metrics.decisions.labels(result.decode.name, mode).inc()
+        metrics.record_decision(result, mode)
         metrics.in_flight.labels(result.decode.name).inc()
         headers = forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER}))
         headers[REQUEST_ID_HEADER] = request_id
@@ -151,6 +158,19 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     @app.get("/debug/scheduler")
     async def debug_scheduler() -> JSONResponse:
         return JSONResponse(scheduler.debug_state())
+
+    @app.post("/debug/scheduler/match/{path:path}")
+    async def debug_match(path: str, request: Request) -> JSONResponse:
+        """Which endpoints hold this request's prompt (leading blocks), without routing it."""
+        route = f"/{path}"
+        if route not in GENERATION_PATHS:
+            return error_response(NotFoundError(f"not a generation route: {route}"))
+        try:
+            body = parse_json_body(await request.body())
+        except ServingError as exc:
+            return error_response(exc)
+        probe = SchedulingRequest("debug-match", str(body.get("model", "")), route, body)
+        return JSONResponse(scheduler.explain(await scheduler.prepare(probe)))
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
     async def unknown(path: str) -> JSONResponse:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pd_runtime.scheduling.base import SchedulingResult
+
 __all__ = ["CoordinatorMetrics"]
+
+_FAST = (1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 
 
 class CoordinatorMetrics:
@@ -19,8 +23,31 @@ class CoordinatorMetrics:
         )
         self.decisions = Counter(
             "pd_coordinator_decisions",
-            "Scheduling decisions by decode endpoint and mode",
-            ["decode", "mode"],
+            "Scheduling decisions by decode endpoint, mode (disaggregated or direct) and reason",
+            ["decode", "mode", "reason"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "pd_coordinator_prompt_tokens",
+            "Prompt tokens of scheduled requests (tokenized ones only)",
+            registry=self.registry,
+        )
+        self.cached_prompt_tokens = Counter(
+            "pd_coordinator_cached_prompt_tokens",
+            "Of those, tokens the chosen decode endpoint already held (the prefix hit ratio is "
+            "this over pd_coordinator_prompt_tokens_total)",
+            registry=self.registry,
+        )
+        self.prefix_hit_ratio = Histogram(
+            "pd_coordinator_prefix_hit_ratio",
+            "Per request: share of the prompt the chosen decode endpoint already held",
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+            registry=self.registry,
+        )
+        self.prepare_seconds = Histogram(
+            "pd_coordinator_prepare_seconds",
+            "Time to prepare a request for scheduling (tokenization, block keys)",
+            buckets=_FAST,
             registry=self.registry,
         )
         self.in_flight = Gauge(
@@ -31,8 +58,8 @@ class CoordinatorMetrics:
         )
         self.decision_seconds = Histogram(
             "pd_coordinator_decision_seconds",
-            "Time to make one scheduling decision",
-            buckets=(1e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2),
+            "Time to make one scheduling decision (tokenization excluded)",
+            buckets=_FAST,
             registry=self.registry,
         )
         self.request_seconds = Histogram(
@@ -47,3 +74,11 @@ class CoordinatorMetrics:
             ["type"],
             registry=self.registry,
         )
+
+    def record_decision(self, result: SchedulingResult, mode: str) -> None:
+        self.decisions.labels(result.decode.name, mode, result.reason or "policy").inc()
+        if result.prompt_tokens is not None and result.cached_tokens is not None:
+            self.prompt_tokens.inc(result.prompt_tokens)
+            self.cached_prompt_tokens.inc(result.cached_tokens)
+            if result.prompt_tokens:
+                self.prefix_hit_ratio.observe(result.cached_tokens / result.prompt_tokens)

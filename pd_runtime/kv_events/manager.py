@@ -35,6 +35,7 @@ class KVEventsManager:
         *,
         topic: str = "",
         replay_address: str | None = None,
+        bind: bool = False,
     ) -> EventSubscriber:
         """Start subscribing; an endpoint already present is replaced (its blocks are kept only
         if the address is unchanged, since a new address is a different engine)."""
@@ -49,6 +50,7 @@ class KVEventsManager:
             self.index,
             topic=topic,
             replay_address=replay_address,
+            bind=bind,
             **self._options,
         )
         self._subscribers[endpoint] = sub

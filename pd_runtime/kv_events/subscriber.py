@@ -1,8 +1,15 @@
 """Feeding the PrefixIndex from each engine's ZMQ PUB socket, on the coordinator's event loop.
 
-One :class:`EventSubscriber` per engine: a SUB socket on ``tcp://HOST:PORT`` (ZMQ reconnects it
-by itself when the engine restarts), a monitor socket for connect/disconnect, and optionally the
-engine's replay ROUTER (vLLM's ``replay_endpoint``). Sequence numbers decide what can be trusted::
+One :class:`EventSubscriber` per engine: a SUB socket on ``tcp://HOST:PORT``, a monitor socket for
+connect/disconnect, and optionally the engine's replay ROUTER (vLLM's ``replay_endpoint``).
+
+Who binds: vLLM's publisher *binds* only wildcard endpoints (``tcp://*:PORT``, all interfaces) and
+*connects* to any other. pd-runtime gives each worker ``tcp://HOST:PORT`` and the subscriber binds
+it (``bind=True``): nothing listens on a public interface, the worker may start before or after the
+coordinator (ZMQ retries the connection), and the topic prefix (``kv@HOST:PORT@``) keeps out any
+other publisher that connects to the port. ``bind=False`` connects to a publisher that binds.
+
+Sequence numbers decide what can be trusted::
 
     seq == expected           apply
     seq >  expected  (gap)    replay [expected, seq) from the ROUTER, else clear the endpoint
@@ -38,7 +45,7 @@ __all__ = ["EventSubscriber", "SubscriberStats"]
 log = logging.getLogger(__name__)
 
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
-_MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+_MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 
 
 @dataclass(slots=True)
@@ -69,12 +76,13 @@ class EventSubscriber:
         *,
         topic: str = "",
         replay_address: str | None = None,
+        bind: bool = False,
         replay_timeout_s: float = 2.0,
         backoff_s: tuple[float, float] = (0.1, 5.0),
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.endpoint, self.address, self.index = endpoint, address, index
-        self.topic, self.replay_address = topic, replay_address
+        self.topic, self.replay_address, self.bind = topic, replay_address, bind
         self.replay_timeout_s = replay_timeout_s
         self.backoff_s = backoff_s
         self.stats = SubscriberStats()
@@ -122,7 +130,10 @@ class EventSubscriber:
         monitor = sub.get_monitor_socket(_MONITORED)
         try:
             sub.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
-            sub.connect(self.address)
+            if self.bind:
+                sub.bind(self.address)
+            else:
+                sub.connect(self.address)
             poller = zmq.asyncio.Poller()
             poller.register(sub, zmq.POLLIN)
             poller.register(monitor, zmq.POLLIN)
@@ -148,7 +159,7 @@ class EventSubscriber:
     # ---- sequence handling ------------------------------------------------------------------
 
     async def _on_monitor(self, kind: int) -> None:
-        if kind == zmq.EVENT_CONNECTED:
+        if kind in (zmq.EVENT_CONNECTED, zmq.EVENT_ACCEPTED):
             self.stats.connects += 1
             if self.replay_address is not None:
                 await self._catch_up()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
+from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig, SchedulerConfig
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
 from pd_runtime.errors import ConfigError
 from pd_runtime.platform import Platform
@@ -103,6 +103,21 @@ def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[st
     return specs
 
 
+def _scheduler_for(config: DeploymentConfig, worker: WorkerSpec | None) -> SchedulerConfig:
+    """The KV-aware policy must key prompts exactly as the engines do: same tokenizer (the
+    model's), same block size. Fill both in from the deployment unless the config says."""
+    scheduler = config.coordinator.scheduler
+    if scheduler.policy != "kv-aware" or worker is None:
+        return scheduler
+    model = Path(config.model.path)
+    params = {
+        "tokenizer": str(model.resolve()) if model.exists() else config.model.path,
+        "block_size": worker.effective_block_size,
+        **scheduler.params,
+    }
+    return scheduler.model_copy(update={"params": params})
+
+
 def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform) -> DeploymentPlan:
     host = config.host
     python = [sys.executable, "-m", "pd_runtime"]
@@ -162,7 +177,7 @@ def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform)
         port=config.coordinator.port,
         models=[config.model.name],
         endpoints=endpoints,
-        scheduler=config.coordinator.scheduler,
+        scheduler=_scheduler_for(config, workers[0][1] if workers else None),
     )
     coordinator_path = run_dir / "coordinator.yaml"
     parts.append(

@@ -1,7 +1,8 @@
 """The scheduler seam between the coordinator's HTTP layer and routing policy.
 
-Contract: ``schedule`` is called once per generation request, on the event loop, and must not block
-(no I/O; heavy work such as tokenizing happens before, off the loop). It returns the decode endpoint
+Contract: ``prepare`` may do slow work off the event loop (tokenizing) and returns the request
+with what it learned; ``schedule`` is then called once per generation request, on the event loop,
+and must not block. It returns the decode endpoint
 that will serve the request and, when disaggregation pays, the prefill endpoint whose KV blocks the
 decode worker will pull. ``scores`` is what the ``Got pod scores`` line logs: endpoint address →
 score in [0, 1], or ``None`` when the policy used no scores. ``release`` is called exactly once per
@@ -28,6 +29,10 @@ class SchedulingRequest:
     path: str
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    #: Filled by ``prepare`` when the policy tokenizes: the prompt as the engine will see it.
+    token_ids: list[int] | None = None
+    #: Filled by ``prepare`` with ``token_ids``: the keys of the prompt's full KV blocks.
+    block_keys: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,11 @@ class SchedulingResult:
     prefill: EndpointConfig | None
     scores: dict[str, float] | None = None
     breakdown: dict[str, dict[str, float]] | None = None
+    #: Prompt tokens, and how many of them the decode endpoint already holds (None: unknown).
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    #: Why the request is (not) disaggregated, for logs and metrics.
+    reason: str | None = None
 
     @property
     def disaggregated(self) -> bool:
@@ -45,6 +55,10 @@ class SchedulingResult:
 class Scheduler(ABC):
     def __init__(self, endpoints: Sequence[EndpointConfig], **params: Any) -> None:
         self.endpoints = list(endpoints)
+
+    async def prepare(self, request: SchedulingRequest) -> SchedulingRequest:
+        """Slow per-request work before ``schedule`` (default: none)."""
+        return request
 
     @abstractmethod
     def schedule(self, request: SchedulingRequest) -> SchedulingResult: ...
@@ -57,6 +71,10 @@ class Scheduler(ABC):
 
     async def stop(self) -> None:  # noqa: B027
         """Stop what ``start`` started."""
+
+    def explain(self, request: SchedulingRequest) -> dict[str, Any]:
+        """Read-only: what the policy knows about this (prepared) request, without routing it."""
+        return {}
 
     def debug_state(self) -> dict[str, Any]:
         return {"endpoints": [e.model_dump() for e in self.endpoints]}

@@ -9,3 +9,4 @@ __all__ = ["SCHEDULERS"]
 
 SCHEDULERS: Registry[Scheduler] = Registry("scheduling policy")
 SCHEDULERS.register("round-robin", "pd_runtime.scheduling.round_robin:RoundRobinScheduler")
+SCHEDULERS.register("kv-aware", "pd_runtime.scheduling.kv_aware:KVAwareScheduler")

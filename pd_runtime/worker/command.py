@@ -5,7 +5,8 @@ The P/D essentials every worker gets:
     (decode) / ``kv_both``, and the KV buffer on the platform's device (``cpu`` here, ``cuda`` on GPUs);
   * ``VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`` so the decode side can fetch the prefill's NIXL metadata;
   * ``--kv-events-config`` publishing block events over ZMQ with topic ``kv@HOST:PORT@MODEL``
-    (the scheduler's prefix index subscribes to them);
+    (vLLM connects to ``tcp://HOST:PORT``, where the coordinator's subscriber listens: nothing
+    is bound on a public interface);
   * a block size the platform accepts (a multiple of 32 on CPU);
   * the UCX transport chosen by :mod:`pd_runtime.worker.transport`;
   * on CPU, a poll timeout for NIXL's UCX progress thread (see :mod:`pd_runtime.worker.vllm_plugin`),

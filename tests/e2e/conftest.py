@@ -18,6 +18,7 @@ from pd_runtime.launcher.prepare import prepare_deployment
 from pd_runtime.launcher.topology import DeploymentPlan
 
 REPO = Path(__file__).resolve().parents[2]
+PREFILL_KV_BLOCKS = 72
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,6 +35,9 @@ def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
             data[section][key] += offset
     data["sidecar"]["port"] += offset
     data["coordinator"]["port"] += offset
+    # A prefill KV cache of 72 blocks (vLLM needs 65 for one 2048-token prompt) so that a handful of
+    # prompts makes it evict, and the eviction test can watch the index follow.
+    data["prefill"]["extra_args"] = ["--num-gpu-blocks-override", str(PREFILL_KV_BLOCKS)]
     return parse_config(DeploymentConfig, data, "e2e")
 
 

@@ -76,7 +76,10 @@ def test_routes_round_robin_with_the_prefill_header_and_logs_pod_scores(gateway,
         "prefill": "127.0.0.1:9100",
     }
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'pd_coordinator_decisions_total{decode="decode-1",mode="disaggregated"} 2.0' in metrics
+    assert (
+        'pd_coordinator_decisions_total{decode="decode-1",mode="disaggregated",reason="policy"} 2.0'
+        in metrics
+    )
     assert 'pd_coordinator_in_flight{decode="decode-0"} 0.0' in metrics
 
 

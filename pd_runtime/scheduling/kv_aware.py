@@ -1,0 +1,303 @@
+"""The KV-cache-aware scheduler: precise prefix index, load signals, profiles, P/D decider.
+
+Per request:
+  1. ``prepare`` (off the event loop): tokenize the prompt as the engine will (chat template
+     included) and key its full blocks (:mod:`pd_runtime.kv_events.keys`);
+  2. ``schedule`` (on the loop, no I/O): look the keys up in the KV-event index and in the
+     pending overlay (requests routed but not yet reported by their engine), run the decode
+     profile, let the decider choose direct or disaggregated, run the prefill profile if so,
+     and book the request's load on the chosen endpoints;
+  3. ``release``: unbook it.
+
+Background: one ZMQ subscriber per endpoint feeding the index, and the metrics scraper.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.errors import ConfigError, NoEndpointError
+from pd_runtime.kv_events.index import PrefixIndex
+from pd_runtime.kv_events.manager import KVEventsManager
+from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
+from pd_runtime.scheduling.decider import PDDecider
+from pd_runtime.scheduling.pending import PendingPrefixes
+from pd_runtime.scheduling.plugins import EndpointState, RequestContext
+from pd_runtime.scheduling.profile import PluginSpec, ProfileConfig, SchedulingProfile
+from pd_runtime.scheduling.scraper import MetricsScraper
+from pd_runtime.scheduling.tokenize import PromptTokenizer
+
+__all__ = ["DEFAULT_PROFILES", "KVAwareParams", "KVAwareScheduler"]
+
+log = logging.getLogger(__name__)
+
+
+def _specs(*entries: dict[str, Any]) -> list[PluginSpec]:
+    return [PluginSpec.model_validate(e) for e in entries]
+
+
+#: Stick to the endpoint holding the prefix (weight 3 against 1 per load signal) until it
+#: saturates (the not-saturated filter), then spill over; cold prompts spread by recent homes.
+DEFAULT_PROFILES: dict[str, ProfileConfig] = {
+    "decode": ProfileConfig(
+        filters=_specs({"type": "healthy"}, {"type": "not-saturated"}),
+        scorers=_specs(
+            {"type": "prefix-cache", "weight": 3},
+            {"type": "in-flight-load", "weight": 1},
+            {"type": "queue-depth", "weight": 1},
+            {"type": "kv-cache-utilization", "weight": 1},
+            {"type": "session-affinity", "weight": 1},
+            {"type": "cold-spreader", "weight": 1},
+        ),
+    ),
+    "prefill": ProfileConfig(
+        filters=_specs({"type": "healthy"}, {"type": "not-saturated"}),
+        scorers=_specs(
+            {"type": "prefix-cache", "weight": 2},
+            {"type": "in-flight-load", "weight": 1},
+            {"type": "queue-depth", "weight": 1},
+        ),
+    ),
+}
+
+
+class KVAwareParams(BaseModel):
+    """``coordinator.scheduler.params`` for ``policy: kv-aware``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer name or path; none: no prefix matching"
+    )
+    block_size: int = Field(default=32, ge=1, description="the engines' KV block size")
+    pd_threshold_tokens: int = Field(default=256, ge=0)
+    session_header: str = "x-session-id"
+    default_max_tokens: int = Field(default=256, ge=0)
+    scrape_interval_s: float = Field(default=0.5, gt=0)
+    unhealthy_after_failures: int = Field(default=3, ge=1)
+    pending_ttl_s: float = Field(default=10.0, ge=0)
+    seed: int | None = None
+    profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))
+
+
+class KVAwareScheduler(Scheduler):
+    def __init__(self, endpoints: Sequence[EndpointConfig], **params: Any) -> None:
+        super().__init__(endpoints)
+        try:
+            self.params = KVAwareParams.model_validate(params)
+        except ValueError as exc:
+            raise ConfigError(f"scheduler.params: {exc}") from None
+        p = self.params
+        unknown = set(p.profiles) - {"decode", "prefill"}
+        if unknown:
+            raise ConfigError(f"scheduler.params.profiles: unknown profiles {sorted(unknown)}")
+        profiles = {**DEFAULT_PROFILES, **p.profiles}
+        self.states = {e.address: EndpointState(e) for e in self.endpoints}
+        self.decode_states = [s for s in self.states.values() if s.role == "decode"]
+        self.prefill_states = [s for s in self.states.values() if s.role == "prefill"]
+        self.decode_profile = SchedulingProfile("decode", profiles["decode"])
+        self.prefill_profile = SchedulingProfile("prefill", profiles["prefill"])
+        self.decider = PDDecider(p.pd_threshold_tokens)
+        self.index = PrefixIndex()
+        self.events = KVEventsManager(self.index)
+        self.pending = PendingPrefixes(p.pending_ttl_s)
+        self.tokenizer = PromptTokenizer(p.tokenizer) if p.tokenizer else None
+        self.scraper = MetricsScraper(
+            list(self.states.values()),
+            interval_s=p.scrape_interval_s,
+            unhealthy_after=p.unhealthy_after_failures,
+        )
+        self.rng = random.Random(p.seed)
+        # id(request) -> (request, tokens, prompt tokens). Holding the request keeps its id from
+        # being reused by another request before release().
+        self._booked: dict[int, tuple[SchedulingRequest, int, int]] = {}
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.tokenizer is not None:
+            await self.tokenizer.aload()
+        for state in self.states.values():
+            self.index.add_endpoint(state.address)
+            if state.config.kv_events:
+                # Workers connect to us (see kv_events.subscriber); the topic prefix pins each
+                # port to the one worker whose topic is kv@HOST:PORT@MODEL.
+                await self.events.add(
+                    state.address, state.config.kv_events, topic=f"kv@{state.address}@", bind=True
+                )
+        await self.scraper.start()
+
+    async def stop(self) -> None:
+        await self.scraper.stop()
+        await self.events.stop()
+        if self.tokenizer is not None:
+            self.tokenizer.close()
+
+    # ---- per request ------------------------------------------------------------------------
+
+    async def prepare(self, request: SchedulingRequest) -> SchedulingRequest:
+        if self.tokenizer is None:
+            return request
+        token_ids = await self.tokenizer.atokenize(request.path, request.body)
+        if token_ids is None:
+            return request
+        try:
+            keys = PrefixIndex.block_keys(token_ids, self.params.block_size)
+        except OverflowError:  # token ids outside [0, 2**32): vLLM will reject the request
+            return request
+        return _with_prompt(request, token_ids, keys)
+
+    def context(self, request: SchedulingRequest) -> RequestContext:
+        keys = request.block_keys or []
+        cached = self.index.match(keys) if keys else {}
+        if keys and len(self.pending):
+            for address, n in self.pending.match(keys).items():
+                if n > cached.get(address, 0):
+                    cached[address] = n
+        return RequestContext(
+            request=request,
+            token_ids=request.token_ids,
+            block_size=self.params.block_size,
+            block_keys=keys,
+            cached_blocks=cached,
+            session=request.headers.get(self.params.session_header),
+            rng=self.rng,
+        )
+
+    def schedule(self, request: SchedulingRequest) -> SchedulingResult:
+        ctx = self.context(request)
+        decode_run = self.decode_profile.run(ctx, self.decode_states)
+        decode = decode_run.picked
+        decision = self.decider.decide(ctx, decode, bool(self.prefill_states))
+        prefill_run = None
+        if decision.disaggregate:
+            try:
+                prefill_run = self.prefill_profile.run(ctx, self.prefill_states)
+            except NoEndpointError:
+                # Every prefill endpoint is down or filtered: the decode worker prefills itself,
+                # slower but served (a P/D deployment must not fail because P is gone).
+                decision = replace(decision, disaggregate=False, reason="no-prefill-available")
+        prefill = prefill_run.picked if prefill_run else None
+        self._book(request, ctx, decode, prefill)
+
+        breakdown: dict[str, dict[str, float]] = {}
+        for run in (decode_run, prefill_run):
+            if run is None:
+                continue
+            for scorer, values in run.scores.items():
+                breakdown.setdefault(scorer, {}).update(values)
+            breakdown.setdefault("total", {}).update(run.totals)
+        blocks = len(ctx.block_keys)
+        scores = (
+            {a: round(n / blocks, 4) for a, n in ctx.cached_blocks.items() if n > 0}
+            if blocks
+            else {}
+        )
+        return SchedulingResult(
+            decode=decode.config,
+            prefill=prefill.config if prefill else None,
+            scores=scores or None,
+            breakdown=breakdown,
+            prompt_tokens=ctx.prompt_tokens if ctx.token_ids is not None else None,
+            cached_tokens=(
+                min(ctx.cached_tokens(decode.address), ctx.prompt_tokens)
+                if ctx.token_ids is not None
+                else None
+            ),
+            reason=decision.reason,
+        )
+
+    def release(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        booked = self._booked.pop(id(request), None)
+        if booked is None:
+            return
+        _, tokens, prompt_tokens = booked
+        decode = self.states[result.decode.address]
+        decode.in_flight_requests -= 1
+        decode.in_flight_tokens -= tokens
+        if result.prefill is not None:
+            prefill = self.states[result.prefill.address]
+            prefill.in_flight_requests -= 1
+            prefill.in_flight_tokens -= prompt_tokens
+
+    def _book(
+        self,
+        request: SchedulingRequest,
+        ctx: RequestContext,
+        decode: EndpointState,
+        prefill: EndpointState | None,
+    ) -> None:
+        body = request.body
+        max_new = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(max_new, int) or max_new < 0:
+            max_new = self.params.default_max_tokens
+        tokens = ctx.prompt_tokens + max_new
+        decode.in_flight_requests += 1
+        decode.in_flight_tokens += tokens
+        if prefill is not None:
+            prefill.in_flight_requests += 1
+            prefill.in_flight_tokens += ctx.prompt_tokens
+            self.pending.add(prefill.address, ctx.block_keys)
+        self.pending.add(decode.address, ctx.block_keys)
+        self._booked[id(request)] = (request, tokens, ctx.prompt_tokens)
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def explain(self, request: SchedulingRequest) -> dict[str, Any]:
+        keys = request.block_keys or []
+        return {
+            "prompt_tokens": len(request.token_ids) if request.token_ids is not None else None,
+            "blocks": len(keys),
+            "block_size": self.params.block_size,
+            "indexed": self.index.match(keys) if keys else {},
+            "pending": self.pending.match(keys) if keys else {},
+        }
+
+    def debug_state(self) -> dict[str, Any]:
+        counts = self.index.endpoint_counts()
+        subscribers = self.events.subscribers
+        endpoints = []
+        for state in self.states.values():
+            sub = subscribers.get(state.address)
+            endpoints.append(
+                {
+                    **state.snapshot(),
+                    "indexed_blocks": counts.get(state.address, {}),
+                    "kv_events": state.config.kv_events,
+                    "subscriber": _public(sub.stats) if sub is not None else None,
+                }
+            )
+        return {
+            "policy": "kv-aware",
+            "endpoints": endpoints,
+            "index": {"keys": self.index.size(), "stats": _public(self.index.stats)},
+            "pending_keys": len(self.pending),
+            "tokenizer": {
+                "name": self.params.tokenizer,
+                "loaded": bool(self.tokenizer and self.tokenizer.loaded),
+            },
+            "block_size": self.params.block_size,
+            "pd_threshold_tokens": self.params.pd_threshold_tokens,
+            "profiles": {
+                "decode": self.decode_profile.describe(),
+                "prefill": self.prefill_profile.describe(),
+            },
+            "scrape_rounds": self.scraper.rounds,
+        }
+
+
+def _public(stats: Any) -> dict[str, Any]:
+    return {name: getattr(stats, name) for name in stats.__slots__}
+
+
+def _with_prompt(
+    request: SchedulingRequest, token_ids: list[int], keys: list[int]
+) -> SchedulingRequest:
+    return replace(request, token_ids=token_ids, block_keys=keys)

@@ -1,0 +1,53 @@
+"""Cold-request spreader: a request whose prompt is cached nowhere goes where the fewest new
+prefixes have gone lately.
+
+Prefix affinity makes each endpoint the home of the prefixes it first served. If cold requests
+followed load alone, a momentarily idle endpoint would collect the homes of many new prefixes at
+once and become the next hot spot. The spreader keeps an exponentially decaying count of cold
+requests per endpoint (half-life ``half_life_requests`` cold requests) and scores the least-used
+highest. Requests with a hit somewhere score 1.0 everywhere (the spreader stays out of their way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pd_runtime.scheduling.plugins import (
+    SCORERS,
+    EndpointState,
+    RequestContext,
+    Scorer,
+    min_max_inverse,
+    register,
+)
+
+
+@register(SCORERS, "cold-spreader")
+class ColdSpreaderScorer(Scorer):
+    def __init__(self, *, half_life_requests: float = 16.0, **params: Any) -> None:
+        super().__init__(**params)
+        if half_life_requests <= 0:
+            raise ValueError("cold-spreader: half_life_requests must be > 0")
+        self.half_life_requests = half_life_requests
+        self._decay = 0.5 ** (1.0 / half_life_requests)
+        self._homes: dict[str, float] = {}
+
+    @staticmethod
+    def is_cold(ctx: RequestContext) -> bool:
+        return not any(ctx.cached_blocks.values())
+
+    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+        if not self.is_cold(ctx):
+            return {e.address: 1.0 for e in endpoints}
+        return min_max_inverse({e.address: self._homes.get(e.address, 0.0) for e in endpoints})
+
+    def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
+        if not self.is_cold(ctx) or not ctx.block_keys:
+            return
+        for address in self._homes:
+            self._homes[address] *= self._decay
+        self._homes[endpoint.address] = self._homes.get(endpoint.address, 0.0) + 1.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "half_life_requests": self.half_life_requests}

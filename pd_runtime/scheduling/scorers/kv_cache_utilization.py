@@ -1,0 +1,14 @@
+"""KV-cache utilisation scorer: ``1 - vllm:kv_cache_usage_perc``, an absolute measure (a nearly
+full cache is bad however full the others are: it will preempt or evict). Unscraped: 1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pd_runtime.scheduling.plugins import SCORERS, EndpointState, RequestContext, Scorer, register
+
+
+@register(SCORERS, "kv-cache-utilization")
+class KVCacheUtilizationScorer(Scorer):
+    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+        return {e.address: 1.0 - min(1.0, max(0.0, e.kv_usage or 0.0)) for e in endpoints}

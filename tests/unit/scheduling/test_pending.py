@@ -1,0 +1,139 @@
+"""PendingPrefixes: leading-block matching, expiry on an injected clock, re-adds, forgetting."""
+
+from __future__ import annotations
+
+import pytest
+
+from pd_runtime.kv_events.index import PrefixIndex
+from pd_runtime.scheduling.pending import PendingPrefixes
+
+from .common import BS, A, B
+
+KEYS = PrefixIndex.block_keys(list(range(100, 120)), BS)  # 5 blocks
+OTHER = PrefixIndex.block_keys(list(range(500, 520)), BS)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def pending(clock: Clock) -> PendingPrefixes:
+    return PendingPrefixes(ttl_s=10.0, clock=clock)
+
+
+def test_match_counts_leading_blocks_per_endpoint(pending: PendingPrefixes) -> None:
+    pending.add(A, KEYS[:3])
+    pending.add(B, KEYS)
+    assert pending.match(KEYS) == {A: 3, B: 5}
+    assert pending.match(KEYS[:2]) == {A: 2, B: 2}
+    assert pending.match([*KEYS[:4], OTHER[0]]) == {A: 3, B: 4}
+    assert pending.match(OTHER) == {}
+    assert pending.match([]) == {}
+    assert len(pending) == 5
+
+
+def test_match_stops_at_the_first_missing_block(pending: PendingPrefixes) -> None:
+    pending.add(A, KEYS[1:])  # everything but the first block: no leading run
+    assert pending.match(KEYS) == {}
+    pending.add(B, [KEYS[0], KEYS[1], KEYS[3]])  # a hole at block 2
+    assert pending.match(KEYS) == {B: 2}
+
+
+def test_claims_expire_after_ttl(pending: PendingPrefixes, clock: Clock) -> None:
+    pending.add(A, KEYS)
+    clock.now += 9.99
+    assert pending.match(KEYS) == {A: 5}
+    clock.now += 0.01  # exactly the expiry: gone
+    assert pending.match(KEYS) == {}
+    assert len(pending) == 0  # and purged, not only hidden
+
+
+def test_expiry_is_per_endpoint(pending: PendingPrefixes, clock: Clock) -> None:
+    pending.add(A, KEYS)
+    clock.now += 5
+    pending.add(B, KEYS[:2])
+    clock.now += 6  # A expired, B has 4 s left
+    assert pending.match(KEYS) == {B: 2}
+    assert len(pending) == 2
+    clock.now += 4
+    assert pending.match(KEYS) == {}
+    assert len(pending) == 0
+
+
+def test_re_add_extends_expiry(pending: PendingPrefixes, clock: Clock) -> None:
+    pending.add(A, KEYS)
+    clock.now += 5
+    pending.add(A, KEYS)  # routed again: the claim lives 10 s from now
+    clock.now += 7  # past the first expiry (10 s), before the second (15 s)
+    assert pending.match(KEYS) == {A: 5}
+    assert len(pending) == 5
+    clock.now += 3
+    assert pending.match(KEYS) == {}
+
+
+def test_re_add_of_a_shorter_prefix_extends_only_those_blocks(
+    pending: PendingPrefixes, clock: Clock
+) -> None:
+    pending.add(A, KEYS)
+    clock.now += 5
+    pending.add(A, KEYS[:2])
+    clock.now += 7
+    assert pending.match(KEYS) == {A: 2}
+    assert len(pending) == 2
+
+
+def test_add_of_the_same_keys_at_the_same_instant(pending: PendingPrefixes, clock: Clock) -> None:
+    pending.add(A, KEYS)
+    pending.add(A, KEYS)
+    clock.now += 9
+    assert pending.match(KEYS) == {A: 5}
+    clock.now += 1
+    assert pending.match(KEYS) == {}
+    assert len(pending) == 0
+
+
+def test_zero_ttl_disables_the_overlay(clock: Clock) -> None:
+    off = PendingPrefixes(ttl_s=0, clock=clock)
+    off.add(A, KEYS)
+    assert off.match(KEYS) == {}
+    assert len(off) == 0
+
+
+def test_forget_endpoint(pending: PendingPrefixes, clock: Clock) -> None:
+    pending.add(A, KEYS)
+    pending.add(B, KEYS[:2])
+    pending.forget_endpoint(A)
+    assert pending.match(KEYS) == {B: 2}
+    assert len(pending) == 2
+    pending.forget_endpoint("unknown:1")  # no-op
+    pending.forget_endpoint(B)
+    assert pending.match(KEYS) == {}
+    assert len(pending) == 0
+    # The forgotten claims' expiry records are harmless when they come due...
+    clock.now += 11
+    assert pending.match(KEYS) == {}
+    # ...and a claim made after forgetting is kept for its own ttl.
+    pending.add(A, KEYS[:1])
+    clock.now += 9
+    assert pending.match(KEYS) == {A: 1}
+
+
+def test_expired_records_do_not_remove_a_later_claim_after_forget(
+    pending: PendingPrefixes, clock: Clock
+) -> None:
+    pending.add(A, KEYS)
+    pending.forget_endpoint(A)
+    clock.now += 5
+    pending.add(A, KEYS)  # new claim, expiry 15 s after start
+    clock.now += 6  # the first (forgotten) record is due now
+    assert pending.match(KEYS) == {A: 5}

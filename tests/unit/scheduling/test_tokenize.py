@@ -1,0 +1,240 @@
+"""Prompt tokenization as the engine does it: chat message normalisation, completions and chat
+prompts against the tiny model's real tokenizer, the async path, and KVAwareScheduler.prepare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.kv_events.index import PrefixIndex
+from pd_runtime.scheduling.base import SchedulingRequest
+from pd_runtime.scheduling.kv_aware import KVAwareScheduler
+from pd_runtime.scheduling.tokenize import PromptTokenizer, chat_messages
+from tests.servers import free_port
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+TEXT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+# ---- chat_messages ------------------------------------------------------------------------
+
+
+def test_string_and_missing_content_pass_through() -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "t"}]},
+    ]
+    assert chat_messages(messages) == messages
+
+
+def test_text_parts_are_joined_with_newlines() -> None:
+    original = {
+        "role": "user",
+        "name": "u",
+        "content": [
+            {"type": "text", "text": "one"},
+            {"type": "text", "text": "two"},
+            {"type": "text"},
+        ],
+    }
+    assert chat_messages([original]) == [{"role": "user", "name": "u", "content": "one\ntwo\n"}]
+    assert isinstance(original["content"], list)  # the request body is not modified
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        None,
+        [],
+        "hello",
+        [{"content": "no role"}],
+        [{"role": 1, "content": "x"}],
+        ["not a dict"],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_audio"}]}],
+        [{"role": "user", "content": ["bare string part"]}],
+        [{"role": "user", "content": {"type": "text", "text": "a dict"}}],
+        [{"role": "user", "content": 42}],
+    ],
+)
+def test_anything_but_text_is_none(messages: Any) -> None:
+    assert chat_messages(messages) is None
+
+
+# ---- PromptTokenizer against the tiny model's tokenizer ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("safetensors")
+    pytest.importorskip("torch")
+    from pd_runtime.model.tiny import write_model
+
+    return write_model(tmp_path_factory.mktemp("tiny") / "model", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir: Path) -> Any:
+    t = PromptTokenizer(str(model_dir))
+    t.load()
+    yield t
+    t.close()
+
+
+def test_unloaded_tokenizer_yields_none(model_dir: Path) -> None:
+    t = PromptTokenizer(str(model_dir))
+    try:
+        assert not t.loaded
+        assert t.tokenize(COMPLETIONS, {"prompt": TEXT}) is None
+    finally:
+        t.close()
+
+
+def test_completion_prompt_string_equals_the_tokenizer(tok: PromptTokenizer, hf: Any) -> None:
+    ids = tok.tokenize(COMPLETIONS, {"prompt": TEXT})
+    assert ids == hf.encode(TEXT)
+    assert ids is not None and len(ids) > 20
+    assert tok.tokenize(COMPLETIONS, {"prompt": [TEXT]}) == ids  # a batch of one
+    assert tok.tokenize(COMPLETIONS, {"prompt": TEXT, "add_special_tokens": False}) == hf.encode(
+        TEXT, add_special_tokens=False
+    )
+
+
+def test_completion_token_ids_pass_through(tok: PromptTokenizer) -> None:
+    assert tok.tokenize(COMPLETIONS, {"prompt": [5, 6, 7, 8]}) == [5, 6, 7, 8]
+    assert tok.tokenize(COMPLETIONS, {"prompt": [[5, 6, 7]]}) == [5, 6, 7]  # a batch of one
+    assert tok.tokenize(COMPLETIONS, {"prompt": [5]}) == [5]  # a one-token prompt
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        ["first", "second"],  # batched: not one prompt
+        [[1, 2], [3, 4]],
+        [],
+        [1, "two"],
+        None,
+        {"text": "x"},
+    ],
+)
+def test_completion_prompts_that_are_not_one_prompt_yield_none(
+    tok: PromptTokenizer, prompt: Any
+) -> None:
+    assert tok.tokenize(COMPLETIONS, {"prompt": prompt}) is None
+
+
+def test_chat_is_templated_then_encoded_without_special_tokens(
+    tok: PromptTokenizer, hf: Any
+) -> None:
+    messages = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is a key-value cache?"},
+    ]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = hf.encode(text, add_special_tokens=False)
+    assert tok.tokenize(CHAT, {"messages": messages}) == expected
+    assert text.endswith("<|im_start|>assistant\n")  # the generation prompt is there
+
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "You answer briefly."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is a key-value cache?"}]},
+    ]
+    assert tok.tokenize(CHAT, {"messages": parts}) == expected
+
+
+def test_chat_request_options_are_honoured(tok: PromptTokenizer, hf: Any) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    no_gen = hf.encode(
+        hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False),
+        add_special_tokens=False,
+    )
+    body = {"messages": messages, "add_generation_prompt": False}
+    assert tok.tokenize(CHAT, body) == no_gen
+    assert tok.tokenize(CHAT, {"messages": messages}) != no_gen
+
+
+def test_chat_with_non_text_parts_yields_none(tok: PromptTokenizer) -> None:
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    assert tok.tokenize(CHAT, {"messages": [{"role": "user", "content": [image]}]}) is None
+    assert tok.tokenize(CHAT, {"messages": "hi"}) is None
+    assert tok.tokenize(CHAT, {}) is None
+
+
+async def test_atokenize_runs_off_the_loop_with_the_same_result(model_dir: Path, hf: Any) -> None:
+    t = PromptTokenizer(str(model_dir))
+    try:
+        assert await t.atokenize(COMPLETIONS, {"prompt": TEXT}) is None  # not loaded yet
+        await t.aload()
+        assert t.loaded
+        assert await t.atokenize(COMPLETIONS, {"prompt": TEXT}) == hf.encode(TEXT)
+        messages = [{"role": "user", "content": "hello there"}]
+        expected = hf.encode(
+            hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )
+        assert await t.atokenize(CHAT, {"messages": messages}) == expected
+    finally:
+        t.close()
+
+
+# ---- KVAwareScheduler.prepare with a tokenizer ---------------------------------------------
+
+
+def _scheduler(model_dir: Path, block_size: int = 4) -> KVAwareScheduler:
+    # Free ports: start() runs the metrics scraper, which must not reach anything real.
+    eps = [
+        EndpointConfig(
+            name=f"decode-{i}",
+            role="decode",
+            address=f"127.0.0.1:{free_port()}",
+            url="http://127.0.0.1:1",
+        )
+        for i in range(2)
+    ]
+    return KVAwareScheduler(eps, tokenizer=str(model_dir), block_size=block_size, seed=0)
+
+
+async def test_prepare_fills_token_ids_and_block_keys(model_dir: Path, hf: Any) -> None:
+    s = _scheduler(model_dir)
+    await s.start()
+    try:
+        assert s.debug_state()["tokenizer"]["loaded"] is True
+        req = SchedulingRequest("r", "m", COMPLETIONS, {"prompt": TEXT})
+        prepared = await s.prepare(req)
+        ids = hf.encode(TEXT)
+        assert prepared.token_ids == ids
+        assert prepared.block_keys == PrefixIndex.block_keys(ids, 4)
+        assert len(prepared.block_keys) == len(ids) // 4
+        assert (prepared.request_id, prepared.body) == (req.request_id, req.body)
+
+        unchanged = SchedulingRequest("r", "m", COMPLETIONS, {"prompt": ["a", "b"]})
+        assert await s.prepare(unchanged) is unchanged
+        chat_req = SchedulingRequest(
+            "r", "m", CHAT, {"messages": [{"role": "user", "content": "hi"}]}
+        )
+        chat = await s.prepare(chat_req)
+        assert chat.token_ids == hf.encode(
+            hf.apply_chat_template(
+                chat_req.body["messages"], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )
+        # The scheduler routes on what prepare learned.
+        result = s.schedule(prepared)
+        assert result.prompt_tokens == len(ids)
+        assert result.reason == "no-prefill-endpoint"
+    finally:
+        await s.stop()
