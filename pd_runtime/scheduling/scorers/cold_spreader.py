@@ -5,7 +5,9 @@ Prefix affinity makes each endpoint the home of the prefixes it first served. If
 followed load alone, a momentarily idle endpoint would collect the homes of many new prefixes at
 once and become the next hot spot. The spreader keeps an exponentially decaying count of cold
 requests per endpoint (half-life ``half_life_requests`` cold requests) and scores the least-used
-highest. Requests with a hit somewhere score 1.0 everywhere (the spreader stays out of their way).
+highest. Requests with a hit on some candidate score 1.0 everywhere (the spreader stays out of their
+way); "cold" is judged among the profile's own candidates, so a prompt that only a prefill worker
+holds is still cold for the choice of a decode worker.
 """
 
 from __future__ import annotations
@@ -32,18 +34,24 @@ class ColdSpreaderScorer(Scorer):
         self.half_life_requests = half_life_requests
         self._decay = 0.5 ** (1.0 / half_life_requests)
         self._homes: dict[str, float] = {}
+        self._cold: tuple[RequestContext, bool] | None = None  # the last score() call's verdict
 
     @staticmethod
-    def is_cold(ctx: RequestContext) -> bool:
-        return not any(ctx.cached_blocks.values())
+    def is_cold(ctx: RequestContext, endpoints: Sequence[EndpointState]) -> bool:
+        cached = ctx.cached_blocks
+        return not any(cached.get(e.address, 0) for e in endpoints)
 
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
-        if not self.is_cold(ctx):
+        cold = self.is_cold(ctx, endpoints)
+        self._cold = (ctx, cold)
+        if not cold:
             return {e.address: 1.0 for e in endpoints}
         return min_max_inverse({e.address: self._homes.get(e.address, 0.0) for e in endpoints})
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
-        if not self.is_cold(ctx) or not ctx.block_keys:
+        last, self._cold = self._cold, None
+        cold = last[1] if last is not None and last[0] is ctx else self.is_cold(ctx, [endpoint])
+        if not cold or not ctx.block_keys:
             return
         for address in self._homes:
             self._homes[address] *= self._decay

@@ -189,7 +189,7 @@ def test_cold_spreader_stays_out_of_the_way_of_cached_prompts() -> None:
     scorer = ColdSpreaderScorer()
     endpoints = [state(A), state(B)]
     scorer.picked(context(PROMPT), endpoints[0])
-    warm = context(PROMPT, cached={C: 1})  # a hit anywhere, even off the candidates
+    warm = context(PROMPT, cached={B: 1})  # a hit on a candidate
     assert scorer.score(warm, endpoints) == {A: 1.0, B: 1.0}
     scorer.picked(warm, endpoints[0])  # warm picks are not counted as new homes
     scorer.picked(context(None), endpoints[0])  # nor are untokenized ones (no prefix to home)
@@ -212,3 +212,14 @@ def test_cold_spreader_counts_decay_with_the_half_life() -> None:
 def test_cold_spreader_rejects_non_positive_half_life(half_life: float) -> None:
     with pytest.raises(ValueError, match="half_life_requests"):
         ColdSpreaderScorer(half_life_requests=half_life)
+
+
+def test_cold_spreader_judges_cold_among_its_own_candidates() -> None:
+    """A prompt held only by a prefill worker is still cold when choosing a decode worker."""
+    scorer = ColdSpreaderScorer()
+    endpoints = [state(A), state(B)]
+    on_prefill_only = context(PROMPT, cached={"127.0.0.1:8100": 3})
+    scorer.picked(context(PROMPT), endpoints[0])  # A is some cold prompt's home
+    assert scorer.score(on_prefill_only, endpoints) == {A: 0.0, B: 1.0}
+    scorer.picked(on_prefill_only, endpoints[1])  # counted as a cold placement on B
+    assert scorer.score(context(PROMPT), endpoints)[B] < 1.0
