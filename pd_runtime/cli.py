@@ -51,6 +51,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--side-channel-port", type=int, default=5600, help="NIXL side channel")
     p.add_argument("--kv-events-port", type=int, default=5557, help="ZMQ KV events; 0 = off")
+    p.add_argument("--kv-events-replay-port", type=int, help="ZMQ replay of missed KV events")
     p.add_argument("--block-size", type=int, help="default: 32 on CPU, 16 on GPU")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto")
@@ -139,6 +140,7 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
         platform=resolve_platform(args.platform),
         side_channel_port=args.side_channel_port,
         kv_events_port=args.kv_events_port or None,
+        kv_events_replay_port=args.kv_events_replay_port,
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         enforce_eager=not args.no_enforce_eager,

@@ -25,7 +25,12 @@ class EndpointConfig(BaseModel):
     role: Literal["prefill", "decode"]
     address: str = Field(pattern=r"^[^\s:/]+:\d{1,5}$")
     url: str
-    kv_events: str | None = None
+    kv_events: str | None = Field(
+        default=None, description="tcp://HOST:PORT the coordinator binds for this worker's events"
+    )
+    kv_events_replay: str | None = Field(
+        default=None, description="tcp://HOST:PORT of the worker's replay socket (vLLM binds it)"
+    )
 
     @field_validator("url")
     @classmethod

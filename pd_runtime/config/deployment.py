@@ -3,7 +3,9 @@
 Port layout (each group's replicas take consecutive ports from their base)::
 
     prefill-i   HTTP prefill.port+i   NIXL side channel prefill.side_channel_port+i   KV events prefill.kv_events_port+i
+                (replay: prefill.kv_events_replay_port+i)
     decode-i    HTTP decode.port+i    NIXL side channel decode.side_channel_port+i    KV events decode.kv_events_port+i
+                (replay: decode.kv_events_replay_port+i)
     sidecar-i   sidecar.port+i   (in front of decode-i)
     coordinator coordinator.port
 
@@ -84,6 +86,13 @@ class WorkerGroupConfig(BaseModel):
     port: int = Port
     side_channel_port: int = Port
     kv_events_port: int = Port
+    kv_events_replay_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="vLLM's replay socket for missed KV events (a coordinator that starts late or "
+        "sees a gap catches up from it); none: no replay",
+    )
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -140,6 +149,9 @@ class DeploymentConfig(BaseModel):
         claim("decode.port", self.decode.port, self.decode.replicas)
         claim("decode.side_channel_port", self.decode.side_channel_port, self.decode.replicas)
         claim("decode.kv_events_port", self.decode.kv_events_port, self.decode.replicas)
+        for role, group in (("prefill", self.prefill), ("decode", self.decode)):
+            if group.kv_events_replay_port is not None:
+                claim(f"{role}.kv_events_replay_port", group.kv_events_replay_port, group.replicas)
         claim("sidecar.port", self.sidecar.port, self.decode.replicas)
         claim("coordinator.port", self.coordinator.port, 1)
         return self

@@ -84,6 +84,11 @@ def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[st
                 platform=platform.name,
                 side_channel_port=group.side_channel_port + i,
                 kv_events_port=group.kv_events_port + i,
+                kv_events_replay_port=(
+                    group.kv_events_replay_port + i
+                    if group.kv_events_replay_port is not None
+                    else None
+                ),
                 block_size=engine.block_size,
                 max_model_len=engine.max_model_len,
                 enforce_eager=engine.enforce_eager,
@@ -101,6 +106,11 @@ def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[st
             )
             specs.append((f"{role}-{i}", spec))
     return specs
+
+
+def _replay_address(host: str, spec: WorkerSpec) -> str | None:
+    port = spec.kv_events_replay_port
+    return f"tcp://{host}:{port}" if port is not None else None
 
 
 def _scheduler_for(config: DeploymentConfig, worker: WorkerSpec | None) -> SchedulerConfig:
@@ -138,6 +148,7 @@ def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform)
                     address=f"{host}:{spec.port}",
                     url=f"http://{host}:{spec.port}",
                     kv_events=f"tcp://{host}:{spec.kv_events_port}",
+                    kv_events_replay=_replay_address(host, spec),
                 )
             )
 
@@ -169,6 +180,7 @@ def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform)
                 address=f"{host}:{spec.port}",
                 url=f"http://{host}:{sidecar_port}",
                 kv_events=f"tcp://{host}:{spec.kv_events_port}",
+                kv_events_replay=_replay_address(host, spec),
             )
         )
 

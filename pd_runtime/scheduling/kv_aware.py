@@ -130,7 +130,11 @@ class KVAwareScheduler(Scheduler):
                 # Workers connect to us (see kv_events.subscriber); the topic prefix pins each
                 # port to the one worker whose topic is kv@HOST:PORT@MODEL.
                 await self.events.add(
-                    state.address, state.config.kv_events, topic=f"kv@{state.address}@", bind=True
+                    state.address,
+                    state.config.kv_events,
+                    topic=f"kv@{state.address}@",
+                    replay_address=state.config.kv_events_replay,
+                    bind=True,
                 )
         await self.scraper.start()
 

@@ -60,6 +60,7 @@ class WorkerSpec:
     served_model_name: str | None = None
     side_channel_port: int = 5600
     kv_events_port: int | None = 5557
+    kv_events_replay_port: int | None = None  # vLLM binds its replay ROUTER here (loopback ok)
     block_size: int | None = None
     max_model_len: int | None = None
     enforce_eager: bool = True
@@ -127,6 +128,8 @@ def build_worker_command(
             "endpoint": f"tcp://{spec.host}:{spec.kv_events_port}",
             "topic": kv_events_topic(spec.host, spec.port, spec.name_for_clients),
         }
+        if spec.kv_events_replay_port is not None:
+            kv_events["replay_endpoint"] = f"tcp://{spec.host}:{spec.kv_events_replay_port}"
         argv += ["--kv-events-config", json.dumps(kv_events)]
     if spec.max_model_len:
         argv += ["--max-model-len", str(spec.max_model_len)]

@@ -31,7 +31,7 @@ def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
     data = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
     data["model"]["path"] = str(model_dir)
     for section in ("prefill", "decode"):
-        for key in ("port", "side_channel_port", "kv_events_port"):
+        for key in ("port", "side_channel_port", "kv_events_port", "kv_events_replay_port"):
             data[section][key] += offset
     data["sidecar"]["port"] += offset
     data["coordinator"]["port"] += offset

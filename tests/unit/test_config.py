@@ -47,6 +47,10 @@ def test_local_config_describes_one_prefill_two_decode_on_the_tiny_model() -> No
             "coordinator.scheduler.policy",
         ),
         (lambda d: d["model"].update(generate="huge"), "model.generate"),
+        (
+            lambda d: d["decode"].update(kv_events_replay_port=d["prefill"]["kv_events_port"]),
+            "decode.kv_events_replay_port",
+        ),
     ],
 )
 def test_bad_config_names_the_field(mutate, field: str) -> None:

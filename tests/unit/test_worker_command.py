@@ -124,3 +124,13 @@ def test_cpu_workers_get_a_nixl_progress_delay_and_gpu_workers_keep_nixl_default
     _, env = build_worker_command(tuned, environ={"VLLM_PLUGINS": "lora_filesystem_resolver"})
     assert env["PD_RUNTIME_NIXL_PROGRESS_DELAY_US"] == "5"
     assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,pd_runtime_nixl"
+
+
+def test_kv_events_replay_socket_is_bound_on_the_worker_host() -> None:
+    spec = WorkerSpec(
+        role="decode", model="/m", port=8200, platform="cpu", kv_events_replay_port=5760
+    )
+    argv, _ = build_worker_command(spec, environ={})
+    events = json.loads(flag(argv, "--kv-events-config"))
+    assert events["replay_endpoint"] == "tcp://127.0.0.1:5760"
+    assert events["endpoint"] == "tcp://127.0.0.1:5557"  # not a wildcard: vLLM connects to it

@@ -85,3 +85,56 @@ async def test_a_publisher_with_another_topic_is_ignored() -> None:
         await sub.stop()
         publisher.kill()
         publisher.wait()
+
+
+LATE = textwrap.dedent(
+    """
+    import sys, time
+    from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
+    port, replay, topic = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    pub = ZmqEventPublisher(0, endpoint=f"tcp://127.0.0.1:{port}",
+                            replay_endpoint=f"tcp://127.0.0.1:{replay}", topic=topic)
+    tokens = list(range(1, 97))
+    # Three blocks stored in two steps while nobody listens: PUB drops them, the buffer keeps them.
+    pub.publish(KVEventBatch(ts=time.time(), events=[BlockStored(
+        block_hashes=[21, 22], parent_block_hash=None, token_ids=tokens[:64], block_size=32,
+        lora_id=None, medium="GPU", lora_name=None)]))
+    pub.publish(KVEventBatch(ts=time.time(), events=[BlockStored(
+        block_hashes=[23], parent_block_hash=22, token_ids=tokens[64:], block_size=32,
+        lora_id=None, medium="GPU", lora_name=None)]))
+    time.sleep(0.5)
+    print("ready", flush=True)
+    time.sleep(60)
+    pub.shutdown()
+    """
+)
+
+
+async def test_a_subscriber_that_starts_late_catches_up_from_vllms_replay_socket() -> None:
+    pytest.importorskip("vllm")
+    port, replay = free_port(), free_port()
+    endpoint = f"127.0.0.1:{port + 1}"
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", LATE, str(port), str(replay), f"kv@{endpoint}@tiny"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    index = PrefixIndex()
+    sub = EventSubscriber(
+        endpoint,
+        f"tcp://127.0.0.1:{port}",
+        index,
+        topic=f"kv@{endpoint}@",
+        replay_address=f"tcp://127.0.0.1:{replay}",
+        bind=True,
+    )
+    try:
+        assert publisher.stdout is not None and publisher.stdout.readline().strip() == "ready"
+        await sub.start()  # the worker was up first: its events were published to nobody
+        keys = PrefixIndex.block_keys(list(range(1, 97)), 32)
+        await until(lambda: index.match(keys) == {endpoint: 3}, timeout=60)
+        assert sub.stats.replayed == 2
+    finally:
+        await sub.stop()
+        publisher.kill()
+        publisher.wait()
