@@ -218,8 +218,26 @@ class PrefixIndex:
                 return
             parent = found
         keys = chain_keys(parent, ev.token_ids, bs, ev.extra_keys)
+        # _add inlined for the usual case (a new engine hash): ingestion runs this once per block.
+        all_holders = self._holders
+        new = 0
         for h, key in zip(hashes, keys, strict=True):
-            self._add(endpoint, tier, bit, h, key)
+            if h in tier:  # a re-store (vLLM re-emits reused blocks) or a new key for the hash
+                self._add(endpoint, tier, bit, h, key)
+                continue
+            tier[h] = key
+            new += 1
+            holders = all_holders.get(key)
+            if holders is None:
+                all_holders[key] = {endpoint: bit}
+                continue
+            m = holders.get(endpoint, 0)
+            if m & bit:
+                d = (endpoint, bit, key)
+                self._dupes[d] = self._dupes.get(d, 0) + 1
+            else:
+                holders[endpoint] = m | bit
+        self.stats.stored += new
 
     def _add(self, endpoint: str, tier: _Tier, bit: int, h: EngineBlockHash, key: int) -> None:
         old = tier.get(h)

@@ -1,4 +1,4 @@
-"""Our block keys: a chained 64-bit blake2b of token ids, independent of any engine's hash seed.
+"""Our block keys: a chained 64-bit hash of token ids, independent of any engine's hash seed.
 
 Engines hash blocks with a per-process seed (``PYTHONHASHSEED``/``NONE_HASH``), so the same prompt
 gets different engine hashes on different workers, and the coordinator cannot compute them. We
@@ -6,23 +6,37 @@ re-key every block from what the event carries (its token ids and its parent) an
 the same way, so a request's keys can be looked up without knowing any engine's seed::
 
     tokens   t0 ........ t15 | t16 ....... t31 | t32 .. t40 (partial: not keyed)
-    key      k0 = H(ROOT, b0)  k1 = H(k0, b1)
-    H(parent, block) = blake2b(parent as 8 LE bytes + flag + [msgpack(extra)] + tokens as u32 LE,
-                               digest_size=8) read as an unsigned little-endian int
+    content  c0 = T(t0..t15)   c1 = T(t16..t31)
+    key      k0 = T(ROOT, c0)  k1 = T(k0, c1)          with an extra:  T(k_prev, c, X(extra))
 
-* blake2b-8 (stdlib, C, deterministic across processes and machines; Python's ``hash`` is salted
-  for str/bytes). 64 bits: a false hit needs a collision among ~1e6 live keys, p ~ 3e-8.
+    T(...)   CPython's hash of a tuple of ints (xxHash-style lanes over the ints' numeric hashes)
+    X(extra) blake2b-8 of msgpack(extra), read as an unsigned little-endian int
+
+* Why the tuple hash: ingestion keys every stored block (the coordinator must keep up with
+  >200k blocks/s) and the request path keys every prompt. ``map(hash, zip(*[iter(tokens)] *
+  block_size))`` hashes all the blocks of an event in C; chaining is one 2-tuple hash per block.
+  About 4x cheaper than the previous key, one hashlib blake2b call per block (~1.3 µs with its
+  slicing and concatenation): see ``benchmarks/results/2026-11-24-scheduler``.
+* Deterministic across processes and machines running the same CPython build: an int hashes to
+  its value modulo 2**61 - 1 (documented numeric hashing, 64-bit builds), and tuples are hashed
+  without the per-process salt that ``str``/``bytes`` get. It is *not* a portable wire format
+  (a 32-bit build, PyPy or a future CPython may hash tuples differently): keys live in the process
+  that computes both sides (the coordinator keys events and requests alike) and must not be
+  persisted or compared with keys computed by another interpreter.
+* 64 bits (signed, as ``hash`` returns; the chained value is reduced modulo 2**61 - 1 when hashed
+  again, so ~62 effective bits): a false hit needs a collision among ~1e6 live keys, p ~ 1e-7.
+  Not collision-resistant against a crafted prompt: a collision only misroutes (the engine's own
+  hash decides what is really reused), never serves wrong KV.
 * ``extra`` (LoRA name, multimodal ids, cache salt: vLLM's per-block ``extra_keys``) is mixed in
-  when present, so a LoRA or salted block never matches a plain-text request. The flag byte
-  (0 = none, 1 = extra follows) and msgpack's self-delimiting encoding keep the input unambiguous.
+  when present, so a LoRA or salted block never matches a plain-text request. It goes through
+  blake2b of its msgpack encoding because ``str`` hashes are salted per process; the tuple hash
+  covers the tuple's length, so a block with an extra and one without hash apart.
 * A key depends on the block size: the same prompt keyed at 16 and at 32 tokens gives unrelated
   keys, so requests must be keyed with the block size the engines publish.
 """
 
 from __future__ import annotations
 
-import sys
-from array import array
 from collections.abc import Sequence
 from hashlib import blake2b
 from typing import Any, TypeAlias
@@ -36,18 +50,11 @@ BlockKey: TypeAlias = int
 ROOT_KEY: BlockKey = 0
 
 _encode = msgspec.msgpack.encode
-_NO_EXTRA = b"\x00"
-_SWAP = sys.byteorder != "little"
 
 
-def _token_bytes(token_ids: Sequence[int]) -> bytes:
-    """Token ids as unsigned 32-bit little-endian; raises OverflowError outside [0, 2**32)."""
-    arr = array("I", token_ids)
-    if arr.itemsize != 4:  # pragma: no cover - no mainstream platform has a 2- or 8-byte C uint
-        arr = array("L", token_ids)
-    if _SWAP:  # pragma: no cover - big-endian hosts
-        arr.byteswap()
-    return arr.tobytes()
+def _extra_hash(extra: tuple[Any, ...]) -> int:
+    """X(extra): deterministic across processes, unlike ``hash`` of a tuple holding a str."""
+    return int.from_bytes(blake2b(_encode(extra), digest_size=8).digest(), "little")
 
 
 def chain_keys(
@@ -59,21 +66,28 @@ def chain_keys(
     """Keys of the full blocks of ``token_ids`` (a trailing partial block is ignored).
 
     ``parent`` is the key of the block before ``token_ids[0]`` (:data:`ROOT_KEY` at the start of
-    a prompt); ``extra_keys``, when given, has one entry per block (None: no extra). Raises
-    ValueError for ``block_size < 1`` and OverflowError for token ids outside ``[0, 2**32)``.
+    a prompt); ``extra_keys``, when given, has one entry per block (None: no extra). Token ids are
+    hashed as Python ints (vLLM's are in ``[0, vocab)``). Raises ValueError for
+    ``block_size < 1``.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    n = len(token_ids) // block_size
-    data = _token_bytes(token_ids)
-    width = 4 * block_size
     keys: list[BlockKey] = []
+    if len(token_ids) < block_size:
+        return keys
     append = keys.append
-    from_bytes = int.from_bytes
-    prev = parent.to_bytes(8, "little")
-    for i in range(n):
-        extra = extra_keys[i] if extra_keys is not None and i < len(extra_keys) else None
-        flag = _NO_EXTRA if extra is None else b"\x01" + _encode(extra)
-        prev = blake2b(prev + flag + data[i * width : (i + 1) * width], digest_size=8).digest()
-        append(from_bytes(prev, "little"))
+    # zip over one iterator repeated block_size times yields the full blocks as tuples (in C);
+    # strict=False: it stops before a trailing partial block.
+    contents = map(hash, zip(*[iter(token_ids)] * block_size, strict=False))
+    key = parent
+    if not extra_keys:
+        for content in contents:
+            key = hash((key, content))
+            append(key)
+        return keys
+    n_extra = len(extra_keys)
+    for i, content in enumerate(contents):
+        extra = extra_keys[i] if i < n_extra else None
+        key = hash((key, content)) if extra is None else hash((key, content, _extra_hash(extra)))
+        append(key)
     return keys

@@ -152,10 +152,7 @@ class KVAwareScheduler(Scheduler):
         token_ids = await self.tokenizer.atokenize(request.path, request.body)
         if token_ids is None:
             return request
-        try:
-            keys = PrefixIndex.block_keys(token_ids, self.params.block_size)
-        except OverflowError:  # token ids outside [0, 2**32): vLLM will reject the request
-            return request
+        keys = PrefixIndex.block_keys(token_ids, self.params.block_size)
         return _with_prompt(request, token_ids, keys)
 
     def context(self, request: SchedulingRequest) -> RequestContext:

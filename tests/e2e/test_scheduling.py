@@ -152,3 +152,43 @@ def test_blocks_evicted_by_a_worker_are_no_longer_claimed(deployment: Deployment
     prefill_state = next(e for e in after["endpoints"] if e["address"] == prefill)
     # The index never claims more blocks for the worker than its cache can hold.
     assert sum(prefill_state["indexed_blocks"].values()) <= PREFILL_KV_BLOCKS
+
+
+def test_a_repeated_chat_is_matched_through_the_chat_template(deployment: Deployment) -> None:
+    """Our rendering of the chat template must give the engine's tokens block for block, or
+    the decode worker's blocks would never match."""
+    body = {
+        "model": deployment.model,
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": unique_prompt("chat")},
+        ],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    ids = [f"chat-{n}-{uuid.uuid4().hex[:8]}" for n in (1, 2)]
+
+    def send(request_id: str) -> None:
+        response = httpx.post(
+            f"{deployment.gateway}/v1/chat/completions",
+            json=body,
+            headers={"x-request-id": request_id},
+            timeout=TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+
+    def indexed() -> dict[str, int]:
+        response = httpx.post(
+            f"{deployment.gateway}/debug/scheduler/match/v1/chat/completions", json=body, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        result = response.json()
+        return {a: n for a, n in result["indexed"].items() if n >= result["blocks"] - 1}
+
+    send(ids[0])
+    target = decision(deployment, ids[0])["target"]
+    wait_for(lambda: target in indexed(), "KV events of the chat prompt")
+    send(ids[1])
+    second = decision(deployment, ids[1])
+    assert second["target"] == target
+    assert second["scores"][target] > 0.9

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -218,3 +222,50 @@ def test_random_operations_keep_integrity_and_match_a_model(ops: list[tuple]) ->
             if n:
                 want[ep] = n
         assert ix.match(keys(toks)) == want
+
+
+# ---- keys: determinism, edge cases ------------------------------------------------------------
+
+KEY_SCRIPT = (
+    "from pd_runtime.kv_events import chain_keys;"
+    "print(chain_keys(0, list(range(100, 124)), 4));"
+    "print(chain_keys(7, list(range(100, 124)), 4, [('lora-a', b'x', 3)] * 6))"
+)
+
+
+def test_keys_are_the_same_in_processes_with_other_hash_seeds() -> None:
+    """Keys must not depend on the per-process salt of ``str``/``bytes`` hashes (PYTHONHASHSEED),
+    extras included: a restarted coordinator keys the same prompt the same way."""
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", KEY_SCRIPT],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("0", "1", "12345")
+    }
+    assert len(outs) == 1
+    plain, extra = (ast.literal_eval(line) for line in outs.pop().splitlines())
+    assert plain == keys() and extra == chain_keys(7, PROMPT, BS, [("lora-a", b"x", 3)] * 6)
+
+
+def test_key_edge_cases() -> None:
+    assert chain_keys(0, [1, 2, 3], BS) == []  # no full block
+    with pytest.raises(ValueError):
+        chain_keys(0, PROMPT, 0)
+    k = keys()
+    assert chain_keys(0, PROMPT, BS, [None] * 6) == k  # None extras = no extras
+    assert chain_keys(0, PROMPT, BS, [("a",)])[1:] != k[1:]  # an extra changes its descendants
+    assert chain_keys(0, PROMPT, BS, [None, ("a",)])[0] == k[0]
+    assert chain_keys(0, PROMPT, 8) != k[:3]  # the block size is part of the key
+    assert chain_keys(1, PROMPT, BS)[0] != k[0]  # so is the parent
+
+
+def test_one_event_storing_the_same_engine_hash_twice(ix: PrefixIndex) -> None:
+    """Not something vLLM sends, but the per-block fast path must keep the maps consistent."""
+    h = ehash(1, (1,))
+    ix.apply("a", BlockStored(block_hashes=[h, h], token_ids=PROMPT[:8], block_size=BS))
+    assert ix.endpoint_counts() == {"a": {"GPU": 1}} and ix.size() == 1
+    ix.check_integrity()
