@@ -276,7 +276,9 @@ class Driver:
         self.dt = 1.0 / rate
         self.in_flight = in_flight
         self.window: deque[tuple[SchedulingRequest, SchedulingResult]] = deque()
-        sched.pending = PendingPrefixes(sched.params.pending_ttl_s, clock=lambda: self.now)
+        sched.pending = PendingPrefixes(
+            sched.params.pending_ttl_s, clock=lambda: self.now, bit_of=sched.index.endpoint_bit
+        )
 
     def tick(self) -> None:
         self.now += self.dt

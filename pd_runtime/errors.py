@@ -5,8 +5,12 @@
      ├── LaunchError            a part failed to start or died during start-up
      └── ServingError           anything that ends an HTTP request with an error
           ├── BadRequestError         400 (client's fault: body, headers)
+          ├── AuthenticationError     401 (missing or wrong API key)
           ├── ForbiddenError          403 (e.g. sidecar asked to relay to an untrusted host)
           ├── NotFoundError           404 (unknown model, unknown path)
+          ├── MethodNotAllowedError   405 (known path, wrong method)
+          ├── PayloadTooLargeError    413 (request body over the configured limit)
+          ├── RateLimitError          429 (admission queue full, displaced or timed out)
           ├── NoEndpointError         503 (no healthy endpoint to route to)
           └── UpstreamError           502 / 504 (a worker failed, hung or went away)
 
@@ -20,13 +24,17 @@ from http import HTTPStatus
 from typing import Any
 
 __all__ = [
+    "AuthenticationError",
     "BadRequestError",
     "ConfigError",
     "ForbiddenError",
     "LaunchError",
+    "MethodNotAllowedError",
     "NoEndpointError",
     "NotFoundError",
     "PDRuntimeError",
+    "PayloadTooLargeError",
+    "RateLimitError",
     "ServingError",
     "UpstreamError",
     "openai_error_body",
@@ -46,15 +54,22 @@ class LaunchError(PDRuntimeError):
 
 
 class ServingError(PDRuntimeError):
-    """An error that ends one HTTP request; carries the status and OpenAI error ``type``."""
+    """An error that ends one HTTP request; carries the status and OpenAI error ``type``.
+
+    ``type`` follows vLLM (the class name of the matching ``openai`` client exception), and
+    ``headers`` are extra response headers (``Retry-After``, ``WWW-Authenticate``, ``Allow``).
+    """
 
     status_code: int = int(HTTPStatus.INTERNAL_SERVER_ERROR)
     error_type: str = "InternalServerError"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = dict(headers or {})
 
     def to_body(self) -> dict[str, Any]:
         return openai_error_body(self.message, self.error_type, self.status_code, self.param)
@@ -65,6 +80,14 @@ class BadRequestError(ServingError):
     error_type = "BadRequestError"
 
 
+class AuthenticationError(ServingError):
+    status_code = int(HTTPStatus.UNAUTHORIZED)
+    error_type = "AuthenticationError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
 class ForbiddenError(ServingError):
     status_code = int(HTTPStatus.FORBIDDEN)
     error_type = "PermissionDeniedError"
@@ -73,6 +96,31 @@ class ForbiddenError(ServingError):
 class NotFoundError(ServingError):
     status_code = int(HTTPStatus.NOT_FOUND)
     error_type = "NotFoundError"
+
+
+class MethodNotAllowedError(ServingError):
+    status_code = int(HTTPStatus.METHOD_NOT_ALLOWED)
+    error_type = "MethodNotAllowedError"
+
+    def __init__(self, message: str, *, allowed: list[str]) -> None:
+        super().__init__(message, headers={"Allow": ", ".join(sorted(allowed))})
+
+
+class PayloadTooLargeError(ServingError):
+    status_code = int(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    error_type = "PayloadTooLargeError"
+
+
+class RateLimitError(ServingError):
+    """The coordinator is at capacity; ``reason`` is ``queue_full``, ``displaced`` (a request of
+    higher priority took the queue slot) or ``queue_timeout``."""
+
+    status_code = int(HTTPStatus.TOO_MANY_REQUESTS)
+    error_type = "RateLimitError"
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+        self.reason = reason
 
 
 class NoEndpointError(ServingError):

@@ -15,9 +15,18 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from pd_runtime.errors import BadRequestError, ServingError, UpstreamError
+from pd_runtime.errors import (
+    BadRequestError,
+    PayloadTooLargeError,
+    ServingError,
+    UpstreamError,
+    openai_error_body,
+)
 
 __all__ = [
     "GENERATION_PATHS",
@@ -28,6 +37,7 @@ __all__ = [
     "install_error_handlers",
     "make_client",
     "parse_json_body",
+    "read_body",
     "send_streaming",
 ]
 
@@ -84,7 +94,20 @@ def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncC
 
 
 def error_response(exc: ServingError) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.status_code)
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers or None)
+
+
+# OpenAI error ``type`` for statuses that Starlette/FastAPI raise on their own.
+_TYPE_BY_STATUS = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "PayloadTooLargeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+}
 
 
 def install_error_handlers(app: FastAPI, component: str) -> None:
@@ -101,14 +124,55 @@ def install_error_handlers(app: FastAPI, component: str) -> None:
         error = ServingError(f"internal error in the {component}: {type(exc).__name__}")
         return error_response(error)
 
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = _TYPE_BY_STATUS.get(exc.status_code, "InternalServerError")
+        body = openai_error_body(str(exc.detail), kind, exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    async def invalid_request(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(BadRequestError(f"invalid request: {exc.errors()}"))
+
     app.add_exception_handler(ServingError, serving_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, unexpected)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing (413) one over ``max_bytes`` before reading it whole: a declared
+    ``Content-Length`` over the limit is refused unread, and a chunked body is counted as it
+    arrives, so at most ``max_bytes`` (plus one chunk) is ever held in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BadRequestError("invalid Content-Length header") from None
+        if length > max_bytes:
+            raise PayloadTooLargeError(
+                f"request body of {length} bytes is over the limit of {max_bytes} bytes"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLargeError(f"request body is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequestError("client disconnected while sending the request body") from None
+    return b"".join(chunks)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers over Python's 4300-digit limit;
+        # RecursionError, nesting deeper than the decoder allows.
         raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 __all__ = ["CoordinatorConfig", "EndpointConfig", "SchedulerConfig"]
 
@@ -72,6 +80,62 @@ class CoordinatorConfig(BaseModel):
     scheduler: SchedulerConfig = SchedulerConfig()
     request_timeout_s: float = Field(default=600.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1,
+        description="largest request body accepted (bytes; default 10 MiB); a larger one is "
+        "refused with 413, from its Content-Length or as soon as the streamed bytes pass it",
+    )
+    max_tokens_limit: int = Field(
+        default=2**24,
+        ge=1,
+        description="largest max_tokens / max_completion_tokens accepted before a request is "
+        "scheduled (400 above it). The default (16,777,216) is above any context window served "
+        "today and only stops absurd values; vLLM still checks against the real context length",
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys accepted as 'Authorization: Bearer KEY'; empty (and no "
+        "api_keys_env): no authentication. When on, every path but /health and /metrics needs a "
+        "key (401 otherwise). Keys are compared in constant time and never logged",
+    )
+    api_keys_env: str | None = Field(
+        default=None,
+        description="name of an environment variable holding comma-separated API keys, added to "
+        "api_keys (keeps keys out of the YAML); the coordinator refuses to start if it is unset "
+        "or empty",
+    )
+    max_in_flight: int = Field(
+        default=1024,
+        ge=1,
+        description="generation requests the coordinator forwards at once (admission control); "
+        "more wait in a queue of max_queued",
+    )
+    max_queued: int = Field(
+        default=256,
+        ge=0,
+        description="generation requests that may wait for an in-flight slot; when the queue is "
+        "full an arriving request displaces the newest queued one of lower x-request-priority, "
+        "or is refused with 429 and Retry-After. 0: no queue, refuse at once",
+    )
+    queue_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="longest wait in the admission queue before a 429 (Retry-After is this, "
+        "rounded up to whole seconds)",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _non_empty_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(not key.get_secret_value() for key in value):
+            raise ValueError("API keys must not be empty strings")
+        return value
+
+    @field_serializer("api_keys", when_used="json")
+    def _dump_keys(self, value: list[SecretStr]) -> list[str]:
+        # JSON/YAML dumps (the launcher's coordinator.yaml) must round-trip; repr() stays masked.
+        return [key.get_secret_value() for key in value]
 
     @model_validator(mode="after")
     def _has_decode_and_unique_names(self) -> CoordinatorConfig:

@@ -106,10 +106,19 @@ class SidecarConfig(BaseModel):
 
 
 class CoordinatorSection(BaseModel):
+    """The deployment's coordinator; the edge settings mean what they mean in CoordinatorConfig."""
+
     model_config = _STRICT
 
     port: int = Port
     scheduler: SchedulerConfig = SchedulerConfig()
+    api_keys_env: str | None = Field(
+        default=None, description="environment variable with comma-separated API keys"
+    )
+    max_in_flight: int = Field(default=1024, ge=1)
+    max_queued: int = Field(default=256, ge=0)
+    queue_timeout_s: float = Field(default=5.0, gt=0)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
 
 
 class DeploymentConfig(BaseModel):

@@ -1,7 +1,10 @@
 """The coordinator's HTTP server.
 
 Per generation request:
-  1. parse the body (400 on bad JSON), check the model (404 if it is not served here);
+  0. (``edge.py``, around the app) check the API key (401) and take an admission slot (429 when
+     the coordinator is full);
+  1. read the body (413 over ``max_body_bytes``), parse it (400 on bad JSON) and check its shape
+     (400, ``validation.py``), check the model (404 if it is not served here);
   2. drop any routing header the client sent (``x-prefiller-host-port``): routing is ours to decide;
   3. ask the scheduler for a decode endpoint and maybe a prefill endpoint, and log the decision as
      ``Got pod scores {...}`` (the llm-d log shape);
@@ -21,7 +24,9 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Match
 
 from pd_runtime.common.http import (
     GENERATION_PATHS,
@@ -32,11 +37,15 @@ from pd_runtime.common.http import (
     install_error_handlers,
     make_client,
     parse_json_body,
+    read_body,
     send_streaming,
 )
 from pd_runtime.config.coordinator import CoordinatorConfig
+from pd_runtime.coordinator.admission import AdmissionController
+from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
-from pd_runtime.errors import BadRequestError, NotFoundError, ServingError
+from pd_runtime.coordinator.validation import validate_generation_body
+from pd_runtime.errors import MethodNotAllowedError, NotFoundError, ServingError
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.registry import SCHEDULERS
 
@@ -67,6 +76,12 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             config.scheduler.policy, config.endpoints, **config.scheduler.params
         )
     state: dict[str, httpx.AsyncClient] = {}
+    keys = ApiKeys(resolve_api_keys(config))
+    admission = AdmissionController(config.max_in_flight, config.max_queued, config.queue_timeout_s)
+    metrics.admitted.set_function(lambda: admission.in_flight)
+    metrics.queued.set_function(lambda: admission.queued)
+    # The gateway already checked the client's key; it is not passed on to the workers.
+    dropped = frozenset({PREFILLER_HEADER, "authorization"} if keys.enabled else {PREFILLER_HEADER})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -78,7 +93,9 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
 
     app = FastAPI(title="pd-runtime coordinator", lifespan=lifespan)
     install_error_handlers(app, "coordinator")
+    app.add_middleware(GatewayMiddleware, keys=keys, admission=admission, metrics=metrics)
     app.state.config = config
+    app.state.admission = admission
     app.state.metrics = metrics
     app.state.scheduler = scheduler
     created = int(time.time())
@@ -87,13 +104,11 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         route = request.url.path
         started = time.perf_counter()
         try:
-            raw_body = await request.body()
+            raw_body = await read_body(request, config.max_body_bytes)
             body = parse_json_body(raw_body)
-            model = body.get("model")
-            if not isinstance(model, str):
-                raise BadRequestError("'model' is required and must be a string", param="model")
-            if model not in config.models:
-                raise NotFoundError(f"The model `{model}` does not exist.", param="model")
+            model = validate_generation_body(
+                route, body, models=config.models, max_tokens_limit=config.max_tokens_limit
+            )
             request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
             sched_request = SchedulingRequest(
                 request_id, model, route, body, headers=dict(request.headers)
@@ -112,7 +127,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         mode = "disaggregated" if result.disaggregated else "direct"
         metrics.record_decision(result, mode)
         metrics.in_flight.labels(result.decode.name).inc()
-        headers = forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER}))
+        headers = forward_headers(request.headers, drop=dropped)
         headers[REQUEST_ID_HEADER] = request_id
         # The body is forwarded byte for byte: no re-serialisation on the hot path.
         if result.prefill is not None:
@@ -166,14 +181,27 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         if route not in GENERATION_PATHS:
             return error_response(NotFoundError(f"not a generation route: {route}"))
         try:
-            body = parse_json_body(await request.body())
+            body = parse_json_body(await read_body(request, config.max_body_bytes))
         except ServingError as exc:
             return error_response(exc)
         probe = SchedulingRequest("debug-match", str(body.get("model", "")), route, body)
         return JSONResponse(scheduler.explain(await scheduler.prepare(probe)))
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
-    async def unknown(path: str) -> JSONResponse:
+    @app.api_route(
+        "/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    )
+    async def unknown(path: str, request: Request) -> JSONResponse:
+        allowed = {
+            method
+            for route in app.router.routes
+            if isinstance(route, APIRoute)
+            and route.endpoint is not unknown
+            and route.matches(request.scope)[0] is Match.PARTIAL
+            for method in route.methods
+        }
+        if allowed:
+            message = f"method {request.method} is not allowed on /{path}"
+            return error_response(MethodNotAllowedError(message, allowed=sorted(allowed)))
         return error_response(NotFoundError(f"no route for /{path}"))
 
     return app

@@ -74,6 +74,23 @@ class CoordinatorMetrics:
             ["type"],
             registry=self.registry,
         )
+        self.rejections = Counter(
+            "pd_coordinator_rejected",
+            "Generation requests refused by admission control (429), by reason: queue_full, "
+            "displaced (by a higher-priority request) or queue_timeout",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.admitted = Gauge(
+            "pd_coordinator_admitted",
+            "Generation requests holding an admission slot (at most max_in_flight)",
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "pd_coordinator_queued",
+            "Generation requests waiting for an admission slot (at most max_queued)",
+            registry=self.registry,
+        )
 
     def record_decision(self, result: SchedulingResult, mode: str) -> None:
         self.decisions.labels(result.decode.name, mode, result.reason or "policy").inc()

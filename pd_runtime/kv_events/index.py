@@ -3,7 +3,9 @@
 Two maps, kept consistent (``check_integrity`` verifies it)::
 
     _endpoints[endpoint][medium][engine_hash] -> key   per publisher: resolves parents and removals
-    _holders[key][endpoint] -> tier bitmask            global: what ``match`` walks
+    _holders[key][endpoint] -> tier bitmask            global: who holds a key, in which tiers
+    _any[key] -> endpoint bitmask                      the same, any tier, one bit per endpoint:
+                                                       what ``match`` walks (an AND per block)
     _dupes[(endpoint, bit, key)] -> extra refs         rare: two engine hashes -> one key
 
 ``key`` is ours (:mod:`pd_runtime.kv_events.keys`), so the same tokens on two engines with
@@ -26,7 +28,7 @@ Event handling (all idempotent, none raises on odd but well-typed events; odditi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +68,18 @@ class IndexStats:
 class PrefixIndex:
     """Prefix-cache index over many endpoints; not thread-safe (use from one event loop)."""
 
-    __slots__ = ("_bits", "_dupes", "_endpoints", "_holders", "group_idx", "stats")
+    __slots__ = (
+        "_any",
+        "_bits",
+        "_dupes",
+        "_endpoint_bit",
+        "_endpoint_of_bit",
+        "_endpoints",
+        "_free_bits",
+        "_holders",
+        "group_idx",
+        "stats",
+    )
 
     def __init__(self, *, group_idx: int = 0) -> None:
         #: The KV cache group indexed; events with ``group_idx=None`` count as this group.
@@ -76,6 +89,10 @@ class PrefixIndex:
         self._endpoints: dict[str, dict[str, _Tier]] = {}
         self._dupes: dict[tuple[str, int, BlockKey], int] = {}
         self._bits: dict[str, int] = {MEDIUM_GPU: 1}
+        self._any: dict[BlockKey, int] = {}
+        self._endpoint_bit: dict[str, int] = {}
+        self._endpoint_of_bit: dict[int, str] = {}
+        self._free_bits: list[int] = []
 
     # ---- keys and queries -------------------------------------------------------------------
 
@@ -89,14 +106,24 @@ class PrefixIndex:
         return chain_keys(ROOT_KEY, token_ids, block_size, extra_keys)
 
     def match(
-        self, keys: Sequence[BlockKey], *, media: Collection[str] | None = None
+        self,
+        keys: Sequence[BlockKey],
+        *,
+        media: Collection[str] | None = None,
+        overlay: Mapping[BlockKey, int] | None = None,
     ) -> dict[str, int]:
         """Leading blocks of ``keys`` each endpoint holds, stopping at its first miss.
 
         Only endpoints with at least one block appear. ``media`` restricts which tiers count
-        (default: any). Cost: one dict lookup per block until every endpoint has missed.
+        (default: any). ``overlay`` adds holders the index does not know yet (key -> endpoint
+        bits from :meth:`endpoint_bit`; see the scheduler's pending overlay); any-tier only.
+        Cost: one dict lookup and one integer AND per block until every endpoint has missed.
         """
-        mask = -1 if media is None else self._mask(media)
+        if media is None:
+            return self._match_any(keys, overlay)
+        if overlay is not None:
+            raise ValueError("overlay is only supported when matching any medium")
+        mask = self._mask(media)
         holders = self._holders
         result: dict[str, int] = {}
         alive: set[str] | None = None
@@ -105,7 +132,7 @@ class PrefixIndex:
             h = holders.get(key)
             if h is None:
                 break
-            here = h.keys() if mask == -1 else {e for e, m in h.items() if m & mask}
+            here = {e for e, m in h.items() if m & mask}
             if alive is None:
                 alive = set(here)
             elif not here >= alive:  # usual case: the same holders all along, no allocation
@@ -118,6 +145,41 @@ class PrefixIndex:
             i = len(keys)
         for endpoint in alive or ():
             result[endpoint] = i
+        return result
+
+    def endpoint_bit(self, endpoint: str) -> int:
+        """The endpoint's bit in :meth:`match`'s ``overlay`` masks (allocated on first use)."""
+        return self._bit_of(endpoint)
+
+    def _match_any(
+        self, keys: Sequence[BlockKey], overlay: Mapping[BlockKey, int] | None = None
+    ) -> dict[str, int]:
+        """``match`` over every tier: one dict lookup and one integer AND per block."""
+        masks = self._any
+        of_bit = self._endpoint_of_bit
+        extra = overlay or {}
+        result: dict[str, int] = {}
+        alive = 0
+        i = 0
+        for i, key in enumerate(keys):
+            here = masks.get(key, 0) | extra.get(key, 0) if extra else masks.get(key, 0)
+            if i == 0:
+                alive = here
+            elif here & alive != alive:
+                gone = alive & ~here
+                alive &= here
+                while gone:
+                    low = gone & -gone
+                    result[of_bit[low]] = i
+                    gone ^= low
+            if not alive:
+                break
+        else:
+            i = len(keys)
+        while alive:
+            low = alive & -alive
+            result[of_bit[low]] = i
+            alive ^= low
         return result
 
     def size(self) -> int:
@@ -164,6 +226,19 @@ class PrefixIndex:
         """Forget the endpoint entirely; unknown endpoints are ignored."""
         self._drop_all(endpoint)
         self._endpoints.pop(endpoint, None)
+        bit = self._endpoint_bit.pop(endpoint, None)
+        if bit is not None:
+            del self._endpoint_of_bit[bit]
+            self._free_bits.append(bit)
+
+    def _bit_of(self, endpoint: str) -> int:
+        """The endpoint's bit in ``_any`` (slots of removed endpoints are reused)."""
+        bit = self._endpoint_bit.get(endpoint)
+        if bit is None:
+            bit = self._free_bits.pop() if self._free_bits else 1 << len(self._endpoint_bit)
+            self._endpoint_bit[endpoint] = bit
+            self._endpoint_of_bit[bit] = endpoint
+        return bit
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -220,6 +295,8 @@ class PrefixIndex:
         keys = chain_keys(parent, ev.token_ids, bs, ev.extra_keys)
         # _add inlined for the usual case (a new engine hash): ingestion runs this once per block.
         all_holders = self._holders
+        masks = self._any
+        ep_bit = self._bit_of(endpoint)
         new = 0
         for h, key in zip(hashes, keys, strict=True):
             if h in tier:  # a re-store (vLLM re-emits reused blocks) or a new key for the hash
@@ -230,6 +307,7 @@ class PrefixIndex:
             holders = all_holders.get(key)
             if holders is None:
                 all_holders[key] = {endpoint: bit}
+                masks[key] = ep_bit
                 continue
             m = holders.get(endpoint, 0)
             if m & bit:
@@ -237,6 +315,8 @@ class PrefixIndex:
                 self._dupes[d] = self._dupes.get(d, 0) + 1
             else:
                 holders[endpoint] = m | bit
+                if not m:
+                    masks[key] |= ep_bit
         self.stats.stored += new
 
     def _add(self, endpoint: str, tier: _Tier, bit: int, h: EngineBlockHash, key: int) -> None:
@@ -251,6 +331,7 @@ class PrefixIndex:
         holders = self._holders.get(key)
         if holders is None:
             self._holders[key] = {endpoint: bit}
+            self._any[key] = self._bit_of(endpoint)
             return
         m = holders.get(endpoint, 0)
         if m & bit:
@@ -258,6 +339,8 @@ class PrefixIndex:
             self._dupes[d] = self._dupes.get(d, 0) + 1
         else:
             holders[endpoint] = m | bit
+            if not m:
+                self._any[key] |= self._bit_of(endpoint)
 
     def _drop(self, endpoint: str, tier: _Tier, bit: int, h: EngineBlockHash) -> bool:
         key = tier.pop(h, None)
@@ -283,8 +366,11 @@ class PrefixIndex:
             holders[endpoint] = m
         else:
             del holders[endpoint]
-            if not holders:
+            if holders:
+                self._any[key] &= ~self._endpoint_bit[endpoint]
+            else:
                 del self._holders[key]
+                del self._any[key]
 
     def _remove(self, endpoint: str, ev: BlockRemoved) -> None:
         if ev.group_idx is not None and ev.group_idx != self.group_idx:
@@ -326,3 +412,7 @@ class PrefixIndex:
             raise IndexIntegrityError(f"holders disagree with endpoint maps for {len(bad)} keys")
         if dupes != self._dupes:
             raise IndexIntegrityError(f"duplicate refs disagree: {dupes} != {self._dupes}")
+        endpoint_bit = self._endpoint_bit
+        masks = {k: sum(endpoint_bit[e] for e in per) for k, per in holders.items()}
+        if masks != self._any:
+            raise IndexIntegrityError("endpoint bitmasks disagree with holders")

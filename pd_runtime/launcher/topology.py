@@ -190,6 +190,11 @@ def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform)
         models=[config.model.name],
         endpoints=endpoints,
         scheduler=_scheduler_for(config, workers[0][1] if workers else None),
+        api_keys_env=config.coordinator.api_keys_env,
+        max_in_flight=config.coordinator.max_in_flight,
+        max_queued=config.coordinator.max_queued,
+        queue_timeout_s=config.coordinator.queue_timeout_s,
+        max_body_bytes=config.coordinator.max_body_bytes,
     )
     coordinator_path = run_dir / "coordinator.yaml"
     parts.append(

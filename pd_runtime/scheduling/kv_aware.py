@@ -107,7 +107,7 @@ class KVAwareScheduler(Scheduler):
         self.decider = PDDecider(p.pd_threshold_tokens)
         self.index = PrefixIndex()
         self.events = KVEventsManager(self.index)
-        self.pending = PendingPrefixes(p.pending_ttl_s)
+        self.pending = PendingPrefixes(p.pending_ttl_s, bit_of=self.index.endpoint_bit)
         self.tokenizer = PromptTokenizer(p.tokenizer) if p.tokenizer else None
         self.scraper = MetricsScraper(
             list(self.states.values()),
@@ -157,11 +157,13 @@ class KVAwareScheduler(Scheduler):
 
     def context(self, request: SchedulingRequest) -> RequestContext:
         keys = request.block_keys or []
-        cached = self.index.match(keys) if keys else {}
-        if keys and len(self.pending):
-            for address, n in self.pending.match(keys).items():
-                if n > cached.get(address, 0):
-                    cached[address] = n
+        # One walk over the index with the pending claims laid over it: a block counts as held
+        # if the engine reported it or a request that will store it was just routed there.
+        cached = (
+            self.index.match(keys, overlay=self.pending.live_masks() if len(self.pending) else None)
+            if keys
+            else {}
+        )
         return RequestContext(
             request=request,
             token_ids=request.token_ids,
@@ -242,11 +244,14 @@ class KVAwareScheduler(Scheduler):
         tokens = ctx.prompt_tokens + max_new
         decode.in_flight_requests += 1
         decode.in_flight_tokens += tokens
+        # Claim only the blocks beyond what the endpoint already holds: the walk in context()
+        # joins the claims to the indexed prefix.
+        keys, held = ctx.block_keys, ctx.cached_blocks
         if prefill is not None:
             prefill.in_flight_requests += 1
             prefill.in_flight_tokens += ctx.prompt_tokens
-            self.pending.add(prefill.address, ctx.block_keys)
-        self.pending.add(decode.address, ctx.block_keys)
+            self.pending.add(prefill.address, keys[held.get(prefill.address, 0) :])
+        self.pending.add(decode.address, keys[held.get(decode.address, 0) :])
         self._booked[id(request)] = (request, tokens, ctx.prompt_tokens)
 
     # ---- introspection ----------------------------------------------------------------------
@@ -258,7 +263,7 @@ class KVAwareScheduler(Scheduler):
             "blocks": len(keys),
             "block_size": self.params.block_size,
             "indexed": self.index.match(keys) if keys else {},
-            "pending": self.pending.match(keys) if keys else {},
+            "expected": self.index.match(keys, overlay=self.pending.live_masks()) if keys else {},
         }
 
     def debug_state(self) -> dict[str, Any]:

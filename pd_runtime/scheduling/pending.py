@@ -12,16 +12,29 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = ["PendingPrefixes"]
 
 
 class PendingPrefixes:
-    def __init__(self, ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    """``bit_of`` maps an endpoint to its bit; pass the prefix index's ``endpoint_bit`` so that
+    :meth:`live_masks` can be laid over the index in one walk (``PrefixIndex.match(overlay=)``).
+    Call :meth:`forget_endpoint` before the index forgets an endpoint (its bit is reused)."""
+
+    def __init__(
+        self,
+        ttl_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        bit_of: Callable[[str], int] | None = None,
+    ) -> None:
         self.ttl_s = ttl_s
         self._clock = clock
         self._holders: dict[int, dict[str, float]] = {}  # key -> endpoint -> expiry
+        self._masks: dict[int, int] = {}  # key -> endpoint bits of the same holders
+        self._bits: dict[str, int] = {}
+        self._endpoint_of_bit: dict[int, str] = {}
+        self._bit_of = bit_of
         self._expiries: deque[tuple[float, str, Sequence[int]]] = deque()
 
     def __len__(self) -> int:
@@ -33,40 +46,74 @@ class PendingPrefixes:
         now = self._clock()
         self._expire(now)
         expiry = now + self.ttl_s
+        bit = self._bits.get(endpoint)
+        if bit is None:
+            bit = self._bit_of(endpoint) if self._bit_of else 1 << len(self._bits)
+            self._bits[endpoint] = bit
+            self._endpoint_of_bit[bit] = endpoint
+        holders, masks = self._holders, self._masks
         for key in keys:
-            per = self._holders.get(key)
+            per = holders.get(key)
             if per is None:
-                self._holders[key] = {endpoint: expiry}
+                holders[key] = {endpoint: expiry}
+                masks[key] = bit
             else:
                 per[endpoint] = expiry
+                masks[key] |= bit
         self._expiries.append((expiry, endpoint, keys))
 
     def match(self, keys: Sequence[int]) -> dict[str, int]:
-        """Leading blocks of ``keys`` expected on each endpoint (only endpoints with > 0)."""
-        now = self._clock()
-        self._expire(now)
+        """Leading blocks of ``keys`` expected on each endpoint (only endpoints with > 0).
+
+        Expired entries are purged first, so every entry left is live and the walk is the
+        index's: one dict lookup and one integer AND per block.
+        """
+        self._expire(self._clock())
+        masks, of_bit = self._masks, self._endpoint_of_bit
         result: dict[str, int] = {}
-        alive: set[str] | None = None
+        alive = 0
+        i = 0
         for i, key in enumerate(keys):
-            per = self._holders.get(key)
-            here = {e for e, t in per.items() if t > now} if per else set()
-            if alive is None:
+            here = masks.get(key, 0)
+            if i == 0:
                 alive = here
-            for gone in alive - here:
-                result[gone] = i
-            alive &= here
+            elif here & alive != alive:
+                gone = alive & ~here
+                alive &= here
+                while gone:
+                    low = gone & -gone
+                    result[of_bit[low]] = i
+                    gone ^= low
             if not alive:
-                return result
-        for endpoint in alive or ():
-            result[endpoint] = len(keys)
+                break
+        else:
+            i = len(keys)
+        while alive:
+            low = alive & -alive
+            result[of_bit[low]] = i
+            alive ^= low
         return result
+
+    def live_masks(self) -> Mapping[int, int]:
+        """key -> bits of the endpoints expected to hold it, expired claims purged."""
+        self._expire(self._clock())
+        return self._masks
 
     def forget_endpoint(self, endpoint: str) -> None:
         for key in [k for k, per in self._holders.items() if endpoint in per]:
-            per = self._holders[key]
-            del per[endpoint]
-            if not per:
-                del self._holders[key]
+            self._drop(key, endpoint)
+        bit = self._bits.pop(endpoint, None)
+        if bit is not None:
+            del self._endpoint_of_bit[bit]
+
+    def _drop(self, key: int, endpoint: str) -> None:
+        per = self._holders[key]
+        del per[endpoint]
+        if per:
+            self._masks[key] &= ~self._bits[endpoint]
+        else:
+            del self._holders[key]
+            del self._masks[key]
 
     def _expire(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
@@ -75,6 +122,4 @@ class PendingPrefixes:
                 per = self._holders.get(key)
                 # A later add() for the same endpoint pushed the expiry out: keep it.
                 if per is not None and per.get(endpoint) == expiry:
-                    del per[endpoint]
-                    if not per:
-                        del self._holders[key]
+                    self._drop(key, endpoint)

@@ -58,14 +58,13 @@ class EndpointState:
     scraped_at: float | None = None
     scrape_failures: int = 0
     healthy: bool = True
+    # Copies of the config's, as plain attributes: scorers read them per endpoint per decision.
+    address: str = field(init=False)
+    role: str = field(init=False)
 
-    @property
-    def address(self) -> str:
-        return self.config.address
-
-    @property
-    def role(self) -> str:
-        return self.config.role
+    def __post_init__(self) -> None:
+        self.address = self.config.address
+        self.role = self.config.role
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -82,7 +82,9 @@ class SchedulingProfile:
             (_build(SCORERS, s, f"{where}.scorers"), s.weight) for s in config.scorers
         ]
         self.picker: Picker = _build(PICKERS, config.picker, f"{where}.picker")
-        self._weight_sum = sum(w for _, w in self.scorers) or 1.0
+        total_weight = sum(w for _, w in self.scorers) or 1.0
+        # Normalised once here, so totals land in [0, 1] without a pass per decision.
+        self._weighted = [(s, w / total_weight) for s, w in self.scorers]
 
     def run(self, ctx: RequestContext, candidates: Sequence[EndpointState]) -> ProfileResult:
         survivors = list(candidates)
@@ -94,20 +96,20 @@ class SchedulingProfile:
                 raise NoEndpointError(f"no {self.role} endpoint can take the request ({f.name})")
         if not survivors:
             raise NoEndpointError(f"no {self.role} endpoint is configured")
-        totals = {e.address: 0.0 for e in survivors}
+        totals = dict.fromkeys([e.address for e in survivors], 0.0)
         scores: dict[str, dict[str, float]] = {}
-        for scorer, weight in self.scorers:
+        for scorer, weight in self._weighted:
             s = scorer.score(ctx, survivors)
             scores[scorer.name] = s
             for address, value in s.items():
                 totals[address] += weight * value
-        norm = self._weight_sum
-        totals = {a: t / norm for a, t in totals.items()}
         picked = self.picker.pick(ctx, survivors, totals)
         for scorer, _ in self.scorers:
             scorer.picked(ctx, picked)
-        gone = {e.address for e in candidates} - totals.keys()
-        return ProfileResult(picked, totals, scores, tuple(sorted(gone)))
+        gone: tuple[str, ...] = ()
+        if len(survivors) != len(candidates):
+            gone = tuple(sorted({e.address for e in candidates} - totals.keys()))
+        return ProfileResult(picked, totals, scores, gone)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,6 @@ from pd_runtime.scheduling.plugins import (
     EndpointState,
     RequestContext,
     Scorer,
-    min_max_inverse,
     register,
 )
 
@@ -30,10 +29,24 @@ class InFlightLoadScorer(Scorer):
         self.token_share = token_share
 
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
-        requests = min_max_inverse({e.address: float(e.in_flight_requests) for e in endpoints})
-        tokens = min_max_inverse({e.address: float(e.in_flight_tokens) for e in endpoints})
-        w = self.token_share
-        return {a: (1 - w) * requests[a] + w * tokens[a] for a in requests}
+        # One pass for the ranges, one for the scores (this runs per endpoint per decision).
+        req_lo = min(e.in_flight_requests for e in endpoints)
+        req_hi = max(e.in_flight_requests for e in endpoints)
+        tok_lo = min(e.in_flight_tokens for e in endpoints)
+        tok_hi = max(e.in_flight_tokens for e in endpoints)
+        w_req, w_tok = 1.0 - self.token_share, self.token_share
+        req_span, tok_span = req_hi - req_lo, tok_hi - tok_lo
+        if not req_span and not tok_span:
+            return dict.fromkeys((e.address for e in endpoints), 1.0)
+        req_scale = w_req / req_span if req_span else 0.0
+        tok_scale = w_tok / tok_span if tok_span else 0.0
+        base = (0.0 if req_span else w_req) + (0.0 if tok_span else w_tok)
+        return {
+            e.address: base
+            + (req_hi - e.in_flight_requests) * req_scale
+            + (tok_hi - e.in_flight_tokens) * tok_scale
+            for e in endpoints
+        }
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.name, "token_share": self.token_share}

@@ -11,4 +11,8 @@ from pd_runtime.scheduling.plugins import SCORERS, EndpointState, RequestContext
 @register(SCORERS, "kv-cache-utilization")
 class KVCacheUtilizationScorer(Scorer):
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
-        return {e.address: 1.0 - min(1.0, max(0.0, e.kv_usage or 0.0)) for e in endpoints}
+        scores = {}
+        for e in endpoints:
+            usage = e.kv_usage
+            scores[e.address] = 1.0 if not usage or usage < 0 else 0.0 if usage >= 1 else 1 - usage
+        return scores

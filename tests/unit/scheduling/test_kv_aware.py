@@ -190,17 +190,21 @@ def test_all_blocks_cleared_takes_every_claim_of_that_endpoint_away() -> None:
     assert result.decode.address == D1
 
 
-def test_removed_blocks_stay_claimed_by_the_pending_overlay_until_it_expires() -> None:
+def test_pending_claims_extend_the_indexed_prefix_and_removals_win_at_once() -> None:
     s = make(pending_ttl_s=5.0)
     clock = Clock()
-    s.pending = PendingPrefixes(5.0, clock=clock)
-    store(s, D1, PROMPT, 0, 5)
-    s.release(request(), s.schedule(request()))  # routed to D1: pending claim for 5 s
-    remove(s, D1, PROMPT, 0, 1, 2, 3, 4)
+    s.pending = PendingPrefixes(5.0, clock=clock, bit_of=s.index.endpoint_bit)
+    store(s, D1, PROMPT, 0, 2)
+    s.release(request(), s.schedule(request()))  # routed to D1: claims blocks 2..4 for 5 s
+    # D1 claims only the tail, blocks 2..4: blocks 0..1 are the index's.
+    assert sum(D1 in per for per in s.pending._holders.values()) == 3
     clock.now = 4.9
-    assert s.schedule(request()).scores == {D1: 1.0}
-    clock.now = 10.0  # the second schedule's claim (made at 4.9) is gone too
-    assert s.schedule(request()).scores is None
+    # D1: indexed 0..1 + claimed 2..4; the prefiller that computed the prompt claims it all.
+    assert s.schedule(request()).scores == {D1: 1.0, P0: 1.0}
+    # The engine evicts the indexed head: the claimed tail no longer hangs from the root, so
+    # nothing is claimed any more (no routing to a cache that lost the prompt's start).
+    remove(s, D1, PROMPT, 0, 1)
+    assert D1 not in (s.schedule(request()).scores or {})
 
 
 def test_pending_overlay_keeps_a_burst_of_a_new_prompt_together() -> None:
@@ -463,7 +467,7 @@ def test_explain_reports_index_and_pending_without_booking() -> None:
     explained = s.explain(request(rid="2"))
     assert explained["prompt_tokens"] == 20 and explained["blocks"] == 5
     assert explained["indexed"] == {D0: 2}
-    assert D0 in explained["pending"] and explained["pending"][D0] == 5
+    assert explained["expected"][D0] == 5  # indexed 0..1 and the routed request's claim 2..4
     assert {a: st.in_flight_requests for a, st in s.states.items()} == before
 
 

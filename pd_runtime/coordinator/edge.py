@@ -1,0 +1,142 @@
+"""The coordinator's outer ASGI layer: API-key authentication, then admission control.
+
+::
+
+    request ──▶ /health, /metrics? ─────────────────────────────────────▶ app
+                    │ other paths
+                    ▼
+                API keys on and no valid 'Authorization: Bearer KEY'? ──▶ 401
+                    │
+                    ▼
+                POST to a generation path? ──no───────────────────────▶ app
+                    │ yes
+                    ▼
+                x-request-priority an integer? ──no──────────────────▶ 400
+                    │
+                    ▼
+                admission.acquire(priority) ──RateLimitError──────────▶ 429 + Retry-After
+                    │
+                    ▼
+                app (body, validation, scheduling, streaming) ... release the slot when the
+                response has ended, however it ended
+
+It wraps the whole ASGI call rather than a handler, so a slot is held until the last byte of a
+streamed answer is sent (or the client goes away), not just until the handler returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pd_runtime.common.http import GENERATION_PATHS, error_response
+from pd_runtime.config.coordinator import CoordinatorConfig
+from pd_runtime.coordinator.admission import AdmissionController
+from pd_runtime.coordinator.metrics import CoordinatorMetrics
+from pd_runtime.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    RateLimitError,
+    ServingError,
+)
+
+__all__ = ["OPEN_PATHS", "PRIORITY_HEADER", "ApiKeys", "GatewayMiddleware", "resolve_api_keys"]
+
+PRIORITY_HEADER = "x-request-priority"
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+def resolve_api_keys(
+    config: CoordinatorConfig, environ: Mapping[str, str] = os.environ
+) -> list[str]:
+    """The configured keys plus those in ``config.api_keys_env`` (comma-separated)."""
+    keys = [key.get_secret_value() for key in config.api_keys]
+    if config.api_keys_env is not None:
+        from_env = [k.strip() for k in environ.get(config.api_keys_env, "").split(",")]
+        from_env = [k for k in from_env if k]
+        if not from_env:
+            raise ConfigError(
+                f"api_keys_env: environment variable {config.api_keys_env} is unset or empty"
+            )
+        keys += from_env
+    return keys
+
+
+class ApiKeys:
+    """Checks bearer tokens in constant time. Keys are kept only as SHA-256 digests, and every key
+    is compared on every check, so neither the length nor the position of a match leaks."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def check(self, authorization: str | None) -> None:
+        """Raise ``AuthenticationError`` unless ``authorization`` is ``Bearer <a valid key>``."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError(
+                "Missing API key: send it as 'Authorization: Bearer YOUR_KEY'."
+            )
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        matches = [hmac.compare_digest(given, digest) for digest in self._digests]
+        if not any(matches):
+            raise AuthenticationError("Incorrect API key provided.")
+
+
+class GatewayMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: ApiKeys,
+        admission: AdmissionController,
+        metrics: CoordinatorMetrics,
+    ) -> None:
+        self.app = app
+        self.keys = keys
+        self.admission = admission
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            if self.keys.enabled:
+                self.keys.check(headers.get("authorization"))
+            admit = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+            if admit:
+                await self.admission.acquire(_priority(headers.get(PRIORITY_HEADER)))
+        except ServingError as exc:
+            if isinstance(exc, RateLimitError):
+                self.metrics.rejections.labels(exc.reason).inc()
+            self.metrics.errors.labels(exc.error_type).inc()
+            await error_response(exc)(scope, receive, send)
+            return
+        if not admit:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.release()
+
+
+def _priority(value: str | None) -> int:
+    if value is None or not value.strip():
+        return 0
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise BadRequestError(
+            f"header {PRIORITY_HEADER} must be an integer, got {value[:40]!r}"
+        ) from None
