@@ -85,6 +85,12 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prefill-timeout", type=float, default=120.0)
     p.add_argument("--decode-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may run before they are cut",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -162,8 +168,7 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from pd_runtime.common.http import run_server
     from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
     from pd_runtime.sidecar.app import SidecarSettings, create_app
 
@@ -175,19 +180,20 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         port=args.port,
         prefill_timeout_s=args.prefill_timeout,
         decode_timeout_s=args.decode_timeout,
+        drain_timeout_s=args.drain_timeout,
     )
-    uvicorn.run(
+    run_server(
         create_app(settings),
         host=args.host,
         port=args.port,
+        drain_timeout_s=settings.drain_timeout_s,
         log_config=uvicorn_log_config(args.log_level),
     )
     return 0
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from pd_runtime.common.http import run_server
     from pd_runtime.config import CoordinatorConfig, load_config
     from pd_runtime.coordinator.app import create_app
     from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
@@ -196,10 +202,11 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     config = load_config(CoordinatorConfig, args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     config = config.model_copy(update=overrides)
-    uvicorn.run(
+    run_server(
         create_app(config),
         host=config.host,
         port=config.port,
+        drain_timeout_s=config.drain_timeout_s,
         log_config=uvicorn_log_config(args.log_level),
     )
     return 0

@@ -53,8 +53,13 @@ class FakeEngine:
     fail_with: int | None = None  # answer every generation request with this status
     hang_s: float = 0.0
     break_stream_after: int | None = None  # raise after N SSE chunks
+    chunks: int = 3  # SSE chunks per streamed answer
+    chunk_delay_s: float = 0.01  # pause after each SSE chunk
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    #: What the client cut short, like vLLM aborting on a disconnect: "hang" (it left while the
+    #: engine was still working on the answer, before any header) or "stream" (it left mid-SSE).
+    aborted: list[str] = field(default_factory=list)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -63,8 +68,9 @@ class FakeEngine:
             body = json.loads(await request.body())
             self.requests.append(body)
             self.headers.append(dict(request.headers))
-            if self.hang_s:
-                await asyncio.sleep(self.hang_s)
+            if self.hang_s and await self._client_left(request, self.hang_s):
+                self.aborted.append("hang")
+                return Response(status_code=499)
             if self.fail_with:
                 return JSONResponse({"error": {"message": "boom"}}, status_code=self.fail_with)
             params = {
@@ -99,11 +105,32 @@ class FakeEngine:
 
         return app
 
+    @staticmethod
+    async def _client_left(request: Request, wait_s: float) -> bool:
+        """Wait ``wait_s``, watching for a disconnect as vLLM's ``with_cancellation`` does."""
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        try:
+            await asyncio.wait_for(disconnected(), wait_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def _sse(self, body: dict[str, Any]):  # type: ignore[no-untyped-def]
-        for i in range(3):
-            if self.break_stream_after is not None and i >= self.break_stream_after:
-                raise RuntimeError("fake engine breaks the stream on purpose")
-            chunk = {"choices": [{"index": 0, "text": f"t{i}"}], "served_by": self.name}
-            yield f"data: {json.dumps(chunk)}\n\n".encode()
-            await asyncio.sleep(0.01)
-        yield b"data: [DONE]\n\n"
+        done = False
+        try:
+            for i in range(self.chunks):
+                if self.break_stream_after is not None and i >= self.break_stream_after:
+                    done = True
+                    raise RuntimeError("fake engine breaks the stream on purpose")
+                chunk = {"choices": [{"index": 0, "text": f"t{i}"}], "served_by": self.name}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                await asyncio.sleep(self.chunk_delay_s)
+            yield b"data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:
+                self.aborted.append("stream")

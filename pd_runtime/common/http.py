@@ -2,26 +2,35 @@
 and OpenAI-format error responses.
 
 Responses from upstream are streamed byte for byte (SSE included). If the client goes away, the
-response generator is cancelled and its ``finally`` closes the upstream response, so the worker
-sees the disconnect and aborts the request instead of generating into the void.
+upstream request is closed too, so the worker sees the disconnect and aborts the request instead of
+generating into the void: before the response starts, :func:`unless_disconnected` cancels the
+upstream call; once it streams, Starlette cancels the body and its ``finally`` closes upstream.
+:class:`DrainingServer` and :class:`Lifecycle` give both servers a graceful SIGTERM.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import FrameType
+from typing import Any, TypeVar
 
+import anyio
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from pd_runtime.errors import (
     BadRequestError,
+    NoEndpointError,
     PayloadTooLargeError,
     ServingError,
     UpstreamError,
@@ -32,14 +41,23 @@ __all__ = [
     "GENERATION_PATHS",
     "PREFILLER_HEADER",
     "REQUEST_ID_HEADER",
+    "ClientGone",
+    "DrainingServer",
+    "Lifecycle",
     "error_response",
     "forward_headers",
     "install_error_handlers",
     "make_client",
+    "open_upstream",
     "parse_json_body",
     "read_body",
+    "run_server",
     "send_streaming",
+    "stream_back",
+    "unless_disconnected",
 ]
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +197,46 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-async def send_streaming(
+class ClientGone(ServingError):
+    """The client went away before the response started (nginx's 499); nobody reads the answer,
+    it only labels metrics and logs."""
+
+    status_code = 499
+    error_type = "ClientClosedRequest"
+
+
+async def _disconnected(receive: Receive) -> None:
+    # Once the body has been read, the server answers receive() only when the client is gone.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request | None, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` while watching the client (whose body must already be read); if the
+    client goes away first, cancel it (an httpx call in flight closes its connection, so the worker
+    behind it aborts the request, as vLLM does on a disconnect) and raise :class:`ClientGone`."""
+    work = asyncio.ensure_future(awaitable)
+    if request is None:
+        return await work
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watcher, work):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    if watcher.done() and not watcher.cancelled():
+        if work.done() and not work.cancelled() and work.exception() is None:
+            result = work.result()
+            if isinstance(result, httpx.Response):
+                await result.aclose()
+        raise ClientGone("client disconnected before the response started")
+    return work.result()
+
+
+async def open_upstream(
     client: httpx.AsyncClient,
     url: str,
     *,
@@ -187,32 +244,35 @@ async def send_streaming(
     content: bytes,
     method: str = "POST",
     timeout: httpx.Timeout | None = None,
-    on_close: Callable[[int], None] | None = None,
-) -> Response:
-    """Send a request upstream and stream its response back unchanged (status, headers, bytes).
-
-    ``on_close(status)`` runs exactly once when the exchange ends, however it ends (the upstream
-    status, or 502/504 when upstream could not be reached), so callers can release what they hold.
-    """
-    closed = False
-
-    def close(status: int) -> None:
-        nonlocal closed
-        if on_close is not None and not closed:
-            closed = True
-            on_close(status)
-
+    first_byte_timeout_s: float | None = None,
+    client_request: Request | None = None,
+) -> httpx.Response:
+    """Send a request upstream and return its response once the status and headers are in, body
+    unread (the caller streams or closes it). Raises :class:`UpstreamError` chained from the httpx
+    error: 504 when it timed out (``first_byte_timeout_s`` bounds the wait for the headers), 502
+    when it could not be reached or the connection broke; :class:`ClientGone` when
+    ``client_request``'s client went away first (the upstream request is then cancelled)."""
     request = client.build_request(
         method, url, headers=headers, content=content, timeout=timeout or client.timeout
     )
+    sending = client.send(request, stream=True)
+    if first_byte_timeout_s is not None:
+        sending = asyncio.wait_for(sending, first_byte_timeout_s)
     try:
-        upstream = await client.send(request, stream=True)
-    except httpx.TimeoutException as exc:
-        close(504)
+        return await unless_disconnected(client_request, sending)
+    except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
         raise UpstreamError(f"upstream {url} timed out: {exc!r}", status_code=504) from exc
     except httpx.HTTPError as exc:
-        close(502)
         raise UpstreamError(f"upstream {url} is unreachable: {exc!r}") from exc
+
+
+def stream_back(
+    upstream: httpx.Response, url: str, on_close: Callable[[int], None] | None = None
+) -> StreamingResponse:
+    """Stream an open upstream response back unchanged (status, headers, bytes). The upstream
+    response is closed when the stream ends, breaks, or the client goes away (Starlette then
+    cancels the body; the close is shielded from that cancellation so it always happens), and
+    then ``on_close(upstream status)`` runs."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -226,10 +286,90 @@ async def send_streaming(
                 error = UpstreamError(f"upstream stream broke: {exc!r}").to_body()
                 yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
-            await upstream.aclose()
-            close(upstream.status_code)
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+            if on_close is not None:
+                on_close(upstream.status_code)
 
     response_headers = {
         k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
     }
     return StreamingResponse(body(), status_code=upstream.status_code, headers=response_headers)
+
+
+async def send_streaming(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    content: bytes,
+    method: str = "POST",
+    timeout: httpx.Timeout | None = None,
+    on_close: Callable[[int], None] | None = None,
+    client_request: Request | None = None,
+) -> Response:
+    """:func:`open_upstream` then :func:`stream_back`: one hop, no retry.
+
+    ``on_close(status)`` runs exactly once when the exchange ends, however it ends (the upstream
+    status; the error's status when upstream could not be reached; 499 when the client left
+    before the response started), so callers can release what they hold.
+    """
+    try:
+        upstream = await open_upstream(
+            client,
+            url,
+            headers=headers,
+            content=content,
+            method=method,
+            timeout=timeout,
+            client_request=client_request,
+        )
+    except ServingError as exc:
+        if on_close is not None:
+            on_close(exc.status_code)
+        raise
+    return stream_back(upstream, url, on_close)
+
+
+class Lifecycle:
+    """Whether a server is draining: set on SIGTERM by :class:`DrainingServer`; ``/health`` then
+    answers 503 ``{"status": "draining"}`` and new generation requests are refused with 503, while
+    those in flight run to the end (up to the drain timeout)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def health(self) -> JSONResponse | None:
+        """The draining answer for ``/health``, or None when serving normally."""
+        return JSONResponse({"status": "draining"}, 503) if self.draining else None
+
+    def check(self) -> None:
+        if self.draining:
+            raise NoEndpointError("the server is shutting down; retry on another instance")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with SIGTERM/SIGINT first marking ``lifecycle`` draining. uvicorn then stops
+    listening, lets in-flight requests finish for up to ``timeout_graceful_shutdown`` seconds
+    (``drain_timeout_s``), cancels what is left, runs the lifespan shutdown and exits."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.lifecycle.draining:
+            self.lifecycle.draining = True
+            logger.warning("draining: finishing in-flight requests, then exiting")
+        super().handle_exit(sig, frame)
+
+
+def run_server(
+    app: FastAPI, *, host: str, port: int, drain_timeout_s: float, **kwargs: Any
+) -> None:
+    """Serve ``app`` (which holds a :class:`Lifecycle` as ``app.state.lifecycle``) until SIGTERM,
+    then drain gracefully."""
+    config = uvicorn.Config(
+        app, host=host, port=port, timeout_graceful_shutdown=int(drain_timeout_s) or 1, **kwargs
+    )
+    DrainingServer(config, app.state.lifecycle).run()

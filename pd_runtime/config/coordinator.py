@@ -78,8 +78,36 @@ class CoordinatorConfig(BaseModel):
     models: list[str] = Field(min_length=1, description="served model names clients may ask for")
     endpoints: list[EndpointConfig]
     scheduler: SchedulerConfig = SchedulerConfig()
-    request_timeout_s: float = Field(default=600.0, gt=0)
+    request_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest wait for any read from a decode sidecar (seconds): for the whole "
+        "answer of a non-streaming request, between chunks of a streamed one",
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_byte_timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="streamed requests: longest wait for the decode sidecar's response headers "
+        "(its prefill hop included) before the attempt is failed over to another endpoint. Keep "
+        "it above the sidecars' prefill timeout (120 s by default), so that a slow prefill falls "
+        "back to local decoding instead. Non-streaming requests answer only when done, so "
+        "request_timeout_s bounds them",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="decode endpoints tried per request: when forwarding fails before any byte "
+        "reached the client (connect error, reset, timeout, or a 502/503/504 from the sidecar), "
+        "the endpoint is reported to the scheduler and the request is scheduled again on another "
+        "one. 1: no failover. A stream that breaks midway is never retried",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="on SIGTERM: /health answers 503 draining, new connections are refused, and "
+        "in-flight requests get this long to finish before they are cut",
+    )
     max_body_bytes: int = Field(
         default=10 * 1024 * 1024,
         ge=1,

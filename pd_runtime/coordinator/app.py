@@ -9,16 +9,24 @@ Per generation request:
   3. ask the scheduler for a decode endpoint and maybe a prefill endpoint, and log the decision as
      ``Got pod scores {...}`` (the llm-d log shape);
   4. forward to the decode endpoint's sidecar, with the prefill header when disaggregating, and
-     stream the answer back; tell the scheduler when the request has ended.
+     stream the answer back; tell the scheduler when the request has ended;
+  5. failover: if that fails before any byte reached the client (connect error, reset, timeout,
+     502/503/504), report the endpoint to the scheduler, schedule again without the endpoints
+     tried (a new ``Got pod scores`` line) and retry, up to ``max_attempts``; then 502/503/504.
+     A stream that breaks midway is never retried: it ends with an SSE error event.
+If the client goes away, the request to the sidecar is closed at once, before or while streaming.
+On SIGTERM (``Lifecycle``): /health answers 503 draining and in-flight requests finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -32,26 +40,49 @@ from pd_runtime.common.http import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
+    Lifecycle,
     error_response,
     forward_headers,
     install_error_handlers,
     make_client,
+    open_upstream,
     parse_json_body,
     read_body,
-    send_streaming,
+    stream_back,
 )
 from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
 from pd_runtime.coordinator.validation import validate_generation_body
-from pd_runtime.errors import MethodNotAllowedError, NotFoundError, ServingError
+from pd_runtime.errors import (
+    MethodNotAllowedError,
+    NoEndpointError,
+    NotFoundError,
+    ServingError,
+    UpstreamError,
+)
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.registry import SCHEDULERS
 
-__all__ = ["create_app", "pod_scores_line"]
+__all__ = ["RETRY_STATUSES", "create_app", "failure_reason", "pod_scores_line"]
 
 logger = logging.getLogger("pd_runtime.coordinator")
+
+#: Sidecar statuses that mean "this endpoint cannot serve now" rather than "this request is bad".
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def failure_reason(error: UpstreamError) -> str:
+    """The ``reason`` label of ``pd_coordinator_retries_total`` for a failed attempt."""
+    cause = error.__cause__
+    if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
+        return "connect_error"
+    if isinstance(cause, httpx.TimeoutException | asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(cause, httpx.HTTPError):
+        return "transport_error"
+    return f"status_{error.status_code}"
 
 
 def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> str:
@@ -77,6 +108,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         )
     state: dict[str, httpx.AsyncClient] = {}
     keys = ApiKeys(resolve_api_keys(config))
+    lifecycle = Lifecycle()
     admission = AdmissionController(config.max_in_flight, config.max_queued, config.queue_timeout_s)
     metrics.admitted.set_function(lambda: admission.in_flight)
     metrics.queued.set_function(lambda: admission.queued)
@@ -98,12 +130,14 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.scheduler = scheduler
+    app.state.lifecycle = lifecycle
     created = int(time.time())
 
     async def generate(request: Request) -> Response:
         route = request.url.path
         started = time.perf_counter()
         try:
+            lifecycle.check()
             raw_body = await read_body(request, config.max_body_bytes)
             body = parse_json_body(raw_body)
             model = validate_generation_body(
@@ -123,33 +157,103 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             metrics.errors.labels(exc.error_type).inc()
             return error_response(exc)
 
-        logger.info(pod_scores_line(request_id, model, result))
-        mode = "disaggregated" if result.disaggregated else "direct"
-        metrics.record_decision(result, mode)
-        metrics.in_flight.labels(result.decode.name).inc()
         headers = forward_headers(request.headers, drop=dropped)
         headers[REQUEST_ID_HEADER] = request_id
-        # The body is forwarded byte for byte: no re-serialisation on the hot path.
-        if result.prefill is not None:
-            headers[PREFILLER_HEADER] = result.prefill.address
+        first_byte_timeout = config.first_byte_timeout_s if body.get("stream") is True else None
 
-        def finished(status: int) -> None:
-            metrics.in_flight.labels(result.decode.name).dec()
+        def final(status: int, mode: str) -> None:
             metrics.requests.labels(route, mode, str(status)).inc()
             metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-            scheduler.release(sched_request, result)
 
-        try:
-            return await send_streaming(
-                state["client"],
-                f"{result.decode.url}{route}",
-                headers=headers,
-                content=raw_body,
-                on_close=finished,
+        async def forward(
+            attempt: SchedulingRequest, result: SchedulingResult, mode: str
+        ) -> Response | UpstreamError:
+            """One attempt on ``result.decode``: the response to send back, or the error that
+            makes another endpoint worth a try (nothing has reached the client yet)."""
+            metrics.in_flight.labels(result.decode.name).inc()
+            # The body is forwarded byte for byte: no re-serialisation on the hot path.
+            hop_headers = dict(headers)
+            if result.prefill is not None:
+                hop_headers[PREFILLER_HEADER] = result.prefill.address
+            url = f"{result.decode.url}{route}"
+
+            def end_attempt() -> None:
+                metrics.in_flight.labels(result.decode.name).dec()
+                scheduler.release(attempt, result)
+
+            def finished(status: int) -> None:
+                end_attempt()
+                final(status, mode)
+
+            try:
+                upstream = await open_upstream(
+                    state["client"],
+                    url,
+                    headers=hop_headers,
+                    content=raw_body,
+                    first_byte_timeout_s=first_byte_timeout,
+                    client_request=request,
+                )
+            except UpstreamError as exc:
+                end_attempt()
+                return exc
+            except BaseException:
+                finished(499)  # ClientGone, or the handler cancelled at shutdown
+                raise
+            if upstream.status_code in RETRY_STATUSES:
+                try:
+                    detail = (await upstream.aread())[:300].decode(errors="replace")
+                except httpx.HTTPError as exc:
+                    detail = repr(exc)
+                finally:
+                    await upstream.aclose()
+                end_attempt()
+                message = f"decode sidecar {url} answered {upstream.status_code}: {detail}"
+                return UpstreamError(message, status_code=upstream.status_code)
+            return stream_back(upstream, url, finished)
+
+        tried: list[str] = []
+        attempt = sched_request
+        while True:
+            logger.info(pod_scores_line(request_id, model, result))
+            mode = "disaggregated" if result.disaggregated else "direct"
+            metrics.record_decision(result, mode)
+            try:
+                outcome = await forward(attempt, result, mode)
+            except ServingError as exc:  # the client went away before the response started
+                metrics.errors.labels(exc.error_type).inc()
+                return error_response(exc)
+            if isinstance(outcome, Response):
+                return outcome
+            reason = failure_reason(outcome)
+            scheduler.report_failure(result.decode, f"{reason}: {outcome.message}")
+            tried.append(result.decode.address)
+            if len(tried) >= config.max_attempts:
+                break
+            attempt = replace(sched_request, exclude=frozenset(tried))
+            try:
+                result = scheduler.schedule(attempt)
+            except NoEndpointError:
+                break
+            metrics.retries.labels(reason).inc()
+            logger.warning(
+                "request %s: decode %s failed (%s); retrying on %s (attempt %d of %d)",
+                request_id,
+                tried[-1],
+                outcome.message,
+                result.decode.address,
+                len(tried) + 1,
+                config.max_attempts,
             )
-        except ServingError as exc:
-            metrics.errors.labels(exc.error_type).inc()
-            return error_response(exc)
+        error = UpstreamError(
+            f"no decode endpoint could serve the request ({len(tried)} tried: "
+            f"{', '.join(tried)}); last error: {outcome.message}",
+            status_code=outcome.status_code,
+        )
+        logger.warning("request %s failed: %s", request_id, error.message)
+        metrics.errors.labels(error.error_type).inc()
+        final(error.status_code, mode)
+        return error_response(error)
 
     for path in GENERATION_PATHS:
         app.add_api_route(path, generate, methods=["POST"])
@@ -164,7 +268,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        return lifecycle.health() or JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

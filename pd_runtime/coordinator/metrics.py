@@ -74,6 +74,14 @@ class CoordinatorMetrics:
             ["type"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "pd_coordinator_retries",
+            "Generation requests sent to another decode endpoint after the previous one failed "
+            "before any byte reached the client, by reason: connect_error, timeout, "
+            "transport_error or status_502/503/504",
+            ["reason"],
+            registry=self.registry,
+        )
         self.rejections = Counter(
             "pd_coordinator_rejected",
             "Generation requests refused by admission control (429), by reason: queue_full, "

@@ -7,6 +7,11 @@ that will serve the request and, when disaggregation pays, the prefill endpoint 
 decode worker will pull. ``scores`` is what the ``Got pod scores`` line logs: endpoint address →
 score in [0, 1], or ``None`` when the policy used no scores. ``release`` is called exactly once per
 scheduled request when it ends (success or not), so policies can track in-flight load.
+``report_failure`` is called when the coordinator could not reach a decode endpoint (connect error,
+reset, timeout or a 502/503/504 before any byte reached the client); the coordinator then calls
+``release`` for that attempt and schedules the request again with the failed endpoint's address in
+``SchedulingRequest.exclude``, which every policy must honour (never pick an excluded decode
+endpoint; raise :class:`~pd_runtime.errors.NoEndpointError` when none is left).
 Raise :class:`~pd_runtime.errors.NoEndpointError` when nothing can serve the request.
 """
 
@@ -33,6 +38,8 @@ class SchedulingRequest:
     token_ids: list[int] | None = None
     #: Filled by ``prepare`` with ``token_ids``: the keys of the prompt's full KV blocks.
     block_keys: list[int] | None = None
+    #: Addresses of decode endpoints already tried for this request (failover): never pick these.
+    exclude: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,10 @@ class Scheduler(ABC):
 
     def release(self, request: SchedulingRequest, result: SchedulingResult) -> None:  # noqa: B027
         """The request has ended; default: nothing to forget."""
+
+    def report_failure(self, endpoint: EndpointConfig, error: str) -> None:  # noqa: B027
+        """Forwarding to ``endpoint`` failed before the response started; default: ignore it.
+        Policies that track health should stop routing there until it proves healthy again."""
 
     async def start(self) -> None:  # noqa: B027
         """Start background work (event subscribers, scrapers); default: none."""

@@ -176,7 +176,12 @@ class KVAwareScheduler(Scheduler):
 
     def schedule(self, request: SchedulingRequest) -> SchedulingResult:
         ctx = self.context(request)
-        decode_run = self.decode_profile.run(ctx, self.decode_states)
+        candidates = self.decode_states
+        if request.exclude:
+            candidates = [s for s in candidates if s.address not in request.exclude]
+            if not candidates:
+                raise NoEndpointError("every decode endpoint has been tried for this request")
+        decode_run = self.decode_profile.run(ctx, candidates)
         decode = decode_run.picked
         decision = self.decider.decide(ctx, decode, bool(self.prefill_states))
         prefill_run = None
@@ -229,6 +234,15 @@ class KVAwareScheduler(Scheduler):
             prefill = self.states[result.prefill.address]
             prefill.in_flight_requests -= 1
             prefill.in_flight_tokens -= prompt_tokens
+
+    def report_failure(self, endpoint: EndpointConfig, error: str) -> None:
+        """Unhealthy at once (the ``healthy`` filter skips it); the scraper's next good scrape of
+        its metrics makes it healthy again. The booking is undone by the ``release`` that the
+        coordinator calls for the failed attempt."""
+        state = self.states.get(endpoint.address)
+        if state is not None and state.healthy:
+            state.healthy = False
+            log.warning("%s marked unhealthy: forwarding failed (%s)", endpoint.address, error)
 
     def _book(
         self,

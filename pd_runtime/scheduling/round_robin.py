@@ -31,6 +31,13 @@ class RoundRobinScheduler(Scheduler):
         if not self.decode:
             raise NoEndpointError("no decode endpoint is configured")
         decode = self.decode[next(self._decode_turn) % len(self.decode)]
+        if decode.address in request.exclude:
+            # Failover: the next endpoint in turn that has not been tried for this request.
+            untried = [e for e in self.decode if e.address not in request.exclude]
+            if not untried:
+                raise NoEndpointError("every decode endpoint has been tried for this request")
+            start = self.decode.index(decode)
+            decode = min(untried, key=lambda e: (self.decode.index(e) - start) % len(self.decode))
         prefill = (
             self.prefill[next(self._prefill_turn) % len(self.prefill)] if self.prefill else None
         )

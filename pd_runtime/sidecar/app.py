@@ -10,6 +10,13 @@ Per request on /v1/completions and /v1/chat/completions:
      exactly as the client asked (SSE or JSON).
 If the prefill fails, the decode worker prefills locally (counted and logged as a fallback), so the
 client still gets its answer. Every other path is proxied to the decode worker unchanged.
+
+If the client goes away, the sidecar closes its requests to the prefill worker (if that call is
+still running) and to the decode worker, which abort the request as vLLM does on a disconnect.
+Timeouts: ``connect_timeout_s`` on both hops, ``prefill_timeout_s`` per read of the prefill call
+(then fallback), ``decode_timeout_s`` per read of the decode call (then 504, or an SSE error event
+once streaming). On SIGTERM, /health answers 503 draining and in-flight requests get
+``drain_timeout_s`` to finish.
 """
 
 from __future__ import annotations
@@ -36,12 +43,14 @@ from pd_runtime.common.http import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
+    Lifecycle,
     error_response,
     forward_headers,
     install_error_handlers,
     make_client,
     parse_json_body,
     send_streaming,
+    unless_disconnected,
 )
 from pd_runtime.errors import ForbiddenError, ServingError
 from pd_runtime.sidecar.rewrite import build_decode_request, build_prefill_request
@@ -60,6 +69,8 @@ class SidecarSettings:
     prefill_timeout_s: float = 120.0
     decode_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
+    #: On SIGTERM, how long in-flight requests may run before they are cut.
+    drain_timeout_s: float = 30.0
 
 
 class SidecarMetrics:
@@ -84,6 +95,7 @@ class SidecarMetrics:
 
 def create_app(settings: SidecarSettings) -> FastAPI:
     metrics = SidecarMetrics()
+    lifecycle = Lifecycle()
     state: dict[str, httpx.AsyncClient] = {}
 
     @asynccontextmanager
@@ -96,9 +108,11 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     install_error_handlers(app, "sidecar")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
     decode_url = settings.decode_url.rstrip("/")
 
     async def prefill(
+        request: Request,
         client: httpx.AsyncClient,
         prefiller: str,
         path: str,
@@ -108,12 +122,17 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         """Step 3: returns the prefiller's kv_transfer_params, or None to decode locally."""
         started = time.perf_counter()
         try:
-            response = await client.post(
-                f"http://{prefiller}{path}",
-                json=build_prefill_request(body),
-                headers=headers,
-                timeout=httpx.Timeout(
-                    settings.prefill_timeout_s, connect=settings.connect_timeout_s
+            # If the client leaves meanwhile, the prefill call is cancelled and its connection
+            # closed, so the prefill worker aborts the request too.
+            response = await unless_disconnected(
+                request,
+                client.post(
+                    f"http://{prefiller}{path}",
+                    json=build_prefill_request(body),
+                    headers=headers,
+                    timeout=httpx.Timeout(
+                        settings.prefill_timeout_s, connect=settings.connect_timeout_s
+                    ),
                 ),
             )
         except httpx.HTTPError as exc:
@@ -141,10 +160,11 @@ def create_app(settings: SidecarSettings) -> FastAPI:
 
     async def generate(request: Request) -> Response:
         path = request.url.path
-        client = state["client"]
         prefiller = request.headers.get(PREFILLER_HEADER)
         headers = forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER}))
         try:
+            lifecycle.check()
+            client = state["client"]
             raw_body = await request.body()
             body = parse_json_body(raw_body)
             if prefiller and prefiller not in settings.allowed_prefillers:
@@ -155,14 +175,22 @@ def create_app(settings: SidecarSettings) -> FastAPI:
                     request.headers.get(REQUEST_ID_HEADER),
                 )
                 raise ForbiddenError(f"prefiller {prefiller!r} is not one this sidecar trusts")
-            params = await prefill(client, prefiller, path, body, headers) if prefiller else None
+            params = (
+                await prefill(request, client, prefiller, path, body, headers)
+                if prefiller
+                else None
+            )
             mode = "direct" if not prefiller else ("disaggregated" if params else "fallback")
             metrics.requests.labels(mode).inc()
             decode_body = build_decode_request(body, params)
             # Unchanged (direct, no client transfer params): forward the bytes as received.
             content = raw_body if decode_body is body else json.dumps(decode_body).encode()
             return await send_streaming(
-                client, f"{decode_url}{path}", headers=headers, content=content
+                client,
+                f"{decode_url}{path}",
+                headers=headers,
+                content=content,
+                client_request=request,
             )
         except ServingError as exc:
             return error_response(exc)
@@ -172,7 +200,10 @@ def create_app(settings: SidecarSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """Healthy when the decode worker behind this sidecar is."""
+        """Healthy when the decode worker behind this sidecar is (and this sidecar not draining)."""
+        draining = lifecycle.health()
+        if draining is not None:
+            return draining
         try:
             response = await state["client"].get(f"{decode_url}/health", timeout=5.0)
         except httpx.HTTPError as exc:

@@ -25,6 +25,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+    # Tests that kill workers of the shared deployment run after every other test (stable sort).
+    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
 
 
 def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
