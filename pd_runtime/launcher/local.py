@@ -104,10 +104,29 @@ class LocalLauncher:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM every part (front door first), then SIGKILL what is left after ``grace_s``."""
-        for part in reversed(self.parts):
+        self._terminate(list(reversed(self.parts)), grace_s)
+        self.parts.clear()
+
+    def restart(self, name: str, grace_s: float = 20.0) -> RunningPart:
+        """Stop one part if it still runs and start it again from its spec; wait until healthy.
+
+        A restarted vLLM worker is a new engine (new NIXL engine id, KV events from sequence 0):
+        its peers and the coordinator must take it back as such, which is what this exercises.
+        """
+        old = next((p for p in self.parts if p.spec.name == name), None)
+        if old is None:
+            raise LaunchError(f"no part named {name!r}")
+        self._terminate([old], grace_s)
+        self.parts.remove(old)
+        part = self._spawn(old.spec)
+        self._wait_healthy([part])
+        return part
+
+    def _terminate(self, parts: list[RunningPart], grace_s: float) -> None:
+        for part in parts:
             part.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for part in reversed(self.parts):
+        for part in parts:
             try:
                 part.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -116,7 +135,6 @@ class LocalLauncher:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 part.process.wait(timeout=5)
             part.close_log()
-        self.parts.clear()
 
     def __enter__(self) -> LocalLauncher:
         self.start()

@@ -44,14 +44,19 @@ def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
 
 
 class Deployment:
-    def __init__(self, plan: DeploymentPlan, run_dir: Path, pids: dict[str, int]) -> None:
+    def __init__(self, plan: DeploymentPlan, run_dir: Path, launcher: LocalLauncher) -> None:
         self.plan = plan
         self.run_dir = run_dir
-        self.pids = pids  # part name -> pid of the process the launcher started
+        self.launcher = launcher
         self.gateway = plan.gateway_url
         self.model = plan.coordinator.models[0]
         self.decode = plan.coordinator.by_role("decode")
         self.prefill = plan.coordinator.by_role("prefill")
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """Part name -> pid of the process the launcher runs now (restarts change it)."""
+        return {p.spec.name: p.process.pid for p in self.launcher.parts}
 
     def worker_url(self, name: str) -> str:
         part = next(p for p in self.plan.parts if p.name == name)
@@ -72,6 +77,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     )
     launcher.start()
     try:
-        yield Deployment(plan, run_dir, {p.spec.name: p.process.pid for p in launcher.parts})
+        yield Deployment(plan, run_dir, launcher)
     finally:
         launcher.stop()

@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from pd_runtime.common.prom import scrape_metrics
-from pd_runtime.demo import DEMO_PROMPT
+from pd_runtime.demo import DEMO_PROMPT, pod_score_lines
 from tests.e2e.conftest import Deployment
 
+NIXL = "vllm:nixl_xfer_time_seconds_count"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 
@@ -100,6 +101,42 @@ def test_killing_the_prefill_worker_mid_traffic_fails_no_request(deployment: Dep
     health = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
     prefill = next(e for e in health["endpoints"] if e["role"] == "prefill")
     assert prefill["healthy"] is False  # taken out of rotation
+
+
+@pytest.mark.destructive
+def test_a_restarted_prefill_worker_rejoins_with_a_new_engine_identity(
+    deployment: Deployment,
+) -> None:
+    """Runs after the kill above (file order). The new process is a new vLLM engine: a new NIXL
+    engine id the decode workers must handshake with, KV events starting again at sequence 0."""
+    prefill = deployment.prefill[0]
+    deployment.launcher.restart("prefill-0")
+    deadline = time.monotonic() + 60
+    while True:  # the coordinator takes it back on its next good /metrics scrape
+        state = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
+        if next(e for e in state["endpoints"] if e["address"] == prefill.address)["healthy"]:
+            break
+        assert time.monotonic() < deadline, "the restarted prefill worker was not taken back"
+        time.sleep(0.5)
+
+    before = {e.address: scrape_metrics(e.metrics_url).get(NIXL, 0.0) for e in deployment.decode}
+    request_id = f"rejoin-{uuid.uuid4().hex[:8]}"
+    response = httpx.post(
+        f"{deployment.gateway}/v1/completions",
+        json={
+            "model": deployment.model,
+            "prompt": f"{request_id}: {DEMO_PROMPT}",
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+        headers={"x-request-id": request_id},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    record = pod_score_lines(deployment.run_dir / "coordinator.log", [request_id])[request_id]
+    assert record["prefill"] == prefill.address  # disaggregated again, to the new engine
+    after = scrape_metrics(f"http://{record['target']}/metrics").get(NIXL, 0.0)
+    assert after >= before[str(record["target"])] + 1  # and its KV blocks came over NIXL
 
 
 @pytest.mark.destructive

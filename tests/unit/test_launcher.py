@@ -94,3 +94,19 @@ def test_a_part_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
         launcher.start()
     # Where it got stuck is in the error itself: CI shows nothing else.
     assert "Initializing NIXL worker (pretend)" in str(excinfo.value)
+
+
+def test_restart_starts_a_part_again_and_waits_for_it(tmp_path: Path) -> None:
+    parts = [part("w", "worker", HEALTHY, str(tmp_path / "g.pid"))]
+    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30)
+    launcher.start()
+    try:
+        first = launcher.parts[0].process.pid
+        os.kill(first, 9)  # the part died
+        restarted = launcher.restart("w", grace_s=2)
+        assert restarted.alive and restarted.process.pid != first
+        assert [p.process.pid for p in launcher.parts] == [restarted.process.pid]
+        with pytest.raises(LaunchError, match="no part named"):
+            launcher.restart("nope")
+    finally:
+        launcher.stop(grace_s=5)
