@@ -44,7 +44,8 @@ def _step(n: int, title: str) -> None:
 
 
 def pod_score_lines(log_path: Path, request_ids: list[str]) -> dict[str, dict[str, object]]:
-    """The coordinator's decision records for these request ids, parsed from its log."""
+    """The coordinator's decision record for each of these request ids, parsed from its log: the
+    last one logged (a request that failed over logs one per attempt)."""
     found: dict[str, dict[str, object]] = {}
     marker = "Got pod scores "
     for line in log_path.read_text(errors="replace").splitlines():

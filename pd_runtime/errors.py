@@ -11,6 +11,7 @@
           ├── MethodNotAllowedError   405 (known path, wrong method)
           ├── PayloadTooLargeError    413 (request body over the configured limit)
           ├── RateLimitError          429 (admission queue full, displaced or timed out)
+          ├── ClientGone              499 (the client left before the response started)
           ├── NoEndpointError         503 (no healthy endpoint to route to)
           └── UpstreamError           502 / 504 (a worker failed, hung or went away)
 
@@ -26,6 +27,7 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "ClientGone",
     "ConfigError",
     "ForbiddenError",
     "LaunchError",
@@ -126,6 +128,14 @@ class RateLimitError(ServingError):
 class NoEndpointError(ServingError):
     status_code = int(HTTPStatus.SERVICE_UNAVAILABLE)
     error_type = "ServiceUnavailableError"
+
+
+class ClientGone(ServingError):
+    """The client went away before the response started (nginx's 499); nobody reads the answer,
+    it only labels metrics and logs."""
+
+    status_code = 499
+    error_type = "ClientClosedRequest"
 
 
 class UpstreamError(ServingError):

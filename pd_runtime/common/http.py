@@ -30,6 +30,7 @@ from starlette.types import Receive
 
 from pd_runtime.errors import (
     BadRequestError,
+    ClientGone,
     NoEndpointError,
     PayloadTooLargeError,
     ServingError,
@@ -41,7 +42,6 @@ __all__ = [
     "GENERATION_PATHS",
     "PREFILLER_HEADER",
     "REQUEST_ID_HEADER",
-    "ClientGone",
     "DrainingServer",
     "Lifecycle",
     "error_response",
@@ -195,14 +195,6 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")
     return body
-
-
-class ClientGone(ServingError):
-    """The client went away before the response started (nginx's 499); nobody reads the answer,
-    it only labels metrics and logs."""
-
-    status_code = 499
-    error_type = "ClientClosedRequest"
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -21,7 +21,6 @@ On SIGTERM (``Lifecycle``): /health answers 503 draining and in-flight requests 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -30,6 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -56,6 +56,7 @@ from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
 from pd_runtime.coordinator.validation import validate_generation_body
 from pd_runtime.errors import (
+    ClientGone,
     MethodNotAllowedError,
     NoEndpointError,
     NotFoundError,
@@ -85,6 +86,11 @@ def failure_reason(error: UpstreamError) -> str:
     return f"status_{error.status_code}"
 
 
+# msgspec, not json: with a breakdown of 7 scorers x 64 endpoints the line is ~16 kB, which
+# json.dumps takes ~600 us to write on our CPU machines and msgspec ~40 us (on every request).
+_encode_json = msgspec.json.Encoder().encode
+
+
 def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> str:
     record: dict[str, Any] = {
         "x-request-id": request_id,
@@ -97,7 +103,7 @@ def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> st
         record["reason"] = result.reason
     if result.breakdown is not None:
         record["breakdown"] = result.breakdown
-    return "Got pod scores " + json.dumps(record)
+    return "Got pod scores " + _encode_json(record).decode()
 
 
 def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) -> FastAPI:
@@ -198,7 +204,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 end_attempt()
                 return exc
             except BaseException:
-                finished(499)  # ClientGone, or the handler cancelled at shutdown
+                finished(ClientGone.status_code)  # or the handler was cancelled at shutdown
                 raise
             if upstream.status_code in RETRY_STATUSES:
                 try:
@@ -215,7 +221,8 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         tried: list[str] = []
         attempt = sched_request
         while True:
-            logger.info(pod_scores_line(request_id, model, result))
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(pod_scores_line(request_id, model, result))
             mode = "disaggregated" if result.disaggregated else "direct"
             metrics.record_decision(result, mode)
             try:

@@ -42,9 +42,44 @@ from pd_runtime.kv_events.events import (
 )
 from pd_runtime.kv_events.keys import ROOT_KEY, BlockKey, chain_keys
 
-__all__ = ["IndexIntegrityError", "IndexStats", "PrefixIndex"]
+__all__ = ["IndexIntegrityError", "IndexStats", "PrefixIndex", "leading_blocks"]
 
 _Tier = dict[EngineBlockHash, BlockKey]
+
+
+def leading_blocks(
+    keys: Sequence[BlockKey],
+    masks: Mapping[BlockKey, int],
+    endpoint_of_bit: Mapping[int, str],
+    overlay: Mapping[BlockKey, int] | None = None,
+) -> dict[str, int]:
+    """How many leading ``keys`` each endpoint holds, from per-key endpoint bitmasks (``overlay``
+    ORed in): one dict lookup and one integer AND per block, stopping when every endpoint has
+    missed. Shared by the index and the scheduler's pending overlay."""
+    extra = overlay or {}
+    result: dict[str, int] = {}
+    alive = 0
+    i = 0
+    for i, key in enumerate(keys):
+        here = masks.get(key, 0) | extra.get(key, 0) if extra else masks.get(key, 0)
+        if i == 0:
+            alive = here
+        elif here & alive != alive:
+            gone = alive & ~here
+            alive &= here
+            while gone:
+                low = gone & -gone
+                result[endpoint_of_bit[low]] = i
+                gone ^= low
+        if not alive:
+            break
+    else:
+        i = len(keys)
+    while alive:
+        low = alive & -alive
+        result[endpoint_of_bit[low]] = i
+        alive ^= low
+    return result
 
 
 class IndexIntegrityError(PDRuntimeError):
@@ -155,32 +190,7 @@ class PrefixIndex:
         self, keys: Sequence[BlockKey], overlay: Mapping[BlockKey, int] | None = None
     ) -> dict[str, int]:
         """``match`` over every tier: one dict lookup and one integer AND per block."""
-        masks = self._any
-        of_bit = self._endpoint_of_bit
-        extra = overlay or {}
-        result: dict[str, int] = {}
-        alive = 0
-        i = 0
-        for i, key in enumerate(keys):
-            here = masks.get(key, 0) | extra.get(key, 0) if extra else masks.get(key, 0)
-            if i == 0:
-                alive = here
-            elif here & alive != alive:
-                gone = alive & ~here
-                alive &= here
-                while gone:
-                    low = gone & -gone
-                    result[of_bit[low]] = i
-                    gone ^= low
-            if not alive:
-                break
-        else:
-            i = len(keys)
-        while alive:
-            low = alive & -alive
-            result[of_bit[low]] = i
-            alive ^= low
-        return result
+        return leading_blocks(keys, self._any, self._endpoint_of_bit, overlay)
 
     def size(self) -> int:
         """Distinct keys held by at least one endpoint."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -291,13 +291,13 @@ class KVAwareScheduler(Scheduler):
                     **state.snapshot(),
                     "indexed_blocks": counts.get(state.address, {}),
                     "kv_events": state.config.kv_events,
-                    "subscriber": _public(sub.stats) if sub is not None else None,
+                    "subscriber": asdict(sub.stats) if sub is not None else None,
                 }
             )
         return {
             "policy": "kv-aware",
             "endpoints": endpoints,
-            "index": {"keys": self.index.size(), "stats": _public(self.index.stats)},
+            "index": {"keys": self.index.size(), "stats": asdict(self.index.stats)},
             "pending_keys": len(self.pending),
             "tokenizer": {
                 "name": self.params.tokenizer,
@@ -311,10 +311,6 @@ class KVAwareScheduler(Scheduler):
             },
             "scrape_rounds": self.scraper.rounds,
         }
-
-
-def _public(stats: Any) -> dict[str, Any]:
-    return {name: getattr(stats, name) for name in stats.__slots__}
 
 
 def _with_prompt(

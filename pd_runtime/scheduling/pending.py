@@ -14,6 +14,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
+from pd_runtime.kv_events.index import leading_blocks
+
 __all__ = ["PendingPrefixes"]
 
 
@@ -69,30 +71,7 @@ class PendingPrefixes:
         index's: one dict lookup and one integer AND per block.
         """
         self._expire(self._clock())
-        masks, of_bit = self._masks, self._endpoint_of_bit
-        result: dict[str, int] = {}
-        alive = 0
-        i = 0
-        for i, key in enumerate(keys):
-            here = masks.get(key, 0)
-            if i == 0:
-                alive = here
-            elif here & alive != alive:
-                gone = alive & ~here
-                alive &= here
-                while gone:
-                    low = gone & -gone
-                    result[of_bit[low]] = i
-                    gone ^= low
-            if not alive:
-                break
-        else:
-            i = len(keys)
-        while alive:
-            low = alive & -alive
-            result[of_bit[low]] = i
-            alive ^= low
-        return result
+        return leading_blocks(keys, self._masks, self._endpoint_of_bit)
 
     def live_masks(self) -> Mapping[int, int]:
         """key -> bits of the endpoints expected to hold it, expired claims purged."""
