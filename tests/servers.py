@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +17,29 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+
+def wait_for(
+    condition: Callable[[], object],
+    timeout_s: float = 5.0,
+    what: str = "condition",
+    poll_s: float = 0.01,
+) -> float:
+    """Poll until ``condition()`` is truthy; return the seconds it took, fail after ``timeout_s``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
+async def until(condition: Callable[[], object], timeout_s: float = 10.0) -> None:
+    """``wait_for`` for async tests: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 def free_port() -> int:
@@ -134,3 +157,19 @@ class FakeEngine:
         finally:
             if not done:
                 self.aborted.append("stream")
+
+
+@contextmanager
+def sidecar_chain(**settings: Any) -> Iterator[tuple[str, FakeEngine, FakeEngine, str]]:
+    """A real sidecar in front of a fake decode engine, trusting one fake prefill engine.
+    Yields ``(sidecar_url, prefill, decode, prefiller HOST:PORT)``."""
+    from pd_runtime.sidecar.app import SidecarSettings, create_app
+
+    prefill, decode = FakeEngine("prefill"), FakeEngine("decode")
+    with serve(prefill.app()) as prefill_url, serve(decode.app()) as decode_url:
+        prefiller = prefill_url.removeprefix("http://")
+        config = SidecarSettings(
+            decode_url=decode_url, allowed_prefillers=frozenset({prefiller}), **settings
+        )
+        with serve(create_app(config)) as sidecar_url:
+            yield sidecar_url, prefill, decode, prefiller

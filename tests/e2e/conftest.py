@@ -5,17 +5,21 @@ its own so a running demo does not collide)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from pd_runtime.config import DeploymentConfig
 from pd_runtime.config.loader import parse_config
+from pd_runtime.demo import pod_score_lines
 from pd_runtime.launcher.local import LocalLauncher
 from pd_runtime.launcher.prepare import prepare_deployment
 from pd_runtime.launcher.topology import DeploymentPlan
+from tests.servers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PREFILL_KV_BLOCKS = 72
@@ -57,6 +61,46 @@ class Deployment:
     def pids(self) -> dict[str, int]:
         """Part name -> pid of the process the launcher runs now (restarts change it)."""
         return {p.spec.name: p.process.pid for p in self.launcher.parts}
+
+    def post_completion(
+        self, prompt: str, request_id: str, max_tokens: int = 8, **extra: Any
+    ) -> httpx.Response:
+        """A greedy completion through the gateway, whatever its status."""
+        return httpx.post(
+            f"{self.gateway}/v1/completions",
+            json={
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                **extra,
+            },
+            headers={"x-request-id": request_id},
+            timeout=300,
+        )
+
+    def complete(self, prompt: str, request_id: str, max_tokens: int = 8) -> httpx.Response:
+        """``post_completion`` that must succeed."""
+        response = self.post_completion(prompt, request_id, max_tokens)
+        assert response.status_code == 200, response.text
+        return response
+
+    def decisions(self, request_ids: list[str]) -> dict[str, dict[str, object]]:
+        """The coordinator's ``Got pod scores`` record per request id (its last attempt)."""
+        return pod_score_lines(self.run_dir / "coordinator.log", request_ids)
+
+    def decision(self, request_id: str) -> dict[str, Any]:
+        return self.decisions([request_id])[request_id]
+
+    def scheduler_state(self) -> dict[str, Any]:
+        return httpx.get(f"{self.gateway}/debug/scheduler", timeout=30).json()
+
+    def endpoint_state(self, address: str) -> dict[str, Any]:
+        return next(e for e in self.scheduler_state()["endpoints"] if e["address"] == address)
+
+    @staticmethod
+    def eventually(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
+        wait_for(condition, timeout_s=timeout_s, what=what, poll_s=0.25)
 
     def worker_url(self, name: str) -> str:
         part = next(p for p in self.plan.parts if p.name == name)

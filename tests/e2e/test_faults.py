@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from pd_runtime.common.prom import scrape_metrics
-from pd_runtime.demo import DEMO_PROMPT, pod_score_lines
+from pd_runtime.demo import DEMO_PROMPT
 from tests.e2e.conftest import Deployment
 
 NIXL = "vllm:nixl_xfer_time_seconds_count"
@@ -71,17 +71,8 @@ def test_killing_the_prefill_worker_mid_traffic_fails_no_request(deployment: Dep
 
     def one(i: int) -> None:
         started = time.monotonic()
-        response = httpx.post(
-            f"{deployment.gateway}/v1/completions",
-            json={
-                "model": deployment.model,
-                "prompt": f"fault {i} {uuid.uuid4().hex}: {DEMO_PROMPT}",
-                "max_tokens": 16,
-                "temperature": 0,
-            },
-            headers={"x-request-id": f"prefill-fault-{i}"},
-            timeout=300,
-        )
+        prompt = f"fault {i} {uuid.uuid4().hex}: {DEMO_PROMPT}"
+        response = deployment.post_completion(prompt, f"prefill-fault-{i}", max_tokens=16)
         with lock:
             results.append((response.status_code, time.monotonic() - started))
             if len(results) == 4:
@@ -98,9 +89,8 @@ def test_killing_the_prefill_worker_mid_traffic_fails_no_request(deployment: Dep
     assert statuses == [200] * 12, statuses
     # Served within a bounded delay: the sidecar's prefill timeout, not forever.
     assert max(seconds for _, seconds in results) < 150
-    health = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
-    prefill = next(e for e in health["endpoints"] if e["role"] == "prefill")
-    assert prefill["healthy"] is False  # taken out of rotation
+    # Taken out of rotation.
+    assert deployment.endpoint_state(deployment.prefill[0].address)["healthy"] is False
 
 
 @pytest.mark.destructive
@@ -111,29 +101,16 @@ def test_a_restarted_prefill_worker_rejoins_with_a_new_engine_identity(
     engine id the decode workers must handshake with, KV events starting again at sequence 0."""
     prefill = deployment.prefill[0]
     deployment.launcher.restart("prefill-0")
-    deadline = time.monotonic() + 60
-    while True:  # the coordinator takes it back on its next good /metrics scrape
-        state = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
-        if next(e for e in state["endpoints"] if e["address"] == prefill.address)["healthy"]:
-            break
-        assert time.monotonic() < deadline, "the restarted prefill worker was not taken back"
-        time.sleep(0.5)
+    # The coordinator takes it back on its next good /metrics scrape.
+    deployment.eventually(
+        lambda: deployment.endpoint_state(prefill.address)["healthy"],
+        "the coordinator to take the restarted prefill worker back",
+    )
 
     before = {e.address: scrape_metrics(e.metrics_url).get(NIXL, 0.0) for e in deployment.decode}
     request_id = f"rejoin-{uuid.uuid4().hex[:8]}"
-    response = httpx.post(
-        f"{deployment.gateway}/v1/completions",
-        json={
-            "model": deployment.model,
-            "prompt": f"{request_id}: {DEMO_PROMPT}",
-            "max_tokens": 8,
-            "temperature": 0,
-        },
-        headers={"x-request-id": request_id},
-        timeout=300,
-    )
-    assert response.status_code == 200, response.text
-    record = pod_score_lines(deployment.run_dir / "coordinator.log", [request_id])[request_id]
+    deployment.complete(f"{request_id}: {DEMO_PROMPT}", request_id)
+    record = deployment.decision(request_id)
     assert record["prefill"] == prefill.address  # disaggregated again, to the new engine
     after = scrape_metrics(f"http://{record['target']}/metrics").get(NIXL, 0.0)
     assert after >= before[str(record["target"])] + 1  # and its KV blocks came over NIXL
@@ -145,29 +122,10 @@ def test_killing_a_decode_worker_fails_requests_over_to_the_other(deployment: De
     os.killpg(deployment.pids[victim.name], signal.SIGKILL)
     ids = [f"decode-fault-{i}-{uuid.uuid4().hex[:6]}" for i in range(6)]
     for request_id in ids:
-        response = httpx.post(
-            f"{deployment.gateway}/v1/completions",
-            json={
-                "model": deployment.model,
-                "prompt": f"{request_id}: {DEMO_PROMPT}",
-                "max_tokens": 8,
-                "temperature": 0,
-            },
-            headers={"x-request-id": request_id},
-            timeout=300,
-        )
-        assert response.status_code == 200, response.text
+        deployment.complete(f"{request_id}: {DEMO_PROMPT}", request_id)
     # Every request was answered by the survivor; the first attempt that met the dead worker was
-    # retried there (or the scheduler had already taken the dead one out of rotation).
-    lines = [
-        line
-        for line in (deployment.run_dir / "coordinator.log").read_text().splitlines()
-        if "Got pod scores" in line and "decode-fault-" in line
-    ]
-    finals: dict[str, str] = {}
-    for line in lines:
-        record = line.split("Got pod scores ", 1)[1]
-        request_id = record.split('"x-request-id": "', 1)[1].split('"', 1)[0]
-        finals[request_id] = record.split('"target": "', 1)[1].split('"', 1)[0]
+    # retried there (or the scheduler had already taken the dead one out of rotation). The last
+    # decision logged per request is the attempt that served it.
+    finals = {rid: record["target"] for rid, record in deployment.decisions(ids).items()}
     assert set(finals) == set(ids)
     assert set(finals.values()) == {deployment.decode[0].address}, finals

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from pd_runtime.common.prom import scrape_metrics
-from pd_runtime.demo import DEMO_PROMPT, pod_score_lines
+from pd_runtime.demo import DEMO_PROMPT
 from tests.e2e.conftest import Deployment
 
 NIXL_COUNT = "vllm:nixl_xfer_time_seconds_count"
@@ -90,7 +90,7 @@ def test_disaggregated_greedy_output_equals_colocated(
     disaggregated, usage = generate(deployment.gateway, PATHS[api], body, request_id)
     after, prefill_after = nixl_counts(deployment), prefill_prompt_tokens(deployment)
 
-    record = pod_score_lines(deployment.run_dir / "coordinator.log", [request_id])[request_id]
+    record = deployment.decision(request_id)
     target = str(record["target"])
     assert record["prefill"] == deployment.prefill[0].address
     # The chosen decode worker pulled the KV blocks over NIXL; the other one did not.

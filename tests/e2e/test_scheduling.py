@@ -8,36 +8,14 @@ from the engines' events (``indexed``) apart from the routing overlay (``pending
 
 from __future__ import annotations
 
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
-from pd_runtime.demo import DEMO_PROMPT, pod_score_lines
+from pd_runtime.demo import DEMO_PROMPT
 from tests.e2e.conftest import PREFILL_KV_BLOCKS, Deployment
-
-TIMEOUT = httpx.Timeout(300.0)
-
-
-def complete(deployment: Deployment, prompt: str, request_id: str, max_tokens: int = 8) -> None:
-    response = httpx.post(
-        f"{deployment.gateway}/v1/completions",
-        json={
-            "model": deployment.model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-        },
-        headers={"x-request-id": request_id},
-        timeout=TIMEOUT,
-    )
-    assert response.status_code == 200, response.text
-
-
-def decision(deployment: Deployment, request_id: str) -> dict[str, Any]:
-    return pod_score_lines(deployment.run_dir / "coordinator.log", [request_id])[request_id]
 
 
 def match(deployment: Deployment, prompt: str) -> dict[str, Any]:
@@ -50,16 +28,6 @@ def match(deployment: Deployment, prompt: str) -> dict[str, Any]:
     return response.json()
 
 
-def wait_for(condition: Any, what: str, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-
-
 def unique_prompt(tag: str) -> str:
     return f"{tag} {uuid.uuid4().hex}: {DEMO_PROMPT}"
 
@@ -69,8 +37,8 @@ def test_a_repeated_prompt_goes_back_to_the_decode_endpoint_that_holds_it(
 ) -> None:
     prompt = unique_prompt("repeat")
     first_id, second_id = f"repeat-1-{uuid.uuid4().hex[:8]}", f"repeat-2-{uuid.uuid4().hex[:8]}"
-    complete(deployment, prompt, first_id)
-    first = decision(deployment, first_id)
+    deployment.complete(prompt, first_id)
+    first = deployment.decision(first_id)
     assert first["scores"] is None  # cached nowhere yet
     assert first["prefill"] == deployment.prefill[0].address  # cold and long: disaggregated
     target = first["target"]
@@ -78,13 +46,13 @@ def test_a_repeated_prompt_goes_back_to_the_decode_endpoint_that_holds_it(
     # The decode worker's own KV events (not the routing overlay) now report the prompt's blocks.
     blocks = match(deployment, prompt)["blocks"]
     assert blocks >= 10
-    wait_for(
+    deployment.eventually(
         lambda: match(deployment, prompt)["indexed"].get(target, 0) >= blocks - 1,
         f"KV events of {target} for the prompt",
     )
 
-    complete(deployment, prompt, second_id)
-    second = decision(deployment, second_id)
+    deployment.complete(prompt, second_id)
+    second = deployment.decision(second_id)
     assert second["target"] == target
     assert second["scores"][target] > 0.9
     assert second["prefill"] is None  # nearly all cached where it goes: no separate prefill
@@ -97,10 +65,10 @@ def test_a_shared_prefix_sticks_to_one_endpoint_until_it_is_saturated_then_spill
 ) -> None:
     prefix = unique_prompt("shared")
     warm_id = f"shared-warm-{uuid.uuid4().hex[:8]}"
-    complete(deployment, prefix, warm_id)
-    home = decision(deployment, warm_id)["target"]
+    deployment.complete(prefix, warm_id)
+    home = deployment.decision(warm_id)["target"]
     blocks = match(deployment, prefix)["blocks"]
-    wait_for(
+    deployment.eventually(
         lambda: match(deployment, prefix)["indexed"].get(home, 0) >= blocks - 1,
         "KV events of the shared prefix",
     )
@@ -111,11 +79,11 @@ def test_a_shared_prefix_sticks_to_one_endpoint_until_it_is_saturated_then_spill
     with ThreadPoolExecutor(len(ids)) as pool:
         list(
             pool.map(
-                lambda rid: complete(deployment, f"{prefix} question {rid}?", rid, max_tokens=160),
+                lambda rid: deployment.complete(f"{prefix} question {rid}?", rid, max_tokens=160),
                 ids,
             )
         )
-    records = pod_score_lines(deployment.run_dir / "coordinator.log", ids)
+    records = deployment.decisions(ids)
     targets = [records[rid]["target"] for rid in ids]
     at_home = targets.count(home)
     spilled = [records[rid] for rid in ids if records[rid]["target"] != home]
@@ -129,25 +97,25 @@ def test_a_shared_prefix_sticks_to_one_endpoint_until_it_is_saturated_then_spill
 def test_blocks_evicted_by_a_worker_are_no_longer_claimed(deployment: Deployment) -> None:
     prefill = deployment.prefill[0].address
     victim = unique_prompt("evicted")
-    complete(deployment, victim, f"evict-victim-{uuid.uuid4().hex[:8]}")
+    deployment.complete(victim, f"evict-victim-{uuid.uuid4().hex[:8]}")
     blocks = match(deployment, victim)["blocks"]
-    wait_for(
+    deployment.eventually(
         lambda: match(deployment, victim)["indexed"].get(prefill, 0) >= blocks - 1,
         "the prefill worker's KV events for the victim prompt",
     )
-    before = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
+    before = deployment.scheduler_state()
 
     # Enough other cold prompts to cycle the prefill worker's small cache.
     for i in range(PREFILL_KV_BLOCKS // blocks + 3):
-        complete(
-            deployment, unique_prompt(f"filler {i}"), f"evict-filler-{i}-{uuid.uuid4().hex[:8]}"
+        deployment.complete(
+            unique_prompt(f"filler {i}"), f"evict-filler-{i}-{uuid.uuid4().hex[:8]}"
         )
 
-    wait_for(
+    deployment.eventually(
         lambda: match(deployment, victim)["indexed"].get(prefill, 0) < blocks - 1,
         "the index to drop the evicted blocks",
     )
-    after = httpx.get(f"{deployment.gateway}/debug/scheduler", timeout=30).json()
+    after = deployment.scheduler_state()
     assert after["index"]["stats"]["removed"] > before["index"]["stats"]["removed"]
     prefill_state = next(e for e in after["endpoints"] if e["address"] == prefill)
     # The index never claims more blocks for the worker than its cache can hold.
@@ -173,7 +141,7 @@ def test_a_repeated_chat_is_matched_through_the_chat_template(deployment: Deploy
             f"{deployment.gateway}/v1/chat/completions",
             json=body,
             headers={"x-request-id": request_id},
-            timeout=TIMEOUT,
+            timeout=300,
         )
         assert response.status_code == 200, response.text
 
@@ -186,9 +154,9 @@ def test_a_repeated_chat_is_matched_through_the_chat_template(deployment: Deploy
         return {a: n for a, n in result["indexed"].items() if n >= result["blocks"] - 1}
 
     send(ids[0])
-    target = decision(deployment, ids[0])["target"]
-    wait_for(lambda: target in indexed(), "KV events of the chat prompt")
+    target = deployment.decision(ids[0])["target"]
+    deployment.eventually(lambda: target in indexed(), "KV events of the chat prompt")
     send(ids[1])
-    second = decision(deployment, ids[1])
+    second = deployment.decision(ids[1])
     assert second["target"] == target
     assert second["scores"][target] > 0.9

@@ -14,7 +14,7 @@ import pytest
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.app import create_app
 from pd_runtime.errors import RateLimitError
-from tests.servers import FakeEngine, serve
+from tests.servers import FakeEngine, serve, until
 from tests.unit.test_coordinator_edge import config_for
 
 
@@ -151,13 +151,6 @@ def slow_gateway() -> Iterator[Callable[..., tuple[str, Any]]]:
         finally:
             for server in stack:
                 server.__exit__(None, None, None)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def test_the_coordinator_sheds_load_by_priority_with_429_and_retry_after(

@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -24,7 +24,7 @@ from pd_runtime.errors import NoEndpointError
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler
 from pd_runtime.scheduling.round_robin import RoundRobinScheduler
-from tests.servers import FakeEngine, free_port, serve
+from tests.servers import FakeEngine, free_port, serve, wait_for
 
 BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 STREAM = {**BODY, "stream": True}
@@ -65,16 +65,6 @@ def dead_url() -> str:
 def pod_scores(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     lines = [r.getMessage() for r in caplog.records if "Got pod scores" in r.getMessage()]
     return [json.loads(line.split("Got pod scores ", 1)[1]) for line in lines]
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> float:
-    """Seconds until ``condition`` held; fails the test after ``timeout_s``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 # ---- failover ----------------------------------------------------------------------------------

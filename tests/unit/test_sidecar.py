@@ -9,20 +9,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from pd_runtime.sidecar.app import SidecarSettings, create_app
-from tests.servers import FakeEngine, serve
+from tests.servers import FakeEngine, sidecar_chain
 
 
 @pytest.fixture
 def chain() -> Iterator[tuple[str, FakeEngine, FakeEngine, str]]:
-    prefill, decode = FakeEngine("prefill"), FakeEngine("decode")
-    with serve(prefill.app()) as prefill_url, serve(decode.app()) as decode_url:
-        prefiller = prefill_url.removeprefix("http://")
-        settings = SidecarSettings(
-            decode_url=decode_url, allowed_prefillers=frozenset({prefiller}), prefill_timeout_s=1.0
-        )
-        with serve(create_app(settings)) as sidecar_url:
-            yield sidecar_url, prefill, decode, prefiller
+    with sidecar_chain(prefill_timeout_s=1.0) as parts:
+        yield parts
 
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 7, "temperature": 0}

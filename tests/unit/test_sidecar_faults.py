@@ -5,39 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from pd_runtime.sidecar.app import SidecarSettings, create_app
-from tests.servers import FakeEngine, serve
+from tests.servers import FakeEngine, sidecar_chain, wait_for
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 7}
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
 @pytest.fixture
 def chain() -> Iterator[tuple[str, FakeEngine, FakeEngine, str]]:
-    prefill, decode = FakeEngine("prefill"), FakeEngine("decode")
-    with serve(prefill.app()) as prefill_url, serve(decode.app()) as decode_url:
-        prefiller = prefill_url.removeprefix("http://")
-        settings = SidecarSettings(
-            decode_url=decode_url,
-            allowed_prefillers=frozenset({prefiller}),
-            prefill_timeout_s=30.0,
-            decode_timeout_s=1.0,
-        )
-        with serve(create_app(settings)) as sidecar_url:
-            yield sidecar_url, prefill, decode, prefiller
+    with sidecar_chain(prefill_timeout_s=30.0, decode_timeout_s=1.0) as parts:
+        yield parts
 
 
 def test_client_leaving_during_prefill_closes_the_prefill_request(chain) -> None:

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from pd_runtime.kv_events import EventSubscriber, KVEventsManager, PrefixIndex
+from tests.servers import until
 
 from .publisher import FakePublisher
 from .test_index import BS, PROMPT, keys, stored
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def prime(pub: FakePublisher, sub: EventSubscriber) -> None:

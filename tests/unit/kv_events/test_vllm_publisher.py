@@ -16,9 +16,7 @@ import textwrap
 import pytest
 
 from pd_runtime.kv_events import EventSubscriber, PrefixIndex
-from tests.servers import free_port
-
-from .test_subscriber import until
+from tests.servers import free_port, until
 
 PUBLISHER = textwrap.dedent(
     """
@@ -54,7 +52,7 @@ async def test_vllm_publisher_connects_to_a_bound_subscriber() -> None:
         assert publisher.stdout is not None and publisher.stdout.readline().strip() == "ready"
         await sub.start()
         keys = PrefixIndex.block_keys(list(range(1, 65)), 32)
-        await until(lambda: index.match(keys) == {endpoint: 2}, timeout=60)
+        await until(lambda: index.match(keys) == {endpoint: 2}, timeout_s=60)
         assert sub.stats.connects >= 1
     finally:
         await sub.stop()
@@ -78,7 +76,7 @@ async def test_a_publisher_with_another_topic_is_ignored() -> None:
     try:
         assert publisher.stdout is not None and publisher.stdout.readline().strip() == "ready"
         await sub.start()
-        await until(lambda: sub.stats.connects >= 1, timeout=60)
+        await until(lambda: sub.stats.connects >= 1, timeout_s=60)
         await asyncio.sleep(1.0)
         assert index.size() == 0 and sub.stats.batches == 0
     finally:
@@ -132,7 +130,7 @@ async def test_a_subscriber_that_starts_late_catches_up_from_vllms_replay_socket
         assert publisher.stdout is not None and publisher.stdout.readline().strip() == "ready"
         await sub.start()  # the worker was up first: its events were published to nobody
         keys = PrefixIndex.block_keys(list(range(1, 97)), 32)
-        await until(lambda: index.match(keys) == {endpoint: 3}, timeout=60)
+        await until(lambda: index.match(keys) == {endpoint: 3}, timeout_s=60)
         assert sub.stats.replayed == 2
     finally:
         await sub.stop()
