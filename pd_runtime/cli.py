@@ -66,6 +66,12 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         help="poll timeout of NIXL's UCX progress thread (default: 1000 on CPU, NIXL's 0 on GPU)",
     )
     p.add_argument("--no-enforce-eager", action="store_true")
+    p.add_argument(
+        "--kv-lease",
+        type=int,
+        metavar="SECONDS",
+        help="prefill: keep unpulled KV blocks this long (default: vLLM's 30)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command and environment")
 
 
@@ -92,6 +98,12 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
         help="on SIGTERM, seconds in-flight requests may run before they are cut",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--drain-delay",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, seconds to keep listening with /health at 503 before the port closes",
+    )
 
 
 def _add_coordinator(sub: argparse._SubParsersAction) -> None:
@@ -181,6 +193,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         prefill_timeout_s=args.prefill_timeout,
         decode_timeout_s=args.decode_timeout,
         drain_timeout_s=args.drain_timeout,
+        kv_lease_s=args.kv_lease,
     )
     run_server(
         create_app(settings),
@@ -206,12 +219,14 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         create_app(config),
         host=config.host,
         port=config.port,
+        drain_delay_s=args.drain_delay,
         drain_timeout_s=config.drain_timeout_s,
         log_config=uvicorn_log_config(args.log_level),
     )
     return 0
 
 
+        drain_delay_s=settings.drain_delay_s,
 def _stop_on_signals() -> None:
     """SIGINT and SIGTERM both mean "stop everything cleanly"; set explicitly because a process
     started in the background by a shell inherits SIGINT as ignored."""
@@ -232,6 +247,7 @@ def _run_up(args: argparse.Namespace, demo: bool) -> int:
     setup_logging("WARNING")
     config = load_config(DeploymentConfig, args.config)
     run_dir = Path(args.run_dir or f"runs/{config.name}")
+        drain_delay_s=config.drain_delay_s,
     plan = prepare_deployment(config, run_dir)
     launcher = LocalLauncher(
         plan,

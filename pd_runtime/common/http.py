@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import FrameType
 from typing import Any, TypeVar
@@ -341,27 +342,50 @@ class Lifecycle:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, with SIGTERM/SIGINT first marking ``lifecycle`` draining. uvicorn then stops
-    listening, lets in-flight requests finish for up to ``timeout_graceful_shutdown`` seconds
-    (``drain_timeout_s``), cancels what is left, runs the lifespan shutdown and exits."""
+    """uvicorn, with SIGTERM/SIGINT first marking ``lifecycle`` draining.
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+    For ``drain_delay_s`` the server keeps listening: ``/health`` answers 503 draining and new
+    generation requests 503, so load balancers and readiness probes see the server leave instead of
+    meeting refused connections. Then uvicorn stops listening, lets in-flight requests finish for up
+    to ``timeout_graceful_shutdown`` seconds (``drain_timeout_s``), cancels what is left, runs the
+    lifespan shutdown and exits. A second signal skips what is left of the delay."""
+
+    def __init__(
+        self, config: uvicorn.Config, lifecycle: Lifecycle, drain_delay_s: float = 0.0
+    ) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
+        self.drain_delay_s = drain_delay_s
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.lifecycle.draining:
+        if self.lifecycle.draining or self.drain_delay_s <= 0:
             self.lifecycle.draining = True
-            logger.warning("draining: finishing in-flight requests, then exiting")
-        super().handle_exit(sig, frame)
+            super().handle_exit(sig, frame)
+            return
+        self.lifecycle.draining = True
+        logger.warning(
+            "draining: /health answers 503 for %.1fs, then new connections are refused and "
+            "in-flight requests finish",
+            self.drain_delay_s,
+        )
+        # uvicorn's handler only sets flags that its main loop polls, so a timer thread may call it.
+        timer = threading.Timer(self.drain_delay_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 def run_server(
-    app: FastAPI, *, host: str, port: int, drain_timeout_s: float, **kwargs: Any
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    drain_timeout_s: float,
+    drain_delay_s: float = 0.0,
+    **kwargs: Any,
 ) -> None:
     """Serve ``app`` (which holds a :class:`Lifecycle` as ``app.state.lifecycle``) until SIGTERM,
-    then drain gracefully."""
+    then drain gracefully (see :class:`DrainingServer`)."""
     config = uvicorn.Config(
         app, host=host, port=port, timeout_graceful_shutdown=int(drain_timeout_s) or 1, **kwargs
     )
-    DrainingServer(config, app.state.lifecycle).run()
+    DrainingServer(config, app.state.lifecycle, drain_delay_s).run()

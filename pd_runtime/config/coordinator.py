@@ -108,6 +108,13 @@ class CoordinatorConfig(BaseModel):
         description="on SIGTERM: /health answers 503 draining, new connections are refused, and "
         "in-flight requests get this long to finish before they are cut",
     )
+    drain_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="on SIGTERM, keep listening this long first, answering /health and new "
+        "requests with 503 draining, so load balancers and readiness probes see the coordinator "
+        "leave before its port closes (e.g. a few readiness periods on Kubernetes)",
+    )
     max_body_bytes: int = Field(
         default=10 * 1024 * 1024,
         ge=1,

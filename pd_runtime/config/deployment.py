@@ -77,6 +77,13 @@ class TransportConfig(BaseModel):
         description="poll timeout of NIXL's UCX progress thread; default: 1000 on cpu "
         "(0 makes it spin a core per worker), NIXL's own (0) on cuda",
     )
+    kv_lease_s: int | None = Field(
+        default=None,
+        ge=1,
+        description="how long a prefill worker keeps a finished request's KV blocks for a decode "
+        "worker that never pulls them (its sidecar or decode worker died between the hops); the "
+        "decode side renews the lease while it waits. Default: vLLM's (30 s)",
+    )
 
 
 class WorkerGroupConfig(BaseModel):
@@ -103,6 +110,8 @@ class SidecarConfig(BaseModel):
     port: int = Port
     prefill_timeout_s: float = Field(default=120.0, gt=0)
     decode_timeout_s: float = Field(default=600.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    drain_delay_s: float = Field(default=0.0, ge=0)
 
 
 class CoordinatorSection(BaseModel):
@@ -119,6 +128,8 @@ class CoordinatorSection(BaseModel):
     max_queued: int = Field(default=256, ge=0)
     queue_timeout_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    drain_delay_s: float = Field(default=0.0, ge=0)
 
 
 class DeploymentConfig(BaseModel):

@@ -60,6 +60,13 @@ class AdmissionController:
             retry_after_s=self.retry_after_s,
         )
 
+    @property
+    def slot_free(self) -> bool:
+        """Whether :meth:`acquire` would return at once, without queueing."""
+        return self.in_flight < self.max_in_flight and not any(
+            not w.future.done() for w in self._waiters
+        )
+
     async def acquire(self, priority: int = 0) -> None:
         """Take an in-flight slot, waiting in the queue if need be; raises ``RateLimitError``.
         Every successful ``acquire`` must be paired with one ``release``."""

@@ -131,7 +131,13 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
 
     app = FastAPI(title="pd-runtime coordinator", lifespan=lifespan)
     install_error_handlers(app, "coordinator")
-    app.add_middleware(GatewayMiddleware, keys=keys, admission=admission, metrics=metrics)
+    app.add_middleware(
+        GatewayMiddleware,
+        keys=keys,
+        admission=admission,
+        metrics=metrics,
+        max_body_bytes=config.max_body_bytes,
+    )
     app.state.config = config
     app.state.admission = admission
     app.state.metrics = metrics

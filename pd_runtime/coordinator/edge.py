@@ -15,6 +15,8 @@
                     │
                     ▼
                 admission.acquire(priority) ──RateLimitError──────────▶ 429 + Retry-After
+                    │   (while queued, the body is read ahead into a buffer: a client that
+                    │    leaves gives its place up at once and is counted as client_gone)
                     │
                     ▼
                 app (body, validation, scheduling, streaming) ... release the slot when the
@@ -26,12 +28,14 @@ streamed answer is sent (or the client goes away), not just until the handler re
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
 from collections.abc import Mapping
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pd_runtime.common.http import GENERATION_PATHS, error_response
 from pd_runtime.config.coordinator import CoordinatorConfig
@@ -40,6 +44,7 @@ from pd_runtime.coordinator.metrics import CoordinatorMetrics
 from pd_runtime.errors import (
     AuthenticationError,
     BadRequestError,
+    ClientGone,
     ConfigError,
     RateLimitError,
     ServingError,
@@ -99,11 +104,13 @@ class GatewayMiddleware:
         keys: ApiKeys,
         admission: AdmissionController,
         metrics: CoordinatorMetrics,
+        max_body_bytes: int = 10 * 1024 * 1024,
     ) -> None:
         self.app = app
         self.keys = keys
         self.admission = admission
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -115,7 +122,14 @@ class GatewayMiddleware:
                 self.keys.check(headers.get("authorization"))
             admit = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
             if admit:
-                await self.admission.acquire(_priority(headers.get(PRIORITY_HEADER)))
+                priority = _priority(headers.get(PRIORITY_HEADER))
+                if self.admission.slot_free:
+                    await self.admission.acquire(priority)  # returns at once
+                else:
+                    receive = await self._queue(priority, receive)
+        except ClientGone:
+            self.metrics.rejections.labels("client_gone").inc()
+            return  # nobody is there to answer
         except ServingError as exc:
             if isinstance(exc, RateLimitError):
                 self.metrics.rejections.labels(exc.reason).inc()
@@ -129,6 +143,48 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.admission.release()
+
+    async def _queue(self, priority: int, receive: Receive) -> Receive:
+        """Wait for a slot while reading the body ahead, so that a client that leaves is seen at
+        once (its place goes to the next request) instead of after ``queue_timeout_s``. Returns
+        the ``receive`` the app must use: the buffered messages first, then the connection's."""
+        buffered: list[Message] = []
+        slot = asyncio.ensure_future(self.admission.acquire(priority))
+        watcher = asyncio.ensure_future(self._read_ahead(receive, buffered))
+        try:
+            await asyncio.wait({slot, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        if watcher.done() and not watcher.cancelled():  # the client left
+            if slot.done():
+                if slot.exception() is None:
+                    self.admission.release()
+            else:
+                slot.cancel()  # gives the place in the queue up
+                with contextlib.suppress(asyncio.CancelledError):
+                    await slot
+            raise ClientGone("client disconnected while queued")
+        slot.result()  # a RateLimitError from the queue propagates
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        return replay
+
+    async def _read_ahead(self, receive: Receive, buffered: list[Message]) -> None:
+        """Buffer body messages until the client disconnects (then return). Past
+        ``max_body_bytes`` it stops reading and leaves the 413 to the app."""
+        size = 0
+        while size <= self.max_body_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            buffered.append(message)
+            size += len(message.get("body", b""))
+        await asyncio.Event().wait()  # until cancelled
 
 
 def _priority(value: str | None) -> int:

@@ -101,6 +101,7 @@ def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[st
                 ucx_net_devices=config.transport.ucx_net_devices,
                 nixl_num_threads=config.transport.nixl_num_threads,
                 nixl_progress_delay_us=config.transport.nixl_progress_delay_us,
+                kv_lease_s=config.transport.kv_lease_s,
                 extra_args=tuple(engine.extra_args) + tuple(group.extra_args),
                 extra_env=dict(group.env),
             )
@@ -167,6 +168,10 @@ def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform)
             str(config.sidecar.prefill_timeout_s),
             "--decode-timeout",
             str(config.sidecar.decode_timeout_s),
+            "--drain-timeout",
+            str(config.sidecar.drain_timeout_s),
+            "--drain-delay",
+            str(config.sidecar.drain_delay_s),
         ]
         for address in prefill_addresses:
             argv += ["--prefiller", address]
@@ -195,6 +200,8 @@ def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform)
         max_queued=config.coordinator.max_queued,
         queue_timeout_s=config.coordinator.queue_timeout_s,
         max_body_bytes=config.coordinator.max_body_bytes,
+        drain_timeout_s=config.coordinator.drain_timeout_s,
+        drain_delay_s=config.coordinator.drain_delay_s,
     )
     coordinator_path = run_dir / "coordinator.yaml"
     parts.append(

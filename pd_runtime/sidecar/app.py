@@ -71,6 +71,8 @@ class SidecarSettings:
     connect_timeout_s: float = 5.0
     #: On SIGTERM, how long in-flight requests may run before they are cut.
     drain_timeout_s: float = 30.0
+    #: On SIGTERM, how long to keep listening (``/health`` 503) before the port closes.
+    drain_delay_s: float = 0.0
 
 
 class SidecarMetrics:

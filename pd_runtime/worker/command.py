@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pd_runtime.errors import ConfigError
-from pd_runtime.worker.transport import ucx_environment
+from pd_runtime.worker.transport import RdmaPort, ucx_environment
 from pd_runtime.worker.vllm_plugin import DELAY_ENV as NIXL_PROGRESS_DELAY_ENV
 from pd_runtime.worker.vllm_plugin import PLUGIN_NAME
 
@@ -71,8 +71,11 @@ class WorkerSpec:
     gpu_ids: str | None = None  # CUDA_VISIBLE_DEVICES
     ucx_tls: str | None = None
     ucx_net_devices: str | None = None
+    rdma_ports: tuple[RdmaPort, ...] | None = None  # None: every port sysfs lists when built
+    gdr_copy: bool = False  # add gdr_copy to UCX_TLS (cuda over RDMA, GDRCopy driver present)
     nixl_num_threads: int | None = None  # NIXL UCX worker threads (vLLM's default: 4)
     nixl_progress_delay_us: int | None = None  # None: CPU_NIXL_PROGRESS_DELAY_US on cpu
+    kv_lease_s: int | None = None  # prefill keeps unpulled KV blocks this long (vLLM's default: 30)
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -101,8 +104,13 @@ def build_worker_command(
         "kv_role": KV_ROLES[spec.role],
         "kv_buffer_device": "cpu" if spec.platform == "cpu" else "cuda",
     }
+    extra: dict[str, object] = {}
     if spec.nixl_num_threads is not None:
-        kv_transfer["kv_connector_extra_config"] = {"num_threads": spec.nixl_num_threads}
+        extra["num_threads"] = spec.nixl_num_threads
+    if spec.kv_lease_s is not None:
+        extra["kv_lease_duration"] = spec.kv_lease_s
+    if extra:
+        kv_transfer["kv_connector_extra_config"] = extra
     argv = [
         sys.executable,
         "-m",
@@ -151,7 +159,9 @@ def build_worker_command(
             spec.platform,
             override_tls=spec.ucx_tls,
             override_net_devices=spec.ucx_net_devices,
+            ports=list(spec.rdma_ports) if spec.rdma_ports is not None else None,
             environ=environ,
+            gdr_copy=spec.gdr_copy,
         )
     )
     if spec.platform == "cpu":

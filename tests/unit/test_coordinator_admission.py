@@ -218,3 +218,47 @@ async def test_a_streamed_answer_holds_its_slot_until_its_last_byte(slow_gateway
         metrics = (await client.get("/metrics")).text
     assert "pd_coordinator_admitted " in metrics
     await until(lambda: app.state.admission.in_flight == 0)
+
+
+async def test_a_client_that_leaves_the_queue_gives_its_place_up_at_once(slow_gateway) -> None:
+    url, app = slow_gateway(max_in_flight=1, max_queued=4, queue_timeout_s=30)
+    admission = app.state.admission
+    body = {"model": "tiny", "prompt": "x"}
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        first = asyncio.create_task(client.post("/v1/completions", json=body))
+        await until(lambda: admission.in_flight == 1)
+        leaver = asyncio.create_task(client.post("/v1/completions", json=body))
+        await until(lambda: admission.queued == 1)
+        leaver.cancel()  # closes its connection while queued
+        await asyncio.gather(leaver, return_exceptions=True)
+        # Seen at once, not after the 30 s queue timeout.
+        await until(lambda: admission.queued == 0, timeout_s=2)
+        # The next queued request is served with its body intact (replayed from the buffer).
+        stayer = asyncio.create_task(
+            client.post("/v1/completions", json={**body, "prompt": "stays"})
+        )
+        assert (await first).status_code == 200
+        answer = await stayer
+        assert answer.status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert 'pd_coordinator_rejected_total{reason="client_gone"} 1.0' in metrics
+    await until(lambda: admission.in_flight == 0)
+
+
+async def test_a_queued_oversized_body_still_gets_its_413(slow_gateway) -> None:
+    url, app = slow_gateway(max_in_flight=1, max_queued=4, queue_timeout_s=30, max_body_bytes=2000)
+    body = {"model": "tiny", "prompt": "x"}
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        first = asyncio.create_task(client.post("/v1/completions", json=body))
+        await until(lambda: app.state.admission.in_flight == 1)
+
+        async def chunks():  # streamed in (no Content-Length), 3 x 1 kB
+            for _ in range(3):
+                yield b" " * 1000
+
+        big = await client.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert big.status_code == 413
+        assert (await first).status_code == 200
+    await until(lambda: app.state.admission.in_flight == 0)

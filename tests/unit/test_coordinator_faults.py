@@ -268,8 +268,8 @@ def test_client_leaving_before_the_response_starts_closes_the_sidecar_request() 
 # ---- graceful shutdown -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def draining_server() -> Iterator[tuple[DrainingServer, Any, str, FakeEngine]]:
+@pytest.fixture(params=[0.0], ids=["no-delay"])
+def draining_server(request) -> Iterator[tuple[DrainingServer, Any, str, FakeEngine]]:
     sidecar = FakeEngine("sidecar", chunks=10, chunk_delay_s=0.1)  # a 1 s stream
     with serve(sidecar.app()) as sidecar_url:
         app = create_app(make_config([sidecar_url], drain_timeout_s=10))
@@ -277,7 +277,7 @@ def draining_server() -> Iterator[tuple[DrainingServer, Any, str, FakeEngine]]:
         config = uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=10
         )
-        server = DrainingServer(config, app.state.lifecycle)
+        server = DrainingServer(config, app.state.lifecycle, drain_delay_s=request.param)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         wait_for(lambda: server.started)
@@ -314,6 +314,32 @@ def test_sigterm_drains_health_then_in_flight_streams_finish(draining_server) ->
     assert len(events) == 11 and events[-1] == "data: [DONE]"  # finished, not cut
     # Stopped listening: new connections are refused.
     wait_for(lambda: _refused(url))
+
+
+@pytest.mark.parametrize("draining_server", [1.5], ids=["delay-1.5s"], indirect=True)
+def test_drain_delay_keeps_answering_503_over_the_network_before_the_port_closes(
+    draining_server,
+) -> None:
+    server, _, url, _ = draining_server
+    server.handle_exit(signal.SIGTERM, None)
+    signalled = time.monotonic()
+    # Probes from outside see the server leave (503 draining), not a refused connection.
+    health = httpx.get(f"{url}/health", timeout=2)
+    assert health.status_code == 503 and health.json() == {"status": "draining"}
+    refused = httpx.post(f"{url}/v1/completions", json=BODY, timeout=2)
+    assert refused.status_code == 503
+    assert not server.should_exit
+    wait_for(lambda: _refused(url), timeout_s=10)
+    assert time.monotonic() - signalled >= 1.4  # the port stayed open for the delay
+
+
+def test_a_second_signal_skips_the_rest_of_the_drain_delay() -> None:
+    app = create_app(make_config(["http://127.0.0.1:1"]))
+    server = DrainingServer(uvicorn.Config(app), app.state.lifecycle, drain_delay_s=60)
+    server.handle_exit(signal.SIGTERM, None)
+    assert app.state.lifecycle.draining and not server.should_exit
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit
 
 
 def _refused(url: str) -> bool:

@@ -45,6 +45,7 @@ def test_cpu_plan_pins_workers_round_robin_and_wires_sidecars(tmp_path: Path) ->
     sidecar = plan.by_kind("sidecar")[1]
     assert flag(sidecar.argv, "--decode-url") == "http://127.0.0.1:8201"
     assert flag(sidecar.argv, "--prefiller") == "127.0.0.1:8100"
+    assert flag(sidecar.argv, "--drain-timeout") == "30.0"
     decode = plan.coordinator.by_role("decode")
     assert [(e.address, e.url) for e in decode] == [
         ("127.0.0.1:8200", "http://127.0.0.1:8300"),
@@ -67,3 +68,15 @@ def test_gpu_plan_gives_each_worker_its_own_gpu_group(tmp_path: Path) -> None:
 def test_gpu_plan_refuses_more_workers_than_gpus(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="need 6 GPUs, this machine has 4"):
         plan_deployment(config(engine__tensor_parallel_size=2), tmp_path, Platform("cuda", 4, (0,)))
+
+
+def test_drain_settings_reach_the_sidecars_and_the_coordinator(tmp_path: Path) -> None:
+    plan = plan_deployment(
+        config(
+            sidecar__drain_delay_s=4, coordinator__drain_delay_s=6, coordinator__drain_timeout_s=9
+        ),
+        tmp_path,
+        Platform("cpu", 0, (0, 1)),
+    )
+    assert {flag(s.argv, "--drain-delay") for s in plan.by_kind("sidecar")} == {"4.0"}
+    assert (plan.coordinator.drain_delay_s, plan.coordinator.drain_timeout_s) == (6, 9)

@@ -134,3 +134,13 @@ def test_kv_events_replay_socket_is_bound_on_the_worker_host() -> None:
     events = json.loads(flag(argv, "--kv-events-config"))
     assert events["replay_endpoint"] == "tcp://127.0.0.1:5760"
     assert events["endpoint"] == "tcp://127.0.0.1:5557"  # not a wildcard: vLLM connects to it
+
+
+def test_nixl_threads_and_kv_lease_go_into_the_connector_extra_config() -> None:
+    spec = WorkerSpec(
+        role="prefill", model="/m", port=1, platform="cpu", nixl_num_threads=2, kv_lease_s=12
+    )
+    argv, _ = build_worker_command(spec, environ={})
+    transfer = json.loads(flag(argv, "--kv-transfer-config"))
+    # vLLM's NIXL connector reads these names from kv_connector_extra_config.
+    assert transfer["kv_connector_extra_config"] == {"num_threads": 2, "kv_lease_duration": 12}
