@@ -1,13 +1,15 @@
 """Choose the UCX transports NIXL uses to move KV blocks between workers.
 
-    RDMA device (InfiniBand or RoCE) active?  ──yes──▶  UCX_TLS=rc,ud,sm,self[,cuda_copy,cuda_ipc]
+    RDMA device (InfiniBand or RoCE) active?  ──yes──▶  UCX_TLS=rc,ud,sm,self[,cuda_copy,cuda_ipc[,gdr_copy]]
                  │                                      UCX_NET_DEVICES=<active ports>
                  no
                  ▼
     UCX_TLS=tcp,sm,self[,cuda_copy,cuda_ipc]   (TCP between hosts, shared memory on one host)
 
 An explicit override (config or an already-set UCX_TLS in the environment) always wins, so operators
-can pin a transport without editing code. Detection reads sysfs only: no libibverbs needed.
+can pin a transport without editing code. Detection reads sysfs only: no libibverbs needed. The
+placer (:mod:`pd_runtime.placement`) passes ``ports`` itself: the ports nearest the worker's GPUs
+on the machine it plans for, and ``gdr_copy`` when that machine has the GDRCopy driver.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def ucx_environment(
     override_net_devices: str | None = None,
     ports: list[RdmaPort] | None = None,
     environ: dict[str, str] | None = None,
+    gdr_copy: bool = False,
 ) -> dict[str, str]:
-    """UCX variables for one worker. ``platform`` is ``cpu`` or ``cuda``."""
+    """UCX variables for one worker. ``platform`` is ``cpu`` or ``cuda``; ``ports``: the RDMA ports
+    to use (default: every port sysfs lists); ``gdr_copy``: add GDRCopy on cuda over RDMA."""
     environ = dict(os.environ) if environ is None else environ
     gpu_tls = ",cuda_copy,cuda_ipc" if platform == "cuda" else ""
     env: dict[str, str] = {}
@@ -71,7 +75,7 @@ def ucx_environment(
     elif "UCX_TLS" in environ:
         env["UCX_TLS"] = environ["UCX_TLS"]
     elif active:
-        env["UCX_TLS"] = "rc,ud,sm,self" + gpu_tls
+        env["UCX_TLS"] = "rc,ud,sm,self" + gpu_tls + (",gdr_copy" if gdr_copy and gpu_tls else "")
     else:
         env["UCX_TLS"] = "tcp,sm,self" + gpu_tls
     if override_net_devices:
