@@ -6,6 +6,7 @@ pd-runtime sidecar ...           the proxy in front of one decode worker
 pd-runtime coordinator ...       the OpenAI-compatible gateway and scheduler
 pd-runtime up --config FILE      the whole deployment on this machine
 pd-runtime demo                  bring it up, walk through what it does, shut down
+pd-runtime bench ...             benchmark an OpenAI-compatible server (code in benchmarks/)
 """
 
 from __future__ import annotations
@@ -124,6 +125,16 @@ def _add_up_and_demo(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--run-dir", default=None, help="where logs go (default runs/<name>)")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    # Listed for --help only: main() hands everything after "bench" to the harness's own parser.
+    p = sub.add_parser(
+        "bench",
+        help="benchmark an OpenAI-compatible server, or run the scenario comparison",
+        add_help=False,
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pd-runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,10 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_model, _add_worker, _add_sidecar, _add_coordinator, _add_up_and_demo):
         add(sub)
+    _add_bench(sub)
     return parser
 
 
 # -- commands ------------------------------------------------------------------------------------
+
+
+def _run_bench(argv: list[str]) -> int:
+    """The harness lives in the ``benchmarks`` package (installed beside pd_runtime by the
+    editable install); imported lazily so the serving processes never load it."""
+    import importlib
+
+    try:
+        harness = importlib.import_module("benchmarks.harness.cli")
+    except ImportError as exc:
+        print(f"pd-runtime bench: the benchmarks package is not importable: {exc}", file=sys.stderr)
+        return 2
+    return int(harness.main(argv))
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -286,6 +311,8 @@ def _run_up(args: argparse.Namespace, demo: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _run_bench(argv[1:])
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")

@@ -78,6 +78,9 @@ class FakeEngine:
     break_stream_after: int | None = None  # raise after N SSE chunks
     chunks: int = 3  # SSE chunks per streamed answer
     chunk_delay_s: float = 0.01  # pause after each SSE chunk
+    #: Like vLLM with stream_options.include_usage: a last chunk with usage (prompt tokens =
+    #: whitespace words of the prompt or messages, completion tokens = chunks sent).
+    stream_usage: bool = False
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     #: What the client cut short, like vLLM aborting on a disconnect: "hang" (it left while the
@@ -152,6 +155,12 @@ class FakeEngine:
                 chunk = {"choices": [{"index": 0, "text": f"t{i}"}], "served_by": self.name}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
                 await asyncio.sleep(self.chunk_delay_s)
+            if self.stream_usage and (body.get("stream_options") or {}).get("include_usage"):
+                text = body.get("prompt") or " ".join(
+                    m["content"] for m in body.get("messages") or []
+                )
+                usage = {"prompt_tokens": len(str(text).split()), "completion_tokens": self.chunks}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
             yield b"data: [DONE]\n\n"
             done = True
         finally:

@@ -1,0 +1,1 @@
+"""One module per workload; registered by name in ``benchmarks.harness.workload.WORKLOADS``."""
