@@ -61,6 +61,9 @@ class WorkerSpec:
     side_channel_port: int = 5600
     kv_events_port: int | None = 5557
     kv_events_replay_port: int | None = None  # vLLM binds its replay ROUTER here (loopback ok)
+    # Where the coordinator's subscriber listens (vLLM connects there); default: ``host``. On a
+    # multi-node cluster it is the coordinator's node, while ``host`` stays this worker's own.
+    kv_events_host: str | None = None
     block_size: int | None = None
     max_model_len: int | None = None
     enforce_eager: bool = True
@@ -133,7 +136,7 @@ def build_worker_command(
         kv_events = {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
-            "endpoint": f"tcp://{spec.host}:{spec.kv_events_port}",
+            "endpoint": f"tcp://{spec.kv_events_host or spec.host}:{spec.kv_events_port}",
             "topic": kv_events_topic(spec.host, spec.port, spec.name_for_clients),
         }
         if spec.kv_events_replay_port is not None:

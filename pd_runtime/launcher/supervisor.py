@@ -1,0 +1,203 @@
+"""Run one part's process and keep it running: the body of the Ray launcher's actors.
+
+A :class:`PartSupervisor` starts the part's command (its own process group, SIGTERM'd by the
+kernel if the supervisor dies, so a killed actor leaves no orphan vLLM), logs to a file on its
+node, and restarts the process when it exits, with a growing back-off::
+
+    start ──▶ running ──exit──▶ restart #1 (after 1 s) ──▶ ... ──▶ restart #N ──exit──▶ give up
+                                                                 (the actor exits; Ray restarts
+                                                                  the actor if max_restarts allows)
+
+A restarted vLLM worker is a new engine (new NIXL engine id, KV events from sequence 0); the
+coordinator takes it back on its next good scrape, as it does for the local launcher's restarts.
+
+It is a plain class (no Ray import), so it is tested without a cluster; the Ray launcher wraps it
+with ``ray.remote``. Every method is cheap and thread-safe: the actor serves them concurrently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+__all__ = ["PartStatus", "PartSupervisor"]
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:  # in the child, between fork and exec
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class PartStatus:
+    name: str
+    hostname: str
+    pid: int | None  # the part's process now; None between a death and its restart
+    alive: bool
+    restarts: int  # restarts by this supervisor (a restarted actor counts from 0 again)
+    last_exit: int | None  # return code of the last process that ended
+    gave_up: bool
+    log_path: str
+
+
+class PartSupervisor:
+    """Start ``argv`` with ``env`` (over this process's environment) and supervise it.
+
+    ``files``: path -> text written before the first start (the coordinator's YAML, which the
+    driver cannot write on a remote node). ``drop_env``: variables removed from the inherited
+    environment (e.g. ``CUDA_VISIBLE_DEVICES`` from a plan made for another machine, so that the
+    GPUs Ray assigned to this actor win).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: str,
+        *,
+        files: dict[str, str] | None = None,
+        drop_env: tuple[str, ...] = (),
+        max_process_restarts: int = 5,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        exit_on_give_up: bool = True,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        base = {k: v for k, v in os.environ.items() if k not in drop_env}
+        self.env = {**base, **env}
+        self.log_path = Path(log_path)
+        self.max_process_restarts = max_process_restarts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.exit_on_give_up = exit_on_give_up
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._restarts = 0
+        self._last_exit: int | None = None
+        self._gave_up = False
+        for path, text in (files or {}).items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._spawn()
+        # The monitor thread also spawns restarts: it lives as long as the supervisor, which
+        # matters because PR_SET_PDEATHSIG fires when the *thread* that forked the child exits.
+        self._monitor = threading.Thread(target=self._watch, name=f"supervise-{name}", daemon=True)
+        self._monitor.start()
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def status(self) -> PartStatus:
+        with self._lock:
+            process = self._process
+            alive = process is not None and process.poll() is None
+            return PartStatus(
+                name=self.name,
+                hostname=socket.gethostname(),
+                pid=process.pid if alive and process is not None else None,
+                alive=alive,
+                restarts=self._restarts,
+                last_exit=self._last_exit,
+                gave_up=self._gave_up,
+                log_path=str(self.log_path),
+            )
+
+    def tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+    # -- control -----------------------------------------------------------------------------
+
+    def stop(self, grace_s: float = 20.0) -> int | None:
+        """SIGTERM the part's process group, SIGKILL it after ``grace_s``; no restart after."""
+        self._stopping.set()
+        with self._lock:
+            process = self._process
+        if process is None:
+            return self._last_exit
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0fs; killing it", self.name, grace_s)
+        _signal_group(process, signal.SIGKILL)  # also reaps grandchildren left in the group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+        self._monitor.join(timeout=5)
+        if self._log is not None:
+            self._log.close()
+        return process.returncode
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        if self._log is None or self._log.closed:
+            self._log = self.log_path.open("ab")
+        process = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_child_setup,
+        )
+        with self._lock:
+            self._process = process
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                process = self._process
+            if process is None or process.poll() is None:
+                self._stopping.wait(0.5)
+                continue
+            code = process.returncode
+            _signal_group(process, signal.SIGKILL)  # the engine core may outlive the API server
+            with self._lock:
+                self._last_exit = code
+                if self._restarts >= self.max_process_restarts:
+                    self._gave_up = True
+            if self._gave_up:
+                self._give_up(code)
+                return
+            delay = min(self.max_backoff_s, self.backoff_s * 2**self._restarts)
+            logger.warning("%s exited with code %s; restarting in %.0fs", self.name, code, delay)
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                self._restarts += 1
+            self._spawn()
+
+    def _give_up(self, code: int | None) -> None:
+        logger.error(
+            "%s exited with code %s after %d restarts; giving up", self.name, code, self._restarts
+        )
+        if self.exit_on_give_up:
+            # Ends the actor process: Ray restarts the actor (a fresh supervisor) while its
+            # max_restarts allow, else the launcher sees it dead and stops the deployment.
+            os._exit(1)
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
