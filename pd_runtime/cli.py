@@ -5,6 +5,7 @@ pd-runtime worker ...            a vLLM server with P/D settings (prefill, decod
 pd-runtime sidecar ...           the proxy in front of one decode worker
 pd-runtime coordinator ...       the OpenAI-compatible gateway and scheduler
 pd-runtime up --config FILE      the whole deployment on this machine
+pd-runtime plan --config FILE    where each part would run (GPUs, cores, ports, UCX), starting nothing
 pd-runtime demo                  bring it up, walk through what it does, shut down
 pd-runtime bench ...             benchmark an OpenAI-compatible server (code in benchmarks/)
 """
@@ -123,6 +124,12 @@ def _add_up_and_demo(sub: argparse._SubParsersAction) -> None:
             "--config", default=DEFAULT_CONFIG, help=f"deployment YAML (default {DEFAULT_CONFIG})"
         )
         p.add_argument("--run-dir", default=None, help="where logs go (default runs/<name>)")
+        p.add_argument(
+            "--ray",
+            metavar="ADDRESS",
+            help="run on this Ray cluster ('auto', HOST:PORT of its head): one placement group per "
+            "worker (sets the config's launcher to {type: ray, address: ADDRESS})",
+        )
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -135,12 +142,42 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="print where each part would run, without starting anything",
+        description="Place the deployment on this machine (NVML + sysfs) or on a described one "
+        "(--machine) and print each part: role, GPUs, NUMA node, cores, ports, UCX transport and "
+        "the command line `up` would run.",
+    )
+    p.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"deployment YAML (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument(
+        "--machine", help="machine description (YAML/JSON) to plan for instead of this one"
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument(
+        "--describe-machine",
+        action="store_true",
+        help="print this machine's description (the --machine format) and exit",
+    )
+    p.add_argument("--run-dir", default=None, help="as for up (default runs/<name>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pd-runtime", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_model, _add_worker, _add_sidecar, _add_coordinator, _add_up_and_demo):
+    for add in (
+        _add_model,
+        _add_worker,
+        _add_sidecar,
+        _add_coordinator,
+        _add_up_and_demo,
+        _add_plan,
+    ):
         add(sub)
     _add_bench(sub)
     return parser
@@ -193,6 +230,7 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
         gpu_ids=args.gpus,
         ucx_tls=args.ucx_tls,
         nixl_progress_delay_us=args.nixl_progress_delay_us,
+        kv_lease_s=args.kv_lease,
         extra_args=tuple(passthrough),
     )
     argv, env = build_worker_command(spec)
@@ -218,13 +256,14 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         prefill_timeout_s=args.prefill_timeout,
         decode_timeout_s=args.decode_timeout,
         drain_timeout_s=args.drain_timeout,
-        kv_lease_s=args.kv_lease,
+        drain_delay_s=args.drain_delay,
     )
     run_server(
         create_app(settings),
         host=args.host,
         port=args.port,
         drain_timeout_s=settings.drain_timeout_s,
+        drain_delay_s=settings.drain_delay_s,
         log_config=uvicorn_log_config(args.log_level),
     )
     return 0
@@ -244,14 +283,30 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         create_app(config),
         host=config.host,
         port=config.port,
-        drain_delay_s=args.drain_delay,
         drain_timeout_s=config.drain_timeout_s,
+        drain_delay_s=config.drain_delay_s,
         log_config=uvicorn_log_config(args.log_level),
     )
     return 0
 
 
-        drain_delay_s=settings.drain_delay_s,
+def _run_plan(args: argparse.Namespace) -> int:
+    from pd_runtime.config import DeploymentConfig, load_config
+    from pd_runtime.launcher.prepare import prepare_deployment
+    from pd_runtime.placement import discover_machine, load_machine
+    from pd_runtime.placement.render import render_json, render_table
+
+    if args.describe_machine:
+        print(discover_machine().to_yaml(), end="")
+        return 0
+    config = load_config(DeploymentConfig, args.config)
+    machine = load_machine(args.machine) if args.machine else None
+    run_dir = Path(args.run_dir or f"runs/{config.name}")
+    plan = prepare_deployment(config, run_dir, machine=machine, generate_model=False)
+    print(render_json(plan) if args.format == "json" else render_table(plan))
+    return 0
+
+
 def _stop_on_signals() -> None:
     """SIGINT and SIGTERM both mean "stop everything cleanly"; set explicitly because a process
     started in the background by a shell inherits SIGINT as ignored."""
@@ -265,25 +320,22 @@ def _stop_on_signals() -> None:
 
 def _run_up(args: argparse.Namespace, demo: bool) -> int:
     from pd_runtime.config import DeploymentConfig, load_config
-    from pd_runtime.launcher.local import LocalLauncher, log_tail
-    from pd_runtime.launcher.prepare import prepare_deployment
+    from pd_runtime.config.launcher import RayLauncherConfig
+    from pd_runtime.launcher.base import create_launcher
     from pd_runtime.logging_setup import setup_logging
 
     setup_logging("WARNING")
     config = load_config(DeploymentConfig, args.config)
+    if getattr(args, "ray", None):
+        ray = config.launcher if isinstance(config.launcher, RayLauncherConfig) else None
+        ray = (ray or RayLauncherConfig()).model_copy(update={"address": args.ray})
+        config = config.model_copy(update={"launcher": ray})
     run_dir = Path(args.run_dir or f"runs/{config.name}")
-        drain_delay_s=config.drain_delay_s,
-    plan = prepare_deployment(config, run_dir)
-    launcher = LocalLauncher(
-        plan,
-        run_dir,
-        startup_timeout_s=config.startup_timeout_s,
-        parallel_startup=config.parallel_startup,
-        progress=lambda m: print(f"[up] {m}", flush=True),
-    )
+    launcher = create_launcher(config, run_dir, progress=lambda m: print(f"[up] {m}", flush=True))
     _stop_on_signals()
     try:
         launcher.start()
+        plan = launcher.plan  # as placed: on Ray, the hosts are the nodes the parts landed on
         for part in plan.parts:
             print(f"{part.name}: {part.url}")
         print(f"gateway: {plan.gateway_url}", flush=True)
@@ -291,12 +343,7 @@ def _run_up(args: argparse.Namespace, demo: bool) -> int:
             from pd_runtime.demo import run_demo
 
             return run_demo(plan, run_dir)
-        dead = launcher.wait()
-        print(
-            f"{dead.spec.name} exited with code {dead.process.returncode}; stopping everything."
-            f"\nlast lines of {dead.log_path}:\n{log_tail(dead.log_path)}",
-            file=sys.stderr,
-        )
+        print(launcher.wait_for_failure(), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\n[up] stopping...", flush=True)
@@ -327,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_sidecar(args)
         if args.command == "coordinator":
             return _run_coordinator(args)
+        if args.command == "plan":
+            return _run_plan(args)
         return _run_up(args, demo=args.command == "demo")
     except PDRuntimeError as exc:
         print(f"pd-runtime: error: {exc}", file=sys.stderr)

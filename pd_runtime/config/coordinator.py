@@ -14,6 +14,8 @@ from pydantic import (
     model_validator,
 )
 
+from pd_runtime.config.discovery import DiscoveryConfig
+
 __all__ = ["CoordinatorConfig", "EndpointConfig", "SchedulerConfig"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -31,13 +33,19 @@ class EndpointConfig(BaseModel):
 
     name: str
     role: Literal["prefill", "decode"]
-    address: str = Field(pattern=r"^[^\s:/]+:\d{1,5}$")
+    address: str = Field(pattern=r"^([^\s:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")  # [IPv6]:PORT too
     url: str
     kv_events: str | None = Field(
         default=None, description="tcp://HOST:PORT the coordinator binds for this worker's events"
     )
     kv_events_replay: str | None = Field(
         default=None, description="tcp://HOST:PORT of the worker's replay socket (vLLM binds it)"
+    )
+    kv_events_bind: bool = Field(
+        default=True,
+        description="True: the coordinator binds kv_events and the worker connects to it (local "
+        "launcher); False: the worker binds (tcp://*:PORT) and the coordinator connects to "
+        "kv_events (Kubernetes, where the coordinator cannot bind another pod's address)",
     )
 
     @field_validator("url")
@@ -78,6 +86,11 @@ class CoordinatorConfig(BaseModel):
     models: list[str] = Field(min_length=1, description="served model names clients may ask for")
     endpoints: list[EndpointConfig]
     scheduler: SchedulerConfig = SchedulerConfig()
+    discovery: DiscoveryConfig = Field(
+        default_factory=DiscoveryConfig,
+        description="where endpoints come from: 'static' (the endpoints above) or 'kubernetes' "
+        "(worker pods by label, added and removed while serving; the endpoints above stay)",
+    )
     request_timeout_s: float = Field(
         default=600.0,
         gt=0,
@@ -174,7 +187,8 @@ class CoordinatorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _has_decode_and_unique_names(self) -> CoordinatorConfig:
-        if not any(e.role == "decode" for e in self.endpoints):
+        # With discovery, decode endpoints may all arrive (and leave) while serving.
+        if not self.discovery.dynamic and not any(e.role == "decode" for e in self.endpoints):
             raise ValueError("endpoints: at least one endpoint with role 'decode' is required")
         names = [e.name for e in self.endpoints]
         duplicates = sorted({n for n in names if names.count(n) > 1})

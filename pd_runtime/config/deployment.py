@@ -42,6 +42,11 @@ class ModelConfig(BaseModel):
         default=None, description="write a local random model of this size at `path` if missing"
     )
     seed: int = 0
+    weights_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="approximate weight size; GPU placement refuses a TP group that cannot hold it",
+    )
 
     @property
     def name(self) -> str:
@@ -99,6 +104,9 @@ class WorkerGroupConfig(BaseModel):
         le=65535,
         description="vLLM's replay socket for missed KV events (a coordinator that starts late or "
         "sees a gap catches up from it); none: no replay",
+    )
+    tensor_parallel_size: int | None = Field(
+        default=None, ge=1, description="GPUs per worker of this group; default: engine's"
     )
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)

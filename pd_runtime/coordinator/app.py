@@ -50,11 +50,12 @@ from pd_runtime.common.http import (
     read_body,
     stream_back,
 )
-from pd_runtime.config.coordinator import CoordinatorConfig
+from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
 from pd_runtime.coordinator.validation import validate_generation_body
+from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import (
     ClientGone,
     MethodNotAllowedError,
@@ -121,11 +122,23 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     # The gateway already checked the client's key; it is not passed on to the workers.
     dropped = frozenset({PREFILLER_HEADER, "authorization"} if keys.enabled else {PREFILLER_HEADER})
 
+    # Discovery (``static``: nothing changes) hands the scheduler each new endpoint set; the
+    # config's own endpoints stay as fixed extras beside the discovered ones.
+    discovery = create_discovery(config.discovery, config.endpoints)
+
+    async def on_endpoints(discovered: list[EndpointConfig]) -> None:
+        fixed = {e.address for e in config.endpoints}
+        await scheduler.set_endpoints(
+            [*config.endpoints, *(e for e in discovered if e.address not in fixed)]
+        )
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
         state["client"] = make_client(config.connect_timeout_s, config.request_timeout_s)
         await scheduler.start()
+        await discovery.start(on_endpoints)
         yield
+        await discovery.stop()
         await scheduler.stop()
         await state["client"].aclose()
 
@@ -142,6 +155,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.scheduler = scheduler
+    app.state.discovery = discovery
     app.state.lifecycle = lifecycle
     created = int(time.time())
 

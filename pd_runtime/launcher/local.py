@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -33,10 +34,13 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:  # runs in the child between fork and exec
+def _child_setup(cpu_affinity: tuple[int, ...] = ()) -> None:  # in the child, between fork and exec
     os.setsid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if cpu_affinity:  # a GPU worker on its GPUs' NUMA node; inherited by vLLM's children
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpu_affinity)
 
 
 def log_tail(path: Path, lines: int = 25) -> str:
@@ -163,7 +167,7 @@ class LocalLauncher:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_child_setup,
+            preexec_fn=functools.partial(_child_setup, spec.cpu_affinity),
         )
         part = RunningPart(spec, process, log_path, log_file)
         self.parts.append(part)

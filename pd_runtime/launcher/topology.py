@@ -1,8 +1,10 @@
 """Turn a DeploymentConfig into concrete parts: processes with command lines, env, ports, placement.
 
-Placement on this machine::
+Placement (:mod:`pd_runtime.placement`), on this machine or on a described one::
 
-    GPUs present:  worker k gets GPUs [k*tp, (k+1)*tp)  via CUDA_VISIBLE_DEVICES (prefill first)
+    GPUs present:  each worker gets tp neighbouring GPUs (one NUMA node, NVLink-connected where the
+                   machine has NVLink) via CUDA_VISIBLE_DEVICES, prefill first; the cores of that
+                   NUMA node (PartSpec.cpu_affinity); the RDMA ports nearest its GPUs for UCX
     CPU only:      worker k is pinned to core cores[k % ncores]  via VLLM_CPU_OMP_THREADS_BIND
 
 The plan is pure data (no processes started), so it is what ``up`` runs and what tests inspect.
@@ -17,7 +19,8 @@ from typing import Literal
 
 from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig, SchedulerConfig
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
-from pd_runtime.errors import ConfigError
+from pd_runtime.placement.machine import MachineDescription
+from pd_runtime.placement.placer import WorkerPlacement, WorkerRequest, place_workers
 from pd_runtime.platform import Platform
 from pd_runtime.worker.command import WorkerSpec, build_worker_command
 
@@ -34,7 +37,9 @@ class PartSpec:
     env: dict[str, str]
     host: str
     port: int
-    placement: str = ""  # e.g. "cpu core 1" or "GPUs 0,1"
+    placement: str = ""  # e.g. "cpu core 1" or "GPUs 0,1, NUMA 0"
+    gpus: tuple[int, ...] = ()  # GPU workers: the machine's GPU indices (CUDA_VISIBLE_DEVICES)
+    cpu_affinity: tuple[int, ...] = ()  # GPU workers: cores the launcher pins the process tree to
 
     @property
     def url(self) -> str:
@@ -48,6 +53,8 @@ class DeploymentPlan:
     coordinator_config_path: Path
     model_path: Path
     workers: list[WorkerSpec] = field(default_factory=list)
+    placements: dict[str, WorkerPlacement] = field(default_factory=dict)  # by worker part name
+    machine: MachineDescription | None = None  # what the workers were placed on
 
     def by_kind(self, kind: PartKind) -> list[PartSpec]:
         return [p for p in self.parts if p.kind == kind]
@@ -57,24 +64,36 @@ class DeploymentPlan:
         return f"http://{self.coordinator.host}:{self.coordinator.port}"
 
 
-def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[str, WorkerSpec]]:
+def _worker_specs(
+    config: DeploymentConfig, platform: Platform, machine: MachineDescription
+) -> list[tuple[str, WorkerSpec, WorkerPlacement]]:
     engine, host = config.engine, config.host
-    tp = engine.tensor_parallel_size
     groups: list[tuple[Literal["prefill", "decode"], WorkerGroupConfig]] = [
         ("prefill", config.prefill),
         ("decode", config.decode),
     ]
-    total = config.prefill.replicas + config.decode.replicas
-    if platform.name == "cuda" and total * tp > platform.gpu_count:
-        raise ConfigError(
-            f"prefill.replicas + decode.replicas: {total} workers x tensor_parallel_size {tp} need "
-            f"{total * tp} GPUs, this machine has {platform.gpu_count}"
+    requests = [
+        WorkerRequest(
+            f"{role}-{i}", role, group.tensor_parallel_size or engine.tensor_parallel_size
         )
-    specs: list[tuple[str, WorkerSpec]] = []
+        for role, group in groups
+        for i in range(group.replicas)
+    ]
+    placements = iter(
+        place_workers(
+            requests,
+            machine,
+            device=platform.name,
+            cpu_cores=platform.cpu_cores,
+            weights_gib=config.model.weights_gib,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+        )
+    )
+    specs: list[tuple[str, WorkerSpec, WorkerPlacement]] = []
     for role, group in groups:
         for i in range(group.replicas):
-            k = len(specs)
-            on_cpu = platform.name == "cpu"
+            where = next(placements)
+            on_cpu = where.device == "cpu"
             spec = WorkerSpec(
                 role=role,
                 model=config.model.path,
@@ -92,20 +111,22 @@ def _worker_specs(config: DeploymentConfig, platform: Platform) -> list[tuple[st
                 block_size=engine.block_size,
                 max_model_len=engine.max_model_len,
                 enforce_eager=engine.enforce_eager,
-                tensor_parallel_size=tp,
+                tensor_parallel_size=len(where.gpus) or 1,
                 kv_cache_gib=engine.kv_cache_gib if on_cpu else None,
                 gpu_memory_utilization=None if on_cpu else engine.gpu_memory_utilization,
-                cpu_cores=str(platform.cpu_cores[k % len(platform.cpu_cores)]) if on_cpu else None,
-                gpu_ids=None if on_cpu else ",".join(str(g) for g in range(k * tp, (k + 1) * tp)),
+                cpu_cores=where.cores if on_cpu else None,
+                gpu_ids=where.gpu_ids,
                 ucx_tls=config.transport.ucx_tls,
                 ucx_net_devices=config.transport.ucx_net_devices,
+                rdma_ports=where.transport.rdma_ports,
+                gdr_copy=where.transport.gdr_copy,
                 nixl_num_threads=config.transport.nixl_num_threads,
                 nixl_progress_delay_us=config.transport.nixl_progress_delay_us,
                 kv_lease_s=config.transport.kv_lease_s,
                 extra_args=tuple(engine.extra_args) + tuple(group.extra_args),
                 extra_env=dict(group.env),
             )
-            specs.append((f"{role}-{i}", spec))
+            specs.append((where.name, spec, where))
     return specs
 
 
@@ -129,18 +150,39 @@ def _scheduler_for(config: DeploymentConfig, worker: WorkerSpec | None) -> Sched
     return scheduler.model_copy(update={"params": params})
 
 
-def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform) -> DeploymentPlan:
+def plan_deployment(
+    config: DeploymentConfig,
+    run_dir: Path,
+    platform: Platform,
+    machine: MachineDescription | None = None,
+) -> DeploymentPlan:
+    """Plan every part. ``machine``: the topology to place workers on (discovered or described);
+    default: what ``platform`` alone says (GPU count and cores, no NUMA/NVLink/RDMA knowledge)."""
     host = config.host
     python = [sys.executable, "-m", "pd_runtime"]
     parts: list[PartSpec] = []
     endpoints: list[EndpointConfig] = []
-    workers = _worker_specs(config, platform)
+    machine = machine or MachineDescription.from_platform(platform)
+    placed = _worker_specs(config, platform, machine)
+    workers = [(name, spec) for name, spec, _ in placed]
     prefill_addresses = [f"{host}:{s.port}" for _, s in workers if s.role == "prefill"]
 
-    for name, spec in workers:
+    for name, spec, where in placed:
         argv, env = build_worker_command(spec)
-        where = f"GPUs {spec.gpu_ids}" if spec.gpu_ids else f"cpu core {spec.cpu_cores}"
-        parts.append(PartSpec(name, "worker", argv, env, host, spec.port, where))
+        gpu = where.device == "cuda"
+        parts.append(
+            PartSpec(
+                name,
+                "worker",
+                argv,
+                env,
+                host,
+                spec.port,
+                where.where,
+                gpus=where.gpus,
+                cpu_affinity=where.cpu_cores if gpu else (),
+            )
+        )
         if spec.role == "prefill":
             endpoints.append(
                 EndpointConfig(
@@ -215,5 +257,11 @@ def plan_deployment(config: DeploymentConfig, run_dir: Path, platform: Platform)
         )
     )
     return DeploymentPlan(
-        parts, coordinator, coordinator_path, Path(config.model.path), [s for _, s in workers]
+        parts,
+        coordinator,
+        coordinator_path,
+        Path(config.model.path),
+        [s for _, s in workers],
+        placements={name: where for name, _, where in placed},
+        machine=machine,
     )

@@ -77,6 +77,16 @@ class Scheduler(ABC):
         """Forwarding to ``endpoint`` failed before the response started; default: ignore it.
         Policies that track health should stop routing there until it proves healthy again."""
 
+    async def set_endpoints(self, endpoints: Sequence[EndpointConfig]) -> None:
+        """Replace the endpoint set while serving (discovery: pods join and leave).
+
+        Called on the event loop between ``start`` and ``stop``, never concurrently with itself.
+        An endpoint is known by its ``address``: new addresses are added, missing ones removed
+        (requests already routed there finish, and their ``release`` must still work), and a
+        changed config under the same address replaces the old one. Default: adopt the list.
+        """
+        self.endpoints = list(endpoints)
+
     async def start(self) -> None:  # noqa: B027
         """Start background work (event subscribers, scrapers); default: none."""
 

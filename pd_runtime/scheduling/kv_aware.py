@@ -125,18 +125,62 @@ class KVAwareScheduler(Scheduler):
         if self.tokenizer is not None:
             await self.tokenizer.aload()
         for state in self.states.values():
-            self.index.add_endpoint(state.address)
-            if state.config.kv_events:
-                # Workers connect to us (see kv_events.subscriber); the topic prefix pins each
-                # port to the one worker whose topic is kv@HOST:PORT@MODEL.
-                await self.events.add(
-                    state.address,
-                    state.config.kv_events,
-                    topic=f"kv@{state.address}@",
-                    replay_address=state.config.kv_events_replay,
-                    bind=True,
-                )
+            await self._attach(state)
         await self.scraper.start()
+
+    async def _attach(self, state: EndpointState) -> None:
+        self.index.add_endpoint(state.address)
+        if state.config.kv_events:
+            # Usually workers connect to us (see kv_events.subscriber); on Kubernetes we connect
+            # to them (kv_events_bind false). Either way the topic prefix pins the socket to the
+            # one worker whose topic is kv@HOST:PORT@MODEL.
+            await self.events.add(
+                state.address,
+                state.config.kv_events,
+                topic=f"kv@{state.address}@",
+                replay_address=state.config.kv_events_replay,
+                bind=state.config.kv_events_bind,
+            )
+
+    async def set_endpoints(self, endpoints: Sequence[EndpointConfig]) -> None:
+        """Discovery: add new addresses, drop missing ones (their blocks, pending claims and
+        subscriber go; in-flight requests there still release cleanly), and re-subscribe an
+        endpoint whose config changed. The state lists are swapped whole, so ``schedule``
+        (same loop) never sees a half-updated set."""
+        wanted = {e.address: e for e in endpoints}
+        states = dict(self.states)
+        removed = [a for a in states if a not in wanted]
+        for address in removed:
+            del states[address]
+            self.pending.forget_endpoint(address)  # before the index frees its bit
+            await self.events.remove(address)
+        attach: list[EndpointState] = []
+        for address, config in wanted.items():
+            old = states.get(address)
+            if old is not None and old.config == config:
+                continue
+            state = EndpointState(config)
+            if old is not None:  # same address, new config: keep the load it carries
+                state.in_flight_requests = old.in_flight_requests
+                state.in_flight_tokens = old.in_flight_tokens
+            states[address] = state
+            attach.append(state)
+        if not removed and not attach:
+            return
+        self.endpoints = list(endpoints)
+        self.states = states
+        self.decode_states = [s for s in states.values() if s.role == "decode"]
+        self.prefill_states = [s for s in states.values() if s.role == "prefill"]
+        self.scraper.set_endpoints(list(states.values()))
+        for state in attach:
+            await self._attach(state)
+        log.info(
+            "endpoints now: %d decode, %d prefill (added/changed %s, removed %s)",
+            len(self.decode_states),
+            len(self.prefill_states),
+            [s.address for s in attach],
+            removed,
+        )
 
     async def stop(self) -> None:
         await self.scraper.stop()
@@ -227,13 +271,16 @@ class KVAwareScheduler(Scheduler):
         if booked is None:
             return
         _, tokens, prompt_tokens = booked
-        decode = self.states[result.decode.address]
-        decode.in_flight_requests -= 1
-        decode.in_flight_tokens -= tokens
+        # An endpoint removed by discovery meanwhile has no state left to unbook.
+        decode = self.states.get(result.decode.address)
+        if decode is not None:
+            decode.in_flight_requests -= 1
+            decode.in_flight_tokens -= tokens
         if result.prefill is not None:
-            prefill = self.states[result.prefill.address]
-            prefill.in_flight_requests -= 1
-            prefill.in_flight_tokens -= prompt_tokens
+            prefill = self.states.get(result.prefill.address)
+            if prefill is not None:
+                prefill.in_flight_requests -= 1
+                prefill.in_flight_tokens -= prompt_tokens
 
     def report_failure(self, endpoint: EndpointConfig, error: str) -> None:
         """Unhealthy at once (the ``healthy`` filter skips it); the scraper's next good scrape of

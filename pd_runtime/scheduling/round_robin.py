@@ -22,14 +22,25 @@ class RoundRobinScheduler(Scheduler):
         self, endpoints: Sequence[EndpointConfig], *, disaggregate: bool = True, **params: Any
     ) -> None:
         super().__init__(endpoints, **params)
-        self.decode = [e for e in self.endpoints if e.role == "decode"]
-        self.prefill = [e for e in self.endpoints if e.role == "prefill"] if disaggregate else []
+        self.disaggregate = disaggregate
+        self._split()
         self._decode_turn = itertools.count()
         self._prefill_turn = itertools.count()
 
+    def _split(self) -> None:
+        self.decode = [e for e in self.endpoints if e.role == "decode"]
+        self.prefill = (
+            [e for e in self.endpoints if e.role == "prefill"] if self.disaggregate else []
+        )
+
+    async def set_endpoints(self, endpoints: Sequence[EndpointConfig]) -> None:
+        # Lists are replaced whole, never mutated: schedule() never sees a half-updated one.
+        await super().set_endpoints(endpoints)
+        self._split()
+
     def schedule(self, request: SchedulingRequest) -> SchedulingResult:
         if not self.decode:
-            raise NoEndpointError("no decode endpoint is configured")
+            raise NoEndpointError("no decode endpoint is configured or discovered")
         decode = self.decode[next(self._decode_turn) % len(self.decode)]
         if decode.address in request.exclude:
             # Failover: the next endpoint in turn that has not been tried for this request.

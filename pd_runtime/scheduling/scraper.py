@@ -45,6 +45,10 @@ class MetricsScraper:
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
 
+    def set_endpoints(self, endpoints: Sequence[EndpointState]) -> None:
+        """Scrape these from the next round on (a round already running finishes as it was)."""
+        self.endpoints = list(endpoints)
+
     async def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=self.timeout_s)
         self._task = asyncio.create_task(self._run(), name="metrics-scraper")
