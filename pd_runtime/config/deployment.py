@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pd_runtime.config.coordinator import SchedulerConfig
+from pd_runtime.config.launcher import LauncherConfig, LocalLauncherConfig
 
 __all__ = [
     "DeploymentConfig",
@@ -152,6 +153,10 @@ class DeploymentConfig(BaseModel):
     decode: WorkerGroupConfig
     sidecar: SidecarConfig
     coordinator: CoordinatorSection
+    launcher: LauncherConfig = Field(
+        default_factory=LocalLauncherConfig,
+        description="how `up` runs the parts: local processes (default) or a Ray cluster",
+    )
     startup_timeout_s: float = Field(default=300.0, gt=0)
     parallel_startup: bool = Field(
         default=False,

@@ -29,8 +29,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
-    # Tests that kill workers of the shared deployment run after every other test (stable sort).
-    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
+    # Tests with a deployment of their own (own_deployment) run first, before the shared one starts
+    # and holds workers on the cores; tests that kill workers of the shared deployment run after
+    # every other test (stable sort).
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("own_deployment") is None,
+            item.get_closest_marker("destructive") is not None,
+        )
+    )
 
 
 def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
