@@ -54,6 +54,11 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--side-channel-port", type=int, default=5600, help="NIXL side channel")
     p.add_argument("--kv-events-port", type=int, default=5557, help="ZMQ KV events; 0 = off")
     p.add_argument("--kv-events-replay-port", type=int, help="ZMQ replay of missed KV events")
+    p.add_argument(
+        "--kv-events-host",
+        help="host in the KV-events endpoint (default: --host, where the coordinator listens); "
+        "'*' makes the worker bind it so the coordinator connects (Kubernetes)",
+    )
     p.add_argument("--block-size", type=int, help="default: 32 on CPU, 16 on GPU")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto")
@@ -90,6 +95,17 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="HOST:PORT",
         help="a prefill endpoint this sidecar may forward to (repeat); no others are used",
+    )
+    p.add_argument(
+        "--discover-prefillers",
+        choices=["kubernetes"],
+        help="also trust the ready prefill pods found by label in --namespace (kept current)",
+    )
+    p.add_argument("--namespace", help="with --discover-prefillers (default: the pod's own)")
+    p.add_argument(
+        "--selector",
+        default="app.kubernetes.io/part-of=pd-runtime",
+        help="with --discover-prefillers: the worker pods' label selector",
     )
     p.add_argument("--prefill-timeout", type=float, default=120.0)
     p.add_argument("--decode-timeout", type=float, default=600.0)
@@ -221,6 +237,7 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
         side_channel_port=args.side_channel_port,
         kv_events_port=args.kv_events_port or None,
         kv_events_replay_port=args.kv_events_replay_port,
+        kv_events_host=args.kv_events_host,
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         enforce_eager=not args.no_enforce_eager,
@@ -244,6 +261,7 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 def _run_sidecar(args: argparse.Namespace) -> int:
     from pd_runtime.common.http import run_server
+    from pd_runtime.config.discovery import DiscoveryConfig
     from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
     from pd_runtime.sidecar.app import SidecarSettings, create_app
 
@@ -251,6 +269,15 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     settings = SidecarSettings(
         decode_url=args.decode_url,
         allowed_prefillers=frozenset(args.prefiller),
+        prefiller_discovery=(
+            DiscoveryConfig(
+                type=args.discover_prefillers,
+                namespace=args.namespace,
+                label_selector=args.selector,
+            )
+            if args.discover_prefillers
+            else None
+        ),
         host=args.host,
         port=args.port,
         prefill_timeout_s=args.prefill_timeout,

@@ -40,10 +40,13 @@ def make_pod(
     labels: dict[str, str] | None = None,
     annotations: dict[str, str] | None = None,
     kv_events_port: int | None = None,
+    vllm_port: int | None = None,
     namespace: str = "pd",
 ) -> dict[str, Any]:
     """A pod as the API server returns it (camelCase JSON), with the container ports by name."""
     ports: list[dict[str, Any]] = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    if vllm_port is not None:  # a decode pod: the sidecar serves "http", vLLM is behind it
+        ports.append({"name": "vllm", "containerPort": vllm_port, "protocol": "TCP"})
     if kv_events_port is not None:
         ports.append({"name": "kv-events", "containerPort": kv_events_port, "protocol": "TCP"})
     return {

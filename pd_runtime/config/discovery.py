@@ -33,8 +33,15 @@ class DiscoveryConfig(BaseModel):
     )
     port_name: str = Field(
         default="http",
-        description="kubernetes: the container port that serves the pod (prefill: vLLM; decode: "
-        "the sidecar); annotation pd-runtime/port overrides it",
+        description="kubernetes: the container port requests are sent to (prefill: vLLM; "
+        "decode: the sidecar); annotation pd-runtime/port overrides it",
+    )
+    vllm_port_name: str = Field(
+        default="vllm",
+        description="kubernetes: the container port of vLLM itself when it differs from the "
+        "serving port (decode pods: the sidecar serves, vLLM is behind it); it makes the "
+        "endpoint's address (scores, KV-event topic, /metrics); annotation pd-runtime/vllm-port "
+        "overrides it; absent: the serving port",
     )
     kv_events_port_name: str = Field(
         default="kv-events",

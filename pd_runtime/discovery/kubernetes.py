@@ -6,13 +6,13 @@ A pod becomes an endpoint when all of these hold::
     status.podIP set, phase Running, condition Ready = True, no deletionTimestamp
     a serving port: annotation pd-runtime/port, else the container port named <port_name>
 
-and maps to::
+and maps to (VPORT: annotation pd-runtime/vllm-port, else the port named <vllm_port_name>,
+else PORT)::
 
     name      the pod's name
-    address   PODIP:PORT        (identity: pod scores, x-prefiller-host-port, the KV-event topic
-                                 kv@PODIP:PORT@MODEL, /metrics; a decode pod's port is its
-                                 sidecar, which passes /metrics through to vLLM on localhost)
-    url       http://PODIP:PORT
+    address   PODIP:VPORT       vLLM itself: pod scores, x-prefiller-host-port, the KV-event
+                                topic kv@PODIP:VPORT@MODEL, /metrics
+    url       http://PODIP:PORT where requests go (a decode pod's sidecar; a prefill pod's vLLM)
     kv_events tcp://PODIP:KVPORT  (the worker binds tcp://*:KVPORT; the coordinator connects)
 
 The client is synchronous (urllib3), so list+watch runs in one daemon thread::
@@ -51,6 +51,7 @@ __all__ = [
     "ANNOTATION_KV_EVENTS_PORT",
     "ANNOTATION_KV_EVENTS_REPLAY_PORT",
     "ANNOTATION_PORT",
+    "ANNOTATION_VLLM_PORT",
     "KubernetesDiscovery",
     "endpoint_from_pod",
     "make_core_api",
@@ -59,6 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ANNOTATION_PORT = "pd-runtime/port"
+ANNOTATION_VLLM_PORT = "pd-runtime/vllm-port"
 ANNOTATION_KV_EVENTS_PORT = "pd-runtime/kv-events-port"
 ANNOTATION_KV_EVENTS_REPLAY_PORT = "pd-runtime/kv-events-replay-port"
 ROLES = ("prefill", "decode")
@@ -104,12 +106,13 @@ def endpoint_from_pod(pod: Any, config: DiscoveryConfig) -> EndpointConfig | Non
         return None
     ip = pod.status.pod_ip
     host = f"[{ip}]" if ":" in ip else ip  # IPv6 pods
+    vllm_port = _port(pod, ANNOTATION_VLLM_PORT, config.vllm_port_name) or port
     kv_port = _port(pod, ANNOTATION_KV_EVENTS_PORT, config.kv_events_port_name)
     replay_port = _port(pod, ANNOTATION_KV_EVENTS_REPLAY_PORT, config.kv_events_replay_port_name)
     return EndpointConfig(
         name=pod.metadata.name,
         role=role,
-        address=f"{host}:{port}",
+        address=f"{host}:{vllm_port}",
         url=f"http://{host}:{port}",
         kv_events=f"tcp://{host}:{kv_port}" if kv_port else None,
         kv_events_replay=f"tcp://{host}:{replay_port}" if replay_port else None,

@@ -52,6 +52,9 @@ from pd_runtime.common.http import (
     send_streaming,
     unless_disconnected,
 )
+from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import ForbiddenError, ServingError
 from pd_runtime.sidecar.rewrite import build_decode_request, build_prefill_request
 
@@ -73,6 +76,9 @@ class SidecarSettings:
     drain_timeout_s: float = 30.0
     #: On SIGTERM, how long to keep listening (``/health`` 503) before the port closes.
     drain_delay_s: float = 0.0
+    #: Also trust the prefill endpoints this discovery finds (Kubernetes: ready pods labelled
+    #: role prefill), kept current while serving; ``allowed_prefillers`` stay trusted too.
+    prefiller_discovery: DiscoveryConfig | None = None
 
 
 class SidecarMetrics:
@@ -103,12 +109,32 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
         state["client"] = make_client(settings.connect_timeout_s, settings.decode_timeout_s)
+        if discovery is not None:
+            await discovery.start(on_prefillers)
         yield
+        if discovery is not None:
+            await discovery.stop()
         await state["client"].aclose()
+
+    # The allow-list: fixed entries plus discovered prefill pods. The set is swapped whole, so a
+    # request checks either the old or the new one; the sidecar never becomes an open relay
+    # (no discovery answer: only what was already trusted).
+    trusted = {"prefillers": frozenset(settings.allowed_prefillers)}
+    discovery = (
+        create_discovery(settings.prefiller_discovery, roles=("prefill",))
+        if settings.prefiller_discovery is not None
+        else None
+    )
+
+    async def on_prefillers(endpoints: list[EndpointConfig]) -> None:
+        found = {e.address for e in endpoints if e.role == "prefill"}
+        trusted["prefillers"] = frozenset(settings.allowed_prefillers | found)
+        logger.info("trusted prefillers: %s", ", ".join(sorted(trusted["prefillers"])))
 
     app = FastAPI(title="pd-runtime sidecar", lifespan=lifespan)
     install_error_handlers(app, "sidecar")
     app.state.settings = settings
+    app.state.trusted = trusted
     app.state.metrics = metrics
     app.state.lifecycle = lifecycle
     decode_url = settings.decode_url.rstrip("/")
@@ -169,7 +195,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             client = state["client"]
             raw_body = await request.body()
             body = parse_json_body(raw_body)
-            if prefiller and prefiller not in settings.allowed_prefillers:
+            if prefiller and prefiller not in trusted["prefillers"]:
                 metrics.rejected.inc()
                 logger.warning(
                     "refused untrusted prefiller %r (request %s)",

@@ -157,3 +157,43 @@ async def test_round_robin_adopts_a_new_set_and_skips_removed_endpoints() -> Non
     )
     picked = {scheduler.schedule(request).decode.name for _ in range(4)}
     assert picked == {"d1", "d2"} and scheduler.schedule(request).prefill is not None
+
+
+def test_the_sidecar_trusts_discovered_prefill_pods_only_while_they_are_ready() -> None:
+    from pd_runtime.config.discovery import DiscoveryConfig
+    from pd_runtime.sidecar.app import SidecarSettings
+    from pd_runtime.sidecar.app import create_app as create_sidecar
+
+    fake = FakeKubeAPI()
+    prefill, decode = FakeEngine("prefill"), FakeEngine("decode")
+    with (
+        serve(prefill.app(), port_in_range()) as url_p,
+        serve(decode.app(), port_in_range()) as url_d,
+        api_server(fake) as api,
+    ):
+        prefiller = url_p.removeprefix("http://")
+        settings = SidecarSettings(
+            decode_url=url_d,
+            allowed_prefillers=frozenset(),
+            prefiller_discovery=DiscoveryConfig(
+                type="kubernetes", namespace="pd", api_server=api, backoff_initial_s=0.05
+            ),
+        )
+        with serve(create_sidecar(settings), port_in_range()) as sidecar:
+
+            def status() -> int:
+                headers = {"x-prefiller-host-port": prefiller}
+                return httpx.post(
+                    f"{sidecar}/v1/completions", json=BODY, headers=headers, timeout=10
+                ).status_code
+
+            assert status() == 403 and prefill.requests == []  # nothing discovered yet
+            # A decode pod at that address is not a prefiller: still refused.
+            fake.put_pod(make_pod("decode-x", "decode", port=port_of(url_p)))
+            wait_for(lambda: fake.count("watch") >= 1, what="the watch")
+            assert status() == 403
+            fake.put_pod(make_pod("prefill-0", "prefill", port=port_of(url_p)))
+            wait_for(lambda: status() == 200, what="the prefill pod to be trusted")
+            assert prefill.requests and prefill.requests[-1]["max_tokens"] == 1  # the prefill hop
+            fake.set_ready("prefill-0", False)
+            wait_for(lambda: status() == 403, what="the unready prefill pod to be distrusted")

@@ -81,13 +81,15 @@ def api_server(fake: FakeKubeAPI, port: int | None = None) -> Iterator[str]:
 
 def test_a_ready_pod_maps_to_an_endpoint_reached_by_pod_ip() -> None:
     cfg = DiscoveryConfig(type="kubernetes")
-    pod = make_pod("decode-7f9", "decode", ip="10.1.2.3", port=8000, kv_events_port=5557)
+    pod = make_pod(
+        "decode-7f9", "decode", ip="10.1.2.3", port=8000, vllm_port=8200, kv_events_port=5557
+    )
     endpoint = endpoint_from_pod(as_v1pod(pod), cfg)
     assert endpoint == EndpointConfig(
         name="decode-7f9",
         role="decode",
-        address="10.1.2.3:8000",
-        url="http://10.1.2.3:8000",
+        address="10.1.2.3:8200",  # vLLM: scores, KV-event topic, /metrics
+        url="http://10.1.2.3:8000",  # the sidecar: where requests go
         kv_events="tcp://10.1.2.3:5557",
         kv_events_bind=False,  # the worker binds; the coordinator connects to the pod
     )
