@@ -163,3 +163,18 @@ def test_the_launcher_pins_gpu_workers_to_their_cores() -> None:
         check=True,
     )
     assert probe.stdout.strip() == "[0]"
+
+
+def test_the_table_in_the_docs_is_what_plan_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys,
+        "plan",
+        "--config",
+        str(CONFIGS / "h200-llama3-70b.yaml"),
+        "--machine",
+        str(MACHINES / "h200x8-2numa-4ib.yaml"),
+    )
+    assert code == 0
+    doc = (CONFIGS.parent / "docs" / "deploy-gpu.md").read_text()
+    shown = "\n".join(out.splitlines()[:6])
+    assert f"```\n{shown}\n```" in doc
