@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -185,6 +186,15 @@ def _moved_endpoint(
     return endpoint.model_copy(update=update)
 
 
+class _RaySupervisor(PartSupervisor):
+    """The supervisor as a Ray actor: it can also say which node it really runs on."""
+
+    def node_id(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+
 class RayLauncher:
     """``pd-runtime up`` on a Ray cluster (see the module docstring)."""
 
@@ -286,13 +296,24 @@ class RayLauncher:
         status: PartStatus = ray.get(self._actors[name].status.remote(), timeout=timeout_s)
         return status
 
+    def node_of(self, name: str, timeout_s: float = 30.0) -> str:
+        """The Ray node id the part's actor runs on, as the actor itself reports it."""
+        import ray
+
+        return str(ray.get(self._actors[name].node_id.remote(), timeout=timeout_s))
+
     def wait_for_failure(self, unavailable_for_s: float = 120.0) -> str:
         """Watch the supervisors; report restarts; return once a part is gone for good (its actor
         dead past its restarts, or unreachable for ``unavailable_for_s``)."""
         import ray
 
         down_since: dict[str, float] = {}
+        moved: set[str] = set()
+        polls = 0
         while True:
+            polls += 1
+            if polls % 30 == 0:
+                self._report_moves(moved)
             for name, actor in list(self._actors.items()):
                 try:
                     status: PartStatus = ray.get(actor.status.remote(), timeout=30)
@@ -391,7 +412,7 @@ class RayLauncher:
         if spec.kind == "coordinator":
             files[str(self.plan.coordinator_config_path)] = _yaml(self.plan.coordinator)
         actor = (
-            ray.remote(PartSupervisor)
+            ray.remote(_RaySupervisor)
             .options(**self._actor_options(spec))
             .remote(
                 spec.name,
@@ -401,6 +422,7 @@ class RayLauncher:
                 {k: v for k, v in spec.env.items() if k != "CUDA_VISIBLE_DEVICES"},
                 str(self.run_dir / f"{spec.name}.log"),
                 files=files,
+                cwd=os.getcwd(),
                 max_process_restarts=self.settings.process_restarts,
             )
         )
@@ -448,6 +470,21 @@ class RayLauncher:
                     )
                 if pending:
                     time.sleep(0.5)
+
+    def _report_moves(self, moved: set[str]) -> None:
+        """A restarted actor on another node (its node was lost and Ray re-placed the group) has a
+        new IP that the coordinator's endpoints and the sidecars' prefillers do not follow."""
+        for name, where in self.locations.items():
+            if name in moved or name not in self._actors:
+                continue
+            with contextlib.suppress(Exception):
+                node = self.node_of(name, timeout_s=10)
+                if node != where.node_id:
+                    moved.add(name)
+                    self.progress(
+                        f"WARNING {name} now runs on node {node[:8]}, not {where.node_id[:8]} "
+                        "(node lost?); its address in the coordinator is stale: restart `up`"
+                    )
 
     def _report_restart(self, name: str, status: PartStatus) -> None:
         before = self._seen_pids.get(name)

@@ -58,7 +58,8 @@ class PartSupervisor:
     """Start ``argv`` with ``env`` (over this process's environment) and supervise it.
 
     ``files``: path -> text written before the first start (the coordinator's YAML, which the
-    driver cannot write on a remote node). ``drop_env``: variables removed from the inherited
+    driver cannot write on a remote node). ``cwd``: the directory the command runs in, when it
+    exists here (the driver's, so that relative model paths mean the same). ``drop_env``: variables removed from the inherited
     environment (e.g. ``CUDA_VISIBLE_DEVICES`` from a plan made for another machine, so that the
     GPUs Ray assigned to this actor win).
     """
@@ -71,6 +72,7 @@ class PartSupervisor:
         log_path: str,
         *,
         files: dict[str, str] | None = None,
+        cwd: str | None = None,
         drop_env: tuple[str, ...] = (),
         max_process_restarts: int = 5,
         backoff_s: float = 1.0,
@@ -82,6 +84,7 @@ class PartSupervisor:
         base = {k: v for k, v in os.environ.items() if k not in drop_env}
         self.env = {**base, **env}
         self.log_path = Path(log_path)
+        self.cwd = cwd if cwd and Path(cwd).is_dir() else None
         self.max_process_restarts = max_process_restarts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -159,6 +162,7 @@ class PartSupervisor:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            cwd=self.cwd,
             preexec_fn=_child_setup,
         )
         with self._lock:
