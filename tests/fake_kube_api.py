@@ -80,6 +80,8 @@ class FakeKubeAPI:
         self._rv = 100
         self._compacted = 0  # watches from an RV below this get 410 Gone
         self.requests: dict[str, int] = {"list": 0, "watch": 0, "gone": 0}
+        #: Every call as ``VERB RESOURCE`` (the RBAC verb it needs), unknown ones included.
+        self.calls: list[str] = []
         self.closing = False  # ends open watch streams (for a clean server stop)
 
     # ---- what tests do -----------------------------------------------------------------------
@@ -131,7 +133,10 @@ class FakeKubeAPI:
             selector = _parse_selector(query.get("labelSelector", ""))
             if namespace != self.namespace:
                 return JSONResponse({"kind": "PodList", "apiVersion": "v1", "items": []})
-            if query.get("watch") in ("true", "1", "True"):
+            watching = query.get("watch") in ("true", "1", "True")
+            with self._lock:
+                self.calls.append(f"{'watch' if watching else 'list'} pods")
+            if watching:
                 rv = int(query.get("resourceVersion") or 0)
                 timeout = float(query.get("timeoutSeconds") or 3600)
                 return StreamingResponse(
@@ -149,6 +154,12 @@ class FakeKubeAPI:
                     "items": items,
                 }
             )
+
+        @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+        async def other(path: str, request: Request) -> Response:
+            with self._lock:
+                self.calls.append(f"{request.method} /{path}")
+            return JSONResponse({"kind": "Status", "code": 404}, status_code=404)
 
         return app
 
