@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pd-runtime-installed
 CONFIG ?= configs/local-cpu.yaml
 
-.PHONY: demo up test test-unit lint venv clean
+.PHONY: demo up test test-unit lint venv clean bench
 
 demo: $(STAMP)  ## bring the local CPU deployment up, walk through it, shut down
 	$(PY) -m pd_runtime demo --config $(CONFIG)
@@ -18,6 +18,11 @@ test: $(STAMP) lint  ## lint, type-check, unit tests, end-to-end tests on real v
 
 test-unit: $(STAMP)  ## the fast tests only (no vLLM workers)
 	$(PY) -m pytest -p no:cacheprovider -ra -m "not e2e"
+
+BENCH_CONFIG ?= benchmarks/scenarios/local-cpu.yaml
+bench: $(STAMP)  ## the scenario comparison (our fronts vs vllm-router) on real workers; see docs/benchmarks.md
+	$(PY) -m pip install --quiet -e '.[bench]'  # vllm-router, kept out of the test install
+	flock /tmp/pd-runtime-vllm.lock $(PY) -m pd_runtime bench scenarios --config $(BENCH_CONFIG)
 
 lint: $(STAMP)
 	$(PY) -m ruff check pd_runtime tests

