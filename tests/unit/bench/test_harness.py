@@ -206,3 +206,30 @@ async def test_every_workload_completes(name: str, tokenizer_dir: str) -> None:
         assert len(prefix_words) == 2  # two groups, one prefix each
     if name == "long-doc":
         assert all(abs(text.count(b["prompt"]) - 300 - 24 - 3) < 8 for b in engine.requests)
+
+
+def test_pd_runtime_bench_command_writes_the_run_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from pd_runtime.cli import main
+
+    engine = FakeEngine("e", chunks=3, chunk_delay_s=0.001, stream_usage=True)
+    out = tmp_path / "run.json"
+    with serve(engine.app()) as url:
+        argv = ["bench", "--base-url", url, "--model", "m", "--workload", "shared-prefix"]
+        argv += [
+            "--param",
+            "groups=2",
+            "--param",
+            "prompts_per_group=2",
+            "--param",
+            "prefix_len=20",
+        ]
+        argv += ["--num-requests", "4", "--concurrency", "2", "--slo", "ttft_ms=10000"]
+        assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["summary"]["requests"] == 4 and data["summary"]["errors"] == 0
+    assert data["summary"]["goodput_rps"] == data["summary"]["throughput_rps"] > 0
+    assert data["config"]["workload_params"]["groups"] == 2
+    assert len(data["records"]) == 4 and all(r["output_tokens"] == 3 for r in data["records"])
+    assert main(["bench", "--base-url", url, "--model", "m", "--slo", "bogus=1"]) == 2
