@@ -316,7 +316,16 @@ def topology(args: argparse.Namespace, run_dir: Path) -> tuple[list[Proc], list[
         procs.append(
             Proc(
                 name,
-                [PY, "-m", "pd_runtime", "coordinator", "--config", str(cfg)],
+                [
+                    PY,
+                    "-m",
+                    "pd_runtime",
+                    "coordinator",
+                    "--config",
+                    str(cfg),
+                    "--log-level",
+                    args.log_level,
+                ],
                 f"http://{host}:{port}/health",
             )
         )
@@ -609,6 +618,7 @@ def main() -> int:
         help="tokenizer for kv-aware",
     )
     ap.add_argument("--router", default=str(Path(PY).parent / "vllm-router"))
+    ap.add_argument("--log-level", default="info", help="our sidecar's and coordinators'")
     ap.add_argument("--router-log-level", default="info")
     ap.add_argument("--no-router", action="store_true", help="skip vllm-router paths")
     ap.add_argument("--paths", nargs="*", help="only these paths (names as in the table)")
