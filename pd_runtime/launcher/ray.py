@@ -423,6 +423,7 @@ class RayLauncher:
                 str(self.run_dir / f"{spec.name}.log"),
                 files=files,
                 cwd=os.getcwd(),
+                niceness=0,  # not Ray's worker niceness (15): vLLM must not yield to everything
                 max_process_restarts=self.settings.process_restarts,
             )
         )

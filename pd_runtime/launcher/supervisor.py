@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -36,10 +37,13 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup() -> None:  # in the child, between fork and exec
+def _child_setup(niceness: int | None) -> None:  # in the child, between fork and exec
     os.setsid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if niceness is not None:  # lowering it needs CAP_SYS_NICE; without, the part keeps the actor's
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,9 @@ class PartSupervisor:
 
     ``files``: path -> text written before the first start (the coordinator's YAML, which the
     driver cannot write on a remote node). ``cwd``: the directory the command runs in, when it
-    exists here (the driver's, so that relative model paths mean the same). ``drop_env``: variables removed from the inherited
+    exists here (the driver's, so that relative model paths mean the same). ``niceness``: set on
+    the part's process (Ray runs its workers at niceness 15, which a serving process should not
+    inherit; 0 brings it back to normal where permitted). ``drop_env``: variables removed from the inherited
     environment (e.g. ``CUDA_VISIBLE_DEVICES`` from a plan made for another machine, so that the
     GPUs Ray assigned to this actor win).
     """
@@ -73,6 +79,7 @@ class PartSupervisor:
         *,
         files: dict[str, str] | None = None,
         cwd: str | None = None,
+        niceness: int | None = None,
         drop_env: tuple[str, ...] = (),
         max_process_restarts: int = 5,
         backoff_s: float = 1.0,
@@ -85,6 +92,7 @@ class PartSupervisor:
         self.env = {**base, **env}
         self.log_path = Path(log_path)
         self.cwd = cwd if cwd and Path(cwd).is_dir() else None
+        self.niceness = niceness
         self.max_process_restarts = max_process_restarts
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -163,7 +171,7 @@ class PartSupervisor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.cwd,
-            preexec_fn=_child_setup,
+            preexec_fn=functools.partial(_child_setup, self.niceness),
         )
         with self._lock:
             self._process = process
