@@ -632,6 +632,9 @@ def main() -> int:
         from pd_runtime.model.tiny import write_model
 
         write_model(args.model)
+    if not args.no_router and not Path(args.router).exists():
+        print(f"[proxy] {args.router} not found (pip install -e '.[bench]'): router paths skipped")
+        args.no_router = True
     args.run_dir.mkdir(parents=True, exist_ok=True)
     procs, paths = topology(args, args.run_dir)
     needed = {n for p in paths for n in p.procs}
