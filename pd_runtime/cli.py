@@ -72,13 +72,13 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="poll timeout of NIXL's UCX progress thread (default: 1000 on CPU, NIXL's 0 on GPU)",
     )
-    p.add_argument("--no-enforce-eager", action="store_true")
     p.add_argument(
         "--kv-lease",
         type=int,
         metavar="SECONDS",
         help="prefill: keep unpulled KV blocks this long (default: vLLM's 30)",
     )
+    p.add_argument("--no-enforce-eager", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment")
 
 
@@ -115,13 +115,13 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         help="on SIGTERM, seconds in-flight requests may run before they are cut",
     )
-    p.add_argument("--log-level", default="info")
     p.add_argument(
         "--drain-delay",
         type=float,
         default=0.0,
         help="on SIGTERM, seconds to keep listening with /health at 503 before the port closes",
     )
+    p.add_argument("--log-level", default="info")
 
 
 def _add_coordinator(sub: argparse._SubParsersAction) -> None:

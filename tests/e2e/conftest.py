@@ -40,6 +40,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     )
 
 
+KV_LEASE_S = 10
+
+
 def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
     data = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
     data["model"]["path"] = str(model_dir)
@@ -51,6 +54,8 @@ def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
     # A prefill KV cache of 72 blocks (vLLM needs 65 for one 2048-token prompt) so that a handful of
     # prompts makes it evict, and the eviction test can watch the index follow.
     data["prefill"]["extra_args"] = ["--num-gpu-blocks-override", str(PREFILL_KV_BLOCKS)]
+    # A short KV lease, so the test of blocks nobody pulls sees them released within its budget.
+    data["transport"]["kv_lease_s"] = KV_LEASE_S
     return parse_config(DeploymentConfig, data, "e2e")
 
 

@@ -8,6 +8,7 @@ Prometheus metrics.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -20,20 +21,31 @@ import pytest
 
 from pd_runtime.common.prom import scrape_metrics
 from pd_runtime.demo import DEMO_PROMPT
-from tests.e2e.conftest import Deployment
+from pd_runtime.sidecar.rewrite import build_prefill_request
+from tests.e2e.conftest import KV_LEASE_S, Deployment
 
 NIXL = "vllm:nixl_xfer_time_seconds_count"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
+KV_USAGE = (
+    "vllm:kv_cache_usage_perc"  # blocks held by requests (cached-but-free ones count as free)
+)
+EXPIRED = "vllm:nixl_num_kv_expired_reqs_total"  # blocks freed by the lease, nobody pulled them
 
 
 def busy(deployment: Deployment) -> dict[str, float]:
-    """Requests each worker is running or holding waiting, from its own /metrics."""
+    """Requests each worker is running or holding waiting, and KV blocks it holds for requests
+    (as a fraction of its cache), from its own /metrics: all zero when nothing is pinned."""
     out = {}
     for endpoint in [*deployment.decode, *deployment.prefill]:
         values = scrape_metrics(endpoint.metrics_url)
-        out[endpoint.address] = values.get(RUNNING, 0.0) + values.get(WAITING, 0.0)
+        out[f"{endpoint.address} requests"] = values.get(RUNNING, 0.0) + values.get(WAITING, 0.0)
+        out[f"{endpoint.address} kv"] = values.get(KV_USAGE, 0.0)
     return out
+
+
+def expired_leases(deployment: Deployment) -> float:
+    return scrape_metrics(deployment.prefill[0].metrics_url).get(EXPIRED, 0.0)
 
 
 def test_a_client_that_goes_away_mid_stream_frees_the_workers(deployment: Deployment) -> None:
@@ -46,6 +58,7 @@ def test_a_client_that_goes_away_mid_stream_frees_the_workers(deployment: Deploy
         "stream": True,
     }
     chunks = 0
+    expired_before = expired_leases(deployment)
     with httpx.stream(
         "POST", f"{deployment.gateway}/v1/completions", json=body, timeout=120
     ) as response:
@@ -56,11 +69,38 @@ def test_a_client_that_goes_away_mid_stream_frees_the_workers(deployment: Deploy
             if chunks >= 5:
                 break  # leaving the block closes the connection mid-stream
     assert chunks >= 5
-    # The abort travels coordinator -> sidecar -> decode worker; vLLM drops the request.
+    # The abort travels coordinator -> sidecar -> decode worker; vLLM drops the request and frees
+    # its blocks. The prefill's blocks went when the decode worker pulled them, not by the lease.
     deadline = time.monotonic() + 30
     while any(busy(deployment).values()):
         assert time.monotonic() < deadline, f"workers still busy: {busy(deployment)}"
         time.sleep(0.5)
+    assert expired_leases(deployment) == expired_before
+
+
+def test_kv_blocks_nobody_pulls_are_released_by_the_lease(deployment: Deployment) -> None:
+    """The hole between the hops: the prefill worker has computed and holds a request's KV blocks
+    for a decode pull, and the pull never comes (the sidecar or the decode worker died in between;
+    a client that leaves is no such case: the decode worker's abort tells the prefill to free).
+    The blocks stay pinned for at most ``transport.kv_lease_s``, then vLLM frees them."""
+    before = expired_leases(deployment)
+    prompt = f"stranded {uuid.uuid4().hex}: {DEMO_PROMPT}"
+    body = {"model": deployment.model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    prefill = deployment.prefill[0]
+    answer = httpx.post(
+        f"http://{prefill.address}/v1/completions", json=build_prefill_request(body), timeout=120
+    )
+    assert answer.status_code == 200 and answer.json()["kv_transfer_params"]["remote_block_ids"]
+    handed_over = time.monotonic()
+    held = scrape_metrics(prefill.metrics_url)[KV_USAGE]
+    assert held > 0  # pinned for the pull
+    deadline = handed_over + KV_LEASE_S + 20
+    while scrape_metrics(prefill.metrics_url)[KV_USAGE] > 0:
+        assert time.monotonic() < deadline, f"prefill still holds {held:.1%} of its KV cache"
+        time.sleep(0.5)
+    released_after = time.monotonic() - handed_over
+    assert released_after >= KV_LEASE_S - 2  # by the lease, not by chance
+    assert expired_leases(deployment) == before + 1
 
 
 @pytest.mark.destructive
@@ -117,15 +157,54 @@ def test_a_restarted_prefill_worker_rejoins_with_a_new_engine_identity(
 
 
 @pytest.mark.destructive
-def test_killing_a_decode_worker_fails_requests_over_to_the_other(deployment: Deployment) -> None:
-    victim = deployment.decode[1]
-    os.killpg(deployment.pids[victim.name], signal.SIGKILL)
-    ids = [f"decode-fault-{i}-{uuid.uuid4().hex[:6]}" for i in range(6)]
-    for request_id in ids:
-        deployment.complete(f"{request_id}: {DEMO_PROMPT}", request_id)
-    # Every request was answered by the survivor; the first attempt that met the dead worker was
+def test_killing_a_decode_worker_mid_stream_ends_it_with_an_error_then_fails_over(
+    deployment: Deployment,
+) -> None:
+    # A long stream, then the decode worker serving it is killed.
+    request_id = f"decode-kill-{uuid.uuid4().hex[:8]}"
+    body = {
+        "model": deployment.model,
+        "prompt": f"{request_id}: {DEMO_PROMPT}",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+    with httpx.stream(
+        "POST",
+        f"{deployment.gateway}/v1/completions",
+        json=body,
+        headers={"x-request-id": request_id},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) >= 5:
+                break
+        victim = next(
+            e for e in deployment.decode if e.address == deployment.decision(request_id)["target"]
+        )
+        os.killpg(deployment.pids[victim.name], signal.SIGKILL)
+        killed = time.monotonic()
+        # The client keeps reading: the stream must end (no hang) with an OpenAI error event.
+        events.extend(line for line in lines if line.startswith("data: "))
+        ended_after = time.monotonic() - killed
+    assert ended_after < 30
+    last = json.loads(events[-1].removeprefix("data: "))
+    assert (last["error"]["type"], last["error"]["code"]) == ("BadGatewayError", 502), events[-3:]
+    assert "[DONE]" not in events[-1]
+
+    # New requests fail over to the survivor: the first attempt that met the dead worker was
     # retried there (or the scheduler had already taken the dead one out of rotation). The last
     # decision logged per request is the attempt that served it.
+    survivor = next(e for e in deployment.decode if e is not victim)
+    ids = [f"decode-fault-{i}-{uuid.uuid4().hex[:6]}" for i in range(6)]
+    for rid in ids:
+        deployment.complete(f"{rid}: {DEMO_PROMPT}", rid)
     finals = {rid: record["target"] for rid, record in deployment.decisions(ids).items()}
     assert set(finals) == set(ids)
-    assert set(finals.values()) == {deployment.decode[0].address}, finals
+    assert set(finals.values()) == {survivor.address}, finals
