@@ -1,9 +1,11 @@
 """One streamed request against an OpenAI-compatible server, timed token by token.
 
 Times are taken with ``time.perf_counter`` on the client: TTFT is from just before the request is
-sent to the first chunk carrying generated text; inter-token latencies are the gaps between
-successive text-carrying chunks (a chunk may carry several tokens, as vLLM's streams can; the
-gap is then that of the chunk, like ``vllm bench serve`` records it). Token counts come from the
+sent to the first chunk with a choice in it; inter-token latencies are the gaps between successive
+such chunks (a chunk may carry several tokens, as vLLM's streams can; the gap is then that of the
+chunk, like ``vllm bench serve`` records it). A choice counts even when its text is empty: a model
+can generate tokens that detokenize to nothing (the tiny test model does), and they are still
+tokens; counting only text-carrying chunks would call such an answer a failure. Token counts come from the
 stream's final ``usage`` (we send ``stream_options.include_usage``); where a server sends none,
 output tokens are the text chunks counted and prompt tokens are unknown (None).
 """
@@ -93,7 +95,7 @@ async def send(
                     return record
                 now = time.perf_counter()
                 text = _chunk_text(chunk)
-                if text:
+                if chunk.get("choices"):
                     chunks += 1
                     if record.ttft_s is None:
                         record.ttft_s = now - started
@@ -114,6 +116,6 @@ async def send(
     record.e2e_s = time.perf_counter() - started
     if record.output_tokens == 0:
         record.output_tokens = chunks
-    if record.ttft_s is None:
+    if record.ttft_s is None and record.output_tokens == 0:
         record.error = "no tokens generated"
     return record
