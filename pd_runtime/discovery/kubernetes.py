@@ -212,10 +212,9 @@ class KubernetesDiscovery(Discovery):
                 self.config.initial_sync_timeout_s,
                 self.last_error,
             )
-        # Let the pump deliver the first set before the coordinator starts serving.
-        for _ in range(100):
-            if not self._changed.is_set():
-                break
+        # Let the pump hand over the first set before the coordinator starts serving.
+        deadline = time.monotonic() + 5.0
+        while self._delivered != self._snapshot() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -251,15 +250,18 @@ class KubernetesDiscovery(Discovery):
         while True:
             await self._changed.wait()
             self._changed.clear()
-            with self._lock:
-                latest = list(self._latest)
+            latest = self._snapshot()
             if latest == self._delivered:
                 continue
-            self._delivered = latest
             try:
                 await on_change(latest)
             except Exception:
                 log.exception("applying discovered endpoints failed")
+            self._delivered = latest
+
+    def _snapshot(self) -> list[EndpointConfig]:
+        with self._lock:
+            return list(self._latest)
 
     def _publish(self) -> None:
         """Thread side: recompute the endpoint set and wake the pump if it changed."""

@@ -332,3 +332,13 @@ def test_rbac_grants_exactly_what_discovery_uses(target: str) -> None:
         finally:
             fake.closing = True
     assert set(fake.calls) == granted == {"list pods", "watch pods"}
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="needs kubectl to compare with")
+def test_the_base_renders_the_same_without_kubectl() -> None:
+    """The fallback renderer (for machines without kubectl) gives kustomize's objects."""
+
+    def key(obj: dict[str, Any]) -> tuple[str, str]:
+        return obj["kind"], obj["metadata"]["name"]
+
+    assert sorted(_render_base_without_kubectl(), key=key) == sorted(render("base"), key=key)

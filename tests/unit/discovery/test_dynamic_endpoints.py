@@ -55,7 +55,12 @@ def test_the_coordinator_routes_to_pods_as_they_join_turn_unready_and_leave(poli
     ):
         fake.put_pod(make_pod("decode-a", "decode", port=port_of(url_a)))
         fake.put_pod(make_pod("prefill-0", "prefill", port=port_of(url_p)))
-        params: dict[str, Any] = {"pd_threshold_tokens": 0} if policy == "kv-aware" else {}
+        # The fakes have no /metrics: scrape rarely, so health is only discovery's to change.
+        params: dict[str, Any] = (
+            {"pd_threshold_tokens": 0, "scrape_interval_s": 3600, "unhealthy_after_failures": 100}
+            if policy == "kv-aware"
+            else {}
+        )
         config = CoordinatorConfig.model_validate(
             {
                 "models": ["tiny"],

@@ -1,0 +1,58 @@
+"""On Kubernetes the worker binds its KV-event socket (``--kv-events-host '*'``) and the
+coordinator connects to the pod (``kv_events_bind: false``). Checked against vLLM's own
+ZmqEventPublisher, in its own process, configured as the manifests configure it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pd_runtime.kv_events import EventSubscriber, PrefixIndex
+from tests.servers import until
+
+from .test_kubernetes import port_in_range
+
+PUBLISHER = textwrap.dedent(
+    """
+    import sys, time
+    from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
+    endpoint, topic = sys.argv[1], sys.argv[2]
+    pub = ZmqEventPublisher(0, endpoint=endpoint, topic=topic)
+    tokens = list(range(1, 65))
+    print("ready", flush=True)
+    for _ in range(600):  # PUB drops what it sends before the subscriber is connected: repeat
+        pub.publish(KVEventBatch(ts=time.time(), events=[BlockStored(
+            block_hashes=[11, 12], parent_block_hash=None, token_ids=tokens, block_size=32,
+            lora_id=None, medium="GPU", lora_name=None)]))
+        time.sleep(0.05)
+    pub.shutdown()
+    """
+)
+
+
+async def test_vllm_binds_a_wildcard_endpoint_and_the_coordinator_connects() -> None:
+    pytest.importorskip("vllm")
+    port = port_in_range()
+    address = "127.0.0.1:8200"  # the pod's vLLM address, as discovery names it
+    # The endpoint and topic the worker command builds for --host=POD_IP --kv-events-host='*'.
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, f"tcp://*:{port}", f"kv@{address}@tiny"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    index = PrefixIndex()
+    sub = EventSubscriber(
+        address, f"tcp://127.0.0.1:{port}", index, topic=f"kv@{address}@", bind=False
+    )
+    try:
+        assert publisher.stdout is not None and publisher.stdout.readline().strip() == "ready"
+        await sub.start()
+        keys = PrefixIndex.block_keys(list(range(1, 65)), 32)
+        await until(lambda: index.match(keys) == {address: 2}, timeout_s=60)
+    finally:
+        await sub.stop()
+        publisher.kill()
+        publisher.wait()
