@@ -32,7 +32,8 @@ __all__ = ["LAUNCHERS", "Launcher", "LocalBackend", "create_launcher"]
 
 
 class Launcher(Protocol):
-    plan: DeploymentPlan
+    @property
+    def plan(self) -> DeploymentPlan: ...
 
     def start(self) -> None: ...
 

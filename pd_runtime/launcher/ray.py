@@ -48,14 +48,22 @@ from pd_runtime.config.loader import dump_yaml
 from pd_runtime.errors import ConfigError, LaunchError
 from pd_runtime.launcher.prepare import prepare_deployment
 from pd_runtime.launcher.supervisor import PartStatus, PartSupervisor
-from pd_runtime.launcher.topology import DeploymentPlan, PartKind, PartSpec, plan_deployment
+from pd_runtime.launcher.topology import DeploymentPlan, PartKind, PartSpec
+from pd_runtime.placement.machine import MachineDescription
 from pd_runtime.platform import Platform, detect_platform
 from pd_runtime.worker.command import WorkerSpec, build_worker_command
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
-__all__ = ["GroupSpec", "PartLocation", "RayLauncher", "placement_groups", "relocate_plan"]
+__all__ = [
+    "GroupSpec",
+    "PartLocation",
+    "RayLauncher",
+    "RayPartSupervisor",
+    "placement_groups",
+    "relocate_plan",
+]
 
 Bundle = dict[str, float]
 
@@ -186,7 +194,7 @@ def _moved_endpoint(
     return endpoint.model_copy(update=update)
 
 
-class _RaySupervisor(PartSupervisor):
+class RayPartSupervisor(PartSupervisor):
     """The supervisor as a Ray actor: it can also say which node it really runs on."""
 
     def node_id(self) -> str:
@@ -213,13 +221,20 @@ class RayLauncher:
         self.run_dir = Path(run_dir).resolve()
         self.progress = progress
         self.poll_s = poll_s
-        self.plan: DeploymentPlan = prepare_deployment(config, self.run_dir, progress=progress)
+        self._plan: DeploymentPlan | None = None
         self.groups: list[GroupSpec] = []
         self.locations: dict[str, PartLocation] = {}
         self._pgs: list[PlacementGroup] = []
         self._actors: dict[str, Any] = {}  # part name -> actor handle, in start order
         self._seen_pids: dict[str, int | None] = {}
         self._owns_ray = False
+
+    @property
+    def plan(self) -> DeploymentPlan:
+        """The plan as placed: made for the cluster's platform, with the nodes' IPs as hosts."""
+        if self._plan is None:
+            raise LaunchError("the Ray launcher has no plan before start()")
+        return self._plan
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -240,7 +255,10 @@ class RayLauncher:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, sigterm)
         try:
-            self.plan = plan_deployment(self.config, self.run_dir, self._cluster_platform())
+            # Planned for the cluster (GPUs anywhere in it), not for the driver's machine, which
+            # may well be a head node without GPUs; the model is written here if asked.
+            machine = MachineDescription.from_platform(self._cluster_platform())
+            self._plan = prepare_deployment(self.config, self.run_dir, self.progress, machine)
             self._place()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.plan.coordinator, self.plan.coordinator_config_path)  # a local copy
@@ -371,7 +389,7 @@ class RayLauncher:
                 self.locations[member] = PartLocation(member, group.name, i, node, ips[node])
         here = ray.get_runtime_context().get_node_id()
         self.locations["coordinator"] = PartLocation("coordinator", None, None, here, ips[here])
-        self.plan = relocate_plan(self.plan, hosts, ips[here])
+        self._plan = relocate_plan(self.plan, hosts, ips[here])
         for name, where in self.locations.items():
             self.progress(f"placed {name} on node {where.node_ip} ({where.node_id[:8]})")
 
@@ -412,7 +430,7 @@ class RayLauncher:
         if spec.kind == "coordinator":
             files[str(self.plan.coordinator_config_path)] = _yaml(self.plan.coordinator)
         actor = (
-            ray.remote(_RaySupervisor)
+            ray.remote(RayPartSupervisor)
             .options(**self._actor_options(spec))
             .remote(
                 spec.name,

