@@ -17,7 +17,7 @@ cache), scrape the workers' prefix-cache counters, run the workload, scrape agai
                     prefill worker and the two decode workers, cache_aware policy
 
 Then an open-loop rate sweep on a few fronts and vLLM's own ``vllm bench serve`` against our
-gateway. Writes ``<out>/runs/<front>/<workload>.json`` (per-request records), ``summary.json``,
+gateway. Writes ``<out>/records/<front>/<workload>.json`` (per-request records), ``summary.json``,
 ``summary.md``, ``sweep.json``, PNG plots and ``machine.json`` (see docs/benchmarks.md).
 """
 
@@ -306,6 +306,7 @@ def _bench_once(
     time.sleep(0.5)  # let the KV events of the reset reach a KV-aware front
     before = _worker_counters(worker_urls)
     coord_before = _coordinator_counters(front)
+    load_before = os.getloadavg()[0]
     bench = BenchConfig(
         base_url=front.url,
         model=model,
@@ -331,6 +332,8 @@ def _bench_once(
         "coordinator_predicted_hit_rate": predicted,
         "nixl_transfers": workers["nixl_transfers"],
         "mode": f"rate={rate}" if rate is not None else f"concurrency={cfg['concurrency']}",
+        # The machine is shared: the 1-minute load average around the run says how much else ran.
+        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     config = {
         "front": dataclasses.asdict(front),
@@ -342,7 +345,7 @@ def _bench_once(
         "seed": cfg["seed"],
         "worker_counters": workers,
     }
-    write_json(out / "runs" / front.name / f"{label}.json", run_json(result, row, config))
+    write_json(out / "records" / front.name / f"{label}.json", run_json(result, row, config))
     errors = [r.error for r in result.records if r.error]
     print(
         f"  {front.name:15s} {label:24s} ok {summary['requests'] - summary['errors']}/"
@@ -434,7 +437,7 @@ def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
         for row in rows:
             if row["workload"] != workload or row.get("requests", 0) == 0:
                 continue
-            path = out / "runs" / row["scenario"] / f"{workload}.json"
+            path = out / "records" / row["scenario"] / f"{workload}.json"
             if not path.exists():
                 continue
             records = json.loads(path.read_text())["records"]
