@@ -25,8 +25,8 @@ bench: $(STAMP)  ## the scenario comparison (our fronts vs vllm-router) on real 
 	flock /tmp/pd-runtime-vllm.lock $(PY) -m pd_runtime bench scenarios --config $(BENCH_CONFIG)
 
 lint: $(STAMP)
-	$(PY) -m ruff check pd_runtime tests
-	$(PY) -m ruff format --check pd_runtime tests
+	$(PY) -m ruff check pd_runtime tests benchmarks
+	$(PY) -m ruff format --check pd_runtime tests benchmarks
 	$(PY) -m mypy pd_runtime
 
 venv: $(STAMP)
