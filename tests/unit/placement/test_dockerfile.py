@@ -75,7 +75,7 @@ def test_the_entrypoint_is_our_console_script_and_the_image_runs_as_non_root() -
 
 
 def _documented_commands() -> list[list[str]]:
-    """Every ``pd-runtime ...`` and ``docker run ... pd-runtime-cuda ...`` line in the Dockerfile
+    """Every ``pd-runtime ...`` and ``docker run ... pd-runtime:cuda ...`` line in the Dockerfile
     and the deployment doc, as the argument list pd-runtime gets."""
     commands = []
     header = [line.lstrip("#").strip() for line in DOCKERFILE.read_text().splitlines()]
@@ -94,8 +94,8 @@ def _documented_commands() -> list[list[str]]:
             ):
                 continue
             words = shlex.split(line, comments=True)
-            if words[:2] == ["docker", "run"] and "pd-runtime-cuda" in words:
-                commands.append(words[words.index("pd-runtime-cuda") + 1 :])
+            if words[:2] == ["docker", "run"] and "pd-runtime:cuda" in words:
+                commands.append(words[words.index("pd-runtime:cuda") + 1 :])
             elif words[:1] == ["pd-runtime"] or words[:3] == [
                 ".venv/bin/python",
                 "-m",
