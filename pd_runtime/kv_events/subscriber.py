@@ -29,7 +29,6 @@ until blocks are stored again but never routes to a cache that is gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -43,6 +42,9 @@ from pd_runtime.kv_events.index import PrefixIndex
 __all__ = ["EventSubscriber", "SubscriberStats"]
 
 log = logging.getLogger(__name__)
+
+#: How long ``stop`` waits for the subscriber task to unwind after cancelling it.
+STOP_TIMEOUT_S = 5.0
 
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
 _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
@@ -104,8 +106,14 @@ class EventSubscriber:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a stop must never hang a coordinator's shutdown or an endpoint's removal.
+            done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+            if not done:
+                log.warning(
+                    "kv events from %s: task did not stop in %.0fs", self.address, STOP_TIMEOUT_S
+                )
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("kv events from %s: task ended with %r", self.address, task.exception())
 
     async def _run(self) -> None:
         delay = self.backoff_s[0]
