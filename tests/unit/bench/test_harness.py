@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import statistics
 
 import pytest
 
@@ -35,24 +36,26 @@ async def test_timing_and_token_counts_match_the_stand_in() -> None:
         result = await run_bench(convs, _cfg(url, concurrency=1))
     assert [r.error for r in result.records] == [None] * 3
     for rec, conv in zip(result.records, convs, strict=False):
-        assert rec.ttft_s is not None and rec.e2e_s is not None
-        assert 0.2 <= rec.ttft_s < 0.3
+        assert rec.ttft_s is not None and rec.e2e_s is not None and rec.tpot_s is not None
         assert len(rec.itl_s) == 4
-        # One gap can shrink when the previous chunk was read late (a loaded machine); their sum
-        # is the span from the first chunk to the last, 4 x 50 ms plus the two reads' lateness.
-        assert 0.18 <= sum(rec.itl_s) < 0.3, rec.itl_s
-        assert 0.04 <= sorted(rec.itl_s)[2] < 0.1, rec.itl_s
         assert rec.output_tokens == 5
         assert rec.prompt_tokens == len(conv.turns[0].text.split()) == 40
-        assert rec.tpot_s is not None and 0.045 <= rec.tpot_s < 0.1
-        assert 0.2 + 5 * 0.05 <= rec.e2e_s < 0.2 + 5 * 0.05 + 0.2
+        # Nothing can arrive before the stand-in's sleeps: 200 ms first byte, 5 x 50 ms chunks.
+        assert rec.ttft_s >= 0.2 and rec.e2e_s >= 0.2 + 5 * 0.05
+    # Upper bounds on medians: one stall of a loaded machine (the stand-in shares this process)
+    # moves a single value, not the median of 3 requests or of 12 gaps.
+    assert statistics.median(r.ttft_s for r in result.records) < 0.35
+    gaps = [x for r in result.records for x in r.itl_s]
+    assert 0.045 <= statistics.median(gaps) < 0.1, gaps
+    assert 0.045 <= statistics.median(r.tpot_s for r in result.records) < 0.1
+    assert statistics.median(r.e2e_s for r in result.records) < 0.7
     # what the harness sent: streaming with usage, exact lengths
     body = engine.requests[0]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["max_tokens"] == 5 and body["ignore_eos"] is True
     s = summarize(result.records, result.duration_s, {})
     assert s["requests"] == 3 and s["errors"] == 0 and s["output_tokens"] == 15
-    assert 200 <= s["ttft_p50_ms"] < 300
+    assert 200 <= s["ttft_p50_ms"] < 350
     assert s["throughput_rps"] == pytest.approx(3 / result.duration_s, rel=1e-3)
     assert s["output_tok_s"] == pytest.approx(15 / result.duration_s, rel=1e-3)
 
@@ -149,7 +152,7 @@ async def test_open_loop_follows_the_seeded_schedule() -> None:
     assert result.schedule == poisson_schedule(10, 40.0, 5)
     starts = sorted(r.start_s for r in result.records)
     for planned, actual in zip(result.schedule, starts, strict=False):
-        assert planned <= actual < planned + 0.1
+        assert planned <= actual < planned + 0.3
 
 
 def test_same_seed_same_prompts() -> None:
