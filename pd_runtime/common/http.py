@@ -1,7 +1,9 @@
 """HTTP plumbing shared by the coordinator and the sidecar: header hygiene, streaming pass-through,
 and OpenAI-format error responses.
 
-Responses from upstream are streamed byte for byte (SSE included). If the client goes away, the
+Responses from upstream are streamed byte for byte (SSE included). The upstream hop is aiohttp (its
+HTTP parser is in C): with httpx, the pure-Python HTTP client took about half of the sidecar's CPU
+per request (``benchmarks/results/2026-11-24-components``). If the client goes away, the
 upstream request is closed too, so the worker sees the disconnect and aborts the request instead of
 generating into the void: before the response starts, :func:`unless_disconnected` cancels the
 upstream call; once it streams, Starlette cancels the body and its ``finally`` closes upstream.
@@ -19,8 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import FrameType
 from typing import Any, TypeVar
 
-import anyio
-import httpx
+import aiohttp
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,9 +44,14 @@ __all__ = [
     "GENERATION_PATHS",
     "PREFILLER_HEADER",
     "REQUEST_ID_HEADER",
+    "TRANSPORT_ERRORS",
     "DrainingServer",
+    "Fetched",
     "Lifecycle",
+    "UpstreamClient",
+    "UpstreamResponse",
     "error_response",
+    "failure_kind",
     "forward_headers",
     "install_error_handlers",
     "make_client",
@@ -56,6 +62,7 @@ __all__ = [
     "send_streaming",
     "stream_back",
     "unless_disconnected",
+    "upstream_timeout",
 ]
 
 T = TypeVar("T")
@@ -105,11 +112,165 @@ def forward_headers(
     }
 
 
-def make_client(connect_timeout_s: float, read_timeout_s: float) -> httpx.AsyncClient:
-    """A pooled client; one per process, reused by every request."""
-    timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+#: What a failed upstream call raises: a transport error, or a timeout (aiohttp's own timeouts are
+#: both; ``asyncio.wait_for`` on the first byte raises the plain one).
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def upstream_timeout(read_timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
+    """No bound on the whole exchange (a stream may run for minutes): ``connect_timeout_s`` to open
+    a connection, ``read_timeout_s`` for each read (the headers, then every chunk)."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
+    )
+
+
+def failure_kind(exc: BaseException | None) -> str | None:
+    """How an upstream call failed: ``connect_error`` (refused, unresolvable, connect timed out),
+    ``timeout`` (no headers or data in time), ``transport_error`` (reset, broken response), or
+    None when ``exc`` is not a transport failure."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "connect_error"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientError):
+        return "transport_error"
+    return None
+
+
+def _merged(headers: Any) -> dict[str, str]:
+    # A repeated header becomes one comma-separated value, names lowercased.
+    merged: dict[str, str] = {}
+    for key, value in headers.items():
+        name = key.lower()
+        merged[name] = f"{merged[name]}, {value}" if name in merged else value
+    return merged
+
+
+class UpstreamResponse:
+    """An upstream response whose status and headers are in and whose body is unread."""
+
+    __slots__ = ("_response", "headers", "status_code")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status_code = response.status
+        self.headers = _merged(response.headers)
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, undecoded (transfer coding removed, content coding kept)."""
+        return self._response.content.iter_any()
+
+    async def aread(self) -> bytes:
+        return await self._response.read()
+
+    def close(self) -> None:
+        """Give the connection back to the pool if the body was read to its end, else close it
+        (so the worker sees the disconnect). Synchronous: a cancellation cannot skip it."""
+        if self._response.content.is_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+class Fetched:
+    """A whole upstream response, body read (and decoded if the server compressed it)."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class UpstreamClient:
+    """The pooled upstream client; one per process, reused by every request.
+
+    Deliberate settings: no redirects followed; no cookie jar (one client serves every user, so a
+    cookie set for one must not be sent for the next); no ``Content-Type`` made up for a body
+    that came without one; responses passed on undecoded; 5 s keep-alive as before."""
+
+    def __init__(self, connect_timeout_s: float, read_timeout_s: float) -> None:
+        self.timeout = upstream_timeout(read_timeout_s, connect_timeout_s)
+        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=5.0)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self.timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("Content-Type",),
+        )
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> UpstreamResponse:
+        """Send a request; return once the status and headers are in. Raises what aiohttp raises
+        (:data:`TRANSPORT_ERRORS`). Cancelling it closes the connection."""
+        response = await self.session.request(
+            method,
+            url,
+            headers=headers,
+            data=content or None,
+            timeout=timeout or self.timeout,
+            allow_redirects=False,
+        )
+        return UpstreamResponse(response)
+
+    async def fetch(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> Fetched:
+        """A whole request and response (``json_body`` sent as compact JSON, ``Content-Type:
+        application/json`` unless ``headers`` set one). Raises :data:`TRANSPORT_ERRORS`."""
+        send = dict(headers or {})
+        data = None
+        if json_body is not None:
+            data = json.dumps(
+                json_body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode()
+            if not any(k.lower() == "content-type" for k in send):
+                send["Content-Type"] = "application/json"
+        async with self.session.request(
+            method,
+            url,
+            headers=send,
+            data=data,
+            timeout=timeout or self.timeout,
+            allow_redirects=False,
+            auto_decompress=True,
+        ) as response:
+            content = await response.read()
+            return Fetched(response.status, _merged(response.headers), content)
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+def make_client(connect_timeout_s: float, read_timeout_s: float) -> UpstreamClient:
+    """A pooled client; one per process, reused by every request (call it in the event loop)."""
+    return UpstreamClient(connect_timeout_s, read_timeout_s)
 
 
 def error_response(exc: ServingError) -> JSONResponse:
@@ -206,7 +367,7 @@ async def _disconnected(receive: Receive) -> None:
 
 async def unless_disconnected(request: Request | None, awaitable: Awaitable[T]) -> T:
     """Await ``awaitable`` while watching the client (whose body must already be read); if the
-    client goes away first, cancel it (an httpx call in flight closes its connection, so the worker
+    client goes away first, cancel it (an upstream call in flight closes its connection, so the worker
     behind it aborts the request, as vLLM does on a disconnect) and raise :class:`ClientGone`."""
     work = asyncio.ensure_future(awaitable)
     if request is None:
@@ -223,55 +384,55 @@ async def unless_disconnected(request: Request | None, awaitable: Awaitable[T]) 
     if watcher.done() and not watcher.cancelled():
         if work.done() and not work.cancelled() and work.exception() is None:
             result = work.result()
-            if isinstance(result, httpx.Response):
-                await result.aclose()
+            if isinstance(result, UpstreamResponse):
+                result.close()
         raise ClientGone("client disconnected before the response started")
     return work.result()
 
 
 async def open_upstream(
-    client: httpx.AsyncClient,
+    client: UpstreamClient,
     url: str,
     *,
     headers: Mapping[str, str],
     content: bytes,
     method: str = "POST",
-    timeout: httpx.Timeout | None = None,
+    timeout: aiohttp.ClientTimeout | None = None,
     first_byte_timeout_s: float | None = None,
     client_request: Request | None = None,
-) -> httpx.Response:
+) -> UpstreamResponse:
     """Send a request upstream and return its response once the status and headers are in, body
-    unread (the caller streams or closes it). Raises :class:`UpstreamError` chained from the httpx
-    error: 504 when it timed out (``first_byte_timeout_s`` bounds the wait for the headers), 502
-    when it could not be reached or the connection broke; :class:`ClientGone` when
-    ``client_request``'s client went away first (the upstream request is then cancelled)."""
-    request = client.build_request(
-        method, url, headers=headers, content=content, timeout=timeout or client.timeout
+    unread (the caller streams or closes it). Raises :class:`UpstreamError` chained from the
+    transport error (see :func:`failure_kind`): 504 when it timed out (``first_byte_timeout_s``
+    bounds the wait for the headers), 502 when it could not be reached or the connection broke;
+    :class:`ClientGone` when ``client_request``'s client went away first (the upstream request is
+    then cancelled)."""
+    sending: Awaitable[UpstreamResponse] = client.open(
+        method, url, headers=headers, content=content, timeout=timeout
     )
-    sending = client.send(request, stream=True)
     if first_byte_timeout_s is not None:
         sending = asyncio.wait_for(sending, first_byte_timeout_s)
     try:
         return await unless_disconnected(client_request, sending)
-    except (httpx.TimeoutException, asyncio.TimeoutError) as exc:
+    except asyncio.TimeoutError as exc:  # aiohttp's connect and read timeouts are ones too
         raise UpstreamError(f"upstream {url} timed out: {exc!r}", status_code=504) from exc
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         raise UpstreamError(f"upstream {url} is unreachable: {exc!r}") from exc
 
 
 def stream_back(
-    upstream: httpx.Response, url: str, on_close: Callable[[int], None] | None = None
+    upstream: UpstreamResponse, url: str, on_close: Callable[[int], None] | None = None
 ) -> StreamingResponse:
     """Stream an open upstream response back unchanged (status, headers, bytes). The upstream
     response is closed when the stream ends, breaks, or the client goes away (Starlette then
-    cancels the body; the close is shielded from that cancellation so it always happens), and
+    cancels the body; the close is synchronous, so that cancellation cannot skip it), and
     then ``on_close(upstream status)`` runs."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in upstream.aiter_raw():
                 yield chunk
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             # The stream broke midway: headers are gone already, so end the SSE stream with an
             # error event rather than a silent truncation.
             logger.warning("upstream stream from %s broke: %r", url, exc)
@@ -279,8 +440,7 @@ def stream_back(
                 error = UpstreamError(f"upstream stream broke: {exc!r}").to_body()
                 yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            upstream.close()
             if on_close is not None:
                 on_close(upstream.status_code)
 
@@ -291,13 +451,13 @@ def stream_back(
 
 
 async def send_streaming(
-    client: httpx.AsyncClient,
+    client: UpstreamClient,
     url: str,
     *,
     headers: Mapping[str, str],
     content: bytes,
     method: str = "POST",
-    timeout: httpx.Timeout | None = None,
+    timeout: aiohttp.ClientTimeout | None = None,
     on_close: Callable[[int], None] | None = None,
     client_request: Request | None = None,
 ) -> Response:

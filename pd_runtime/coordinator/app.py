@@ -20,7 +20,6 @@ On SIGTERM (``Lifecycle``): /health answers 503 draining and in-flight requests 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -28,7 +27,6 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
-import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -40,8 +38,11 @@ from pd_runtime.common.http import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
+    TRANSPORT_ERRORS,
     Lifecycle,
+    UpstreamClient,
     error_response,
+    failure_kind,
     forward_headers,
     install_error_handlers,
     make_client,
@@ -77,14 +78,7 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 
 def failure_reason(error: UpstreamError) -> str:
     """The ``reason`` label of ``pd_coordinator_retries_total`` for a failed attempt."""
-    cause = error.__cause__
-    if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout):
-        return "connect_error"
-    if isinstance(cause, httpx.TimeoutException | asyncio.TimeoutError):
-        return "timeout"
-    if isinstance(cause, httpx.HTTPError):
-        return "transport_error"
-    return f"status_{error.status_code}"
+    return failure_kind(error.__cause__) or f"status_{error.status_code}"
 
 
 # msgspec, not json: with a breakdown of 7 scorers x 64 endpoints the line is ~16 kB, which
@@ -113,7 +107,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         scheduler = SCHEDULERS.create(
             config.scheduler.policy, config.endpoints, **config.scheduler.params
         )
-    state: dict[str, httpx.AsyncClient] = {}
+    state: dict[str, UpstreamClient] = {}
     keys = ApiKeys(resolve_api_keys(config))
     lifecycle = Lifecycle()
     admission = AdmissionController(config.max_in_flight, config.max_queued, config.queue_timeout_s)
@@ -229,10 +223,10 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             if upstream.status_code in RETRY_STATUSES:
                 try:
                     detail = (await upstream.aread())[:300].decode(errors="replace")
-                except httpx.HTTPError as exc:
+                except TRANSPORT_ERRORS as exc:
                     detail = repr(exc)
                 finally:
-                    await upstream.aclose()
+                    upstream.close()
                 end_attempt()
                 message = f"decode sidecar {url} answered {upstream.status_code}: {detail}"
                 return UpstreamError(message, status_code=upstream.status_code)

@@ -28,7 +28,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
@@ -43,7 +42,9 @@ from pd_runtime.common.http import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
+    TRANSPORT_ERRORS,
     Lifecycle,
+    UpstreamClient,
     error_response,
     forward_headers,
     install_error_handlers,
@@ -51,6 +52,7 @@ from pd_runtime.common.http import (
     parse_json_body,
     send_streaming,
     unless_disconnected,
+    upstream_timeout,
 )
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.config.discovery import DiscoveryConfig
@@ -104,7 +106,7 @@ class SidecarMetrics:
 def create_app(settings: SidecarSettings) -> FastAPI:
     metrics = SidecarMetrics()
     lifecycle = Lifecycle()
-    state: dict[str, httpx.AsyncClient] = {}
+    state: dict[str, UpstreamClient] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -141,7 +143,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
 
     async def prefill(
         request: Request,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         prefiller: str,
         path: str,
         body: dict[str, Any],
@@ -154,16 +156,17 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             # closed, so the prefill worker aborts the request too.
             response = await unless_disconnected(
                 request,
-                client.post(
+                client.fetch(
+                    "POST",
                     f"http://{prefiller}{path}",
-                    json=build_prefill_request(body),
+                    json_body=build_prefill_request(body),
                     headers=headers,
-                    timeout=httpx.Timeout(
-                        settings.prefill_timeout_s, connect=settings.connect_timeout_s
+                    timeout=upstream_timeout(
+                        settings.prefill_timeout_s, settings.connect_timeout_s
                     ),
                 ),
             )
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             logger.warning("prefill on %s failed (%r); decoding locally", prefiller, exc)
             return None
         finally:
@@ -233,8 +236,10 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         if draining is not None:
             return draining
         try:
-            response = await state["client"].get(f"{decode_url}/health", timeout=5.0)
-        except httpx.HTTPError as exc:
+            response = await state["client"].fetch(
+                "GET", f"{decode_url}/health", timeout=upstream_timeout(5.0, 5.0)
+            )
+        except TRANSPORT_ERRORS as exc:
             return JSONResponse({"status": "decode worker unreachable", "error": repr(exc)}, 503)
         return JSONResponse(
             {"status": "ok" if response.status_code == 200 else "decode unhealthy"},
