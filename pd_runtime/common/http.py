@@ -119,9 +119,14 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, asynci
 
 def upstream_timeout(read_timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
     """No bound on the whole exchange (a stream may run for minutes): ``connect_timeout_s`` to open
-    a connection, ``read_timeout_s`` for each read (the headers, then every chunk)."""
+    a connection, ``read_timeout_s`` for each read (the headers, then every chunk). Waiting for a
+    free pooled connection plus opening one is bounded too (by the longer of the two), so a full
+    pool fails the call rather than queueing it forever."""
     return aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
+        total=None,
+        connect=max(read_timeout_s, connect_timeout_s),
+        sock_connect=connect_timeout_s,
+        sock_read=read_timeout_s,
     )
 
 
