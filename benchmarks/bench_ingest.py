@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.machine import describe_machine
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = (
@@ -217,21 +218,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "load_avg_at_end": os.getloadavg(),
-    }
+    return describe_machine(extra_versions=("msgspec", "pyzmq"))
 
 
 if __name__ == "__main__":

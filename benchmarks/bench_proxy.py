@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
@@ -51,6 +50,8 @@ from typing import Any
 
 import aiohttp
 import psutil
+
+from benchmarks.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -528,32 +529,7 @@ async def standin_calls(session: aiohttp.ClientSession, port: int) -> dict[str, 
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions: dict[str, str] = {}
-    for dist in ("aiohttp", "uvicorn", "fastapi", "httpx", "vllm-router", "nixl-cu12", "torch"):
-        try:
-            from importlib.metadata import version
-
-            versions[dist] = version(dist)
-        except Exception:
-            versions[dist] = "not installed"
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "versions": versions,
-        "load_avg": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    return describe_machine(extra_versions=("aiohttp", "uvicorn", "fastapi", "httpx"))
 
 
 def fmt(v: Any) -> str:

@@ -43,18 +43,17 @@ import cProfile
 import gc
 import io
 import json
-import os
-import platform
 import pstats
 import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import describe_machine
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.kv_events import BlockStored, PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest, SchedulingResult
@@ -488,31 +487,7 @@ def calibration_us() -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in _lines("/proc/cpuinfo")
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem = next((line.split()[1] for line in _lines("/proc/meminfo") if "MemTotal" in line), "0")
-    return {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "mem_gib": round(int(mem) / 2**20, 1),
-        "load_avg_at_end": os.getloadavg(),
-        "calibration_dictcomp_64_us": calibration_us(),
-    }
-
-
-def _lines(path: str) -> Iterator[str]:
-    try:
-        yield from Path(path).read_text().splitlines()
-    except OSError:
-        return
+    return describe_machine() | {"calibration_dictcomp_64_us": calibration_us()}
 
 
 async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:

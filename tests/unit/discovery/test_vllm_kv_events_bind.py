@@ -6,31 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from pd_runtime.kv_events import EventSubscriber, PrefixIndex
 from tests.servers import until
+from tests.unit.kv_events.test_vllm_publisher import PUBLISHER
 
 from .test_kubernetes import port_in_range
-
-PUBLISHER = textwrap.dedent(
-    """
-    import sys, time
-    from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
-    endpoint, topic = sys.argv[1], sys.argv[2]
-    pub = ZmqEventPublisher(0, endpoint=endpoint, topic=topic)
-    tokens = list(range(1, 65))
-    print("ready", flush=True)
-    for _ in range(600):  # PUB drops what it sends before the subscriber is connected: repeat
-        pub.publish(KVEventBatch(ts=time.time(), events=[BlockStored(
-            block_hashes=[11, 12], parent_block_hash=None, token_ids=tokens, block_size=32,
-            lora_id=None, medium="GPU", lora_name=None)]))
-        time.sleep(0.05)
-    pub.shutdown()
-    """
-)
 
 
 async def test_vllm_binds_a_wildcard_endpoint_and_the_coordinator_connects() -> None:

@@ -18,12 +18,13 @@ import pytest
 from pd_runtime.kv_events import EventSubscriber, PrefixIndex
 from tests.servers import free_port, until
 
+#: vLLM's own publisher in its own process: ``python -c PUBLISHER ENDPOINT TOPIC``.
 PUBLISHER = textwrap.dedent(
     """
     import sys, time
     from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
-    port, topic = int(sys.argv[1]), sys.argv[2]
-    pub = ZmqEventPublisher(0, endpoint=f"tcp://127.0.0.1:{port}", topic=topic)
+    endpoint, topic = sys.argv[1], sys.argv[2]
+    pub = ZmqEventPublisher(0, endpoint=endpoint, topic=topic)
     tokens = list(range(1, 65))
     print("ready", flush=True)
     for _ in range(600):  # PUB drops what it sends before the subscriber is connected: repeat
@@ -42,7 +43,7 @@ async def test_vllm_publisher_connects_to_a_bound_subscriber() -> None:
     address = f"tcp://127.0.0.1:{port}"
     endpoint = f"127.0.0.1:{port + 1}"
     publisher = subprocess.Popen(
-        [sys.executable, "-c", PUBLISHER, str(port), f"kv@{endpoint}@tiny"],
+        [sys.executable, "-c", PUBLISHER, f"tcp://127.0.0.1:{port}", f"kv@{endpoint}@tiny"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -64,7 +65,7 @@ async def test_a_publisher_with_another_topic_is_ignored() -> None:
     pytest.importorskip("vllm")
     port = free_port()
     publisher = subprocess.Popen(
-        [sys.executable, "-c", PUBLISHER, str(port), "kv@10.0.0.9:8200@tiny"],
+        [sys.executable, "-c", PUBLISHER, f"tcp://127.0.0.1:{port}", "kv@10.0.0.9:8200@tiny"],
         stdout=subprocess.PIPE,
         text=True,
     )
