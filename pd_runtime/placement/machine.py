@@ -24,14 +24,12 @@ placer finds the NIC nearest a GPU. ``nvlink_peers: null`` means "not known"; ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pd_runtime.errors import ConfigError
 from pd_runtime.platform import Platform
 
 __all__ = [
@@ -224,23 +222,8 @@ class MachineDescription(BaseModel):
 
 
 def load_machine(path: str | Path) -> MachineDescription:
-    """A machine description from YAML or JSON; errors name the field (``gpus.3.numa_node``)."""
-    from pydantic import ValidationError
+    """A machine description from YAML or JSON (JSON is YAML); errors name the field
+    (``gpus.3.numa_node``)."""
+    from pd_runtime.config.loader import load_config
 
-    from pd_runtime.config.loader import format_validation_error
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"--machine: cannot read {path}: {exc}") from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a machine description must be a mapping")
-    try:
-        return MachineDescription.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(str(path), exc)) from exc
+    return load_config(MachineDescription, path)
