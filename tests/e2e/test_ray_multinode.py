@@ -56,9 +56,6 @@ RAY_ENV = {
 
 def _node_args(base: int, cpus: int, resources: dict[str, float]) -> dict[str, Any]:
     return {
-        # Loopback: on one machine the nodes, and all traffic between the parts, stay on 127.0.0.1
-        # (Ray would otherwise pick the machine's interface address).
-        "node_ip_address": "127.0.0.1",
         "num_cpus": cpus,
         "resources": resources,
         "include_dashboard": False,
@@ -152,12 +149,7 @@ def ray_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayDepl
     try:
         node_b = cluster.add_node(**_node_args(14100, 2, {"node_b": 1}))
         cluster.wait_for_nodes()
-        ray.init(
-            address=cluster.address,
-            namespace="pd-runtime-e2e",
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-        )
+        ray.init(address=cluster.address, namespace="pd-runtime-e2e", log_to_driver=False)
         nodes = {"node_a": cluster.head_node.node_id, "node_b": node_b.node_id}
         config = ray_config(cache / "models" / "tiny-qwen3-e2e", cluster.address)
         launcher = RayLauncher(config, run_dir, progress=lambda m: print(f"[ray-e2e] {m}"))
@@ -196,7 +188,7 @@ def test_parts_run_on_the_nodes_their_placement_groups_were_given(
     driver = ray.get_runtime_context().get_node_id()
     assert d.launcher.node_of("coordinator") == driver
     # The coordinator's endpoints were written from the placement: the nodes' IPs, which Ray
-    # reports (here 127.0.0.1: the test pins the nodes to loopback).
+    # reports (on this one machine, its interface address rather than the config's 127.0.0.1).
     node_ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     assert d.prefill.address == f"{node_ip[d.nodes['node_a']]}:14300"
     assert d.decode.address == f"{node_ip[d.nodes['node_b']]}:14400"
