@@ -231,19 +231,16 @@ def plan_deployment(
             )
         )
 
+    # The section's edge settings (API keys, admission, body limit, draining) carry the names of
+    # CoordinatorConfig's fields, so they pass through as they are.
+    edge = config.coordinator.model_dump(exclude={"port", "scheduler"})
     coordinator = CoordinatorConfig(
         host=host,
         port=config.coordinator.port,
         models=[config.model.name],
         endpoints=endpoints,
         scheduler=_scheduler_for(config, workers[0][1] if workers else None),
-        api_keys_env=config.coordinator.api_keys_env,
-        max_in_flight=config.coordinator.max_in_flight,
-        max_queued=config.coordinator.max_queued,
-        queue_timeout_s=config.coordinator.queue_timeout_s,
-        max_body_bytes=config.coordinator.max_body_bytes,
-        drain_timeout_s=config.coordinator.drain_timeout_s,
-        drain_delay_s=config.coordinator.drain_delay_s,
+        **edge,
     )
     coordinator_path = run_dir / "coordinator.yaml"
     parts.append(

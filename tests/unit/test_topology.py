@@ -80,3 +80,11 @@ def test_drain_settings_reach_the_sidecars_and_the_coordinator(tmp_path: Path) -
     )
     assert {flag(s.argv, "--drain-delay") for s in plan.by_kind("sidecar")} == {"4.0"}
     assert (plan.coordinator.drain_delay_s, plan.coordinator.drain_timeout_s) == (6, 9)
+
+
+def test_every_coordinator_section_setting_is_a_coordinator_config_field() -> None:
+    # plan_deployment passes the section's edge settings through by name.
+    from pd_runtime.config.coordinator import CoordinatorConfig
+    from pd_runtime.config.deployment import CoordinatorSection
+
+    assert set(CoordinatorSection.model_fields) <= set(CoordinatorConfig.model_fields)
