@@ -13,14 +13,20 @@ client still gets its answer. Every other path is proxied to the decode worker u
 
 If the client goes away, the sidecar closes its requests to the prefill worker (if that call is
 still running) and to the decode worker, which abort the request as vLLM does on a disconnect.
-Timeouts: ``connect_timeout_s`` on both hops, ``prefill_timeout_s`` per read of the prefill call
-(then fallback), ``decode_timeout_s`` per read of the decode call (then 504, or an SSE error event
-once streaming). On SIGTERM, /health answers 503 draining and in-flight requests get
+Timeouts: ``connect_timeout_s`` on both hops; on the prefill call ``prefill_timeout_s`` per read
+and a total deadline from what that prefill should take (see :mod:`pd_runtime.sidecar.deadline`:
+clamp(``prefill_deadline_floor_s``, ``prefill_deadline_factor`` * predicted + 1 s,
+``prefill_timeout_s``), at least ``prefill_deadline_cold_s`` for a prefiller with no completed
+prefill yet), after which the call is cancelled (its connection closed, so vLLM aborts it) and the
+decode worker prefills locally, counted in ``pd_sidecar_prefill_deadline_exceeded_total``;
+``decode_timeout_s`` per read of the decode call (then 504, or an SSE error event once
+streaming). On SIGTERM, /health answers 503 draining and in-flight requests get
 ``drain_timeout_s`` to finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -58,6 +64,7 @@ from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.config.discovery import DiscoveryConfig
 from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import ForbiddenError, ServingError
+from pd_runtime.sidecar.deadline import DeadlinePolicy, PrefillDeadlines, prompt_size
 from pd_runtime.sidecar.rewrite import build_decode_request, build_prefill_request
 
 __all__ = ["SidecarSettings", "create_app"]
@@ -71,7 +78,14 @@ class SidecarSettings:
     allowed_prefillers: frozenset[str]
     host: str = "127.0.0.1"
     port: int = 8300
+    #: Per read of the prefill call, and the most its total deadline can be.
     prefill_timeout_s: float = 120.0
+    #: The prefill call's total deadline (see :mod:`pd_runtime.sidecar.deadline`): at least
+    #: ``prefill_deadline_floor_s``, else ``prefill_deadline_factor`` * the predicted prefill time
+    #: + 1 s; at least ``prefill_deadline_cold_s`` while the prefiller has no completed prefill.
+    prefill_deadline_floor_s: float = 5.0
+    prefill_deadline_factor: float = 4.0
+    prefill_deadline_cold_s: float = 15.0
     decode_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
     #: On SIGTERM, how long in-flight requests may run before they are cut.
@@ -81,6 +95,23 @@ class SidecarSettings:
     #: Also trust the prefill endpoints this discovery finds (Kubernetes: ready pods labelled
     #: role prefill), kept current while serving; ``allowed_prefillers`` stay trusted too.
     prefiller_discovery: DiscoveryConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_timeout_s", "prefill_deadline_floor_s", "prefill_deadline_cold_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
+        if not self.prefill_deadline_factor >= 1:
+            raise ValueError(
+                f"prefill_deadline_factor must be >= 1, not {self.prefill_deadline_factor!r}"
+            )
+
+    def deadline_policy(self) -> DeadlinePolicy:
+        return DeadlinePolicy(
+            floor_s=self.prefill_deadline_floor_s,
+            factor=self.prefill_deadline_factor,
+            ceiling_s=self.prefill_timeout_s,
+            cold_s=self.prefill_deadline_cold_s,
+        )
 
 
 class SidecarMetrics:
@@ -101,10 +132,23 @@ class SidecarMetrics:
         self.prefill_seconds = Histogram(
             "pd_sidecar_prefill_seconds", "Time of the prefill hop", registry=self.registry
         )
+        self.prefill_deadline_seconds = Histogram(
+            "pd_sidecar_prefill_deadline_seconds",
+            "Total deadline given to each prefill call (from its predicted time)",
+            buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self.prefill_deadline_exceeded = Counter(
+            "pd_sidecar_prefill_deadline_exceeded",
+            "Prefill calls cancelled at their deadline, then decoded locally "
+            "(also counted as mode=fallback)",
+            registry=self.registry,
+        )
 
 
 def create_app(settings: SidecarSettings) -> FastAPI:
     metrics = SidecarMetrics()
+    deadlines = PrefillDeadlines(settings.deadline_policy())
     lifecycle = Lifecycle()
     state: dict[str, UpstreamClient] = {}
 
@@ -131,6 +175,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     async def on_prefillers(endpoints: list[EndpointConfig]) -> None:
         found = {e.address for e in endpoints if e.role == "prefill"}
         trusted["prefillers"] = frozenset(settings.allowed_prefillers | found)
+        deadlines.retain(trusted["prefillers"])
         logger.info("trusted prefillers: %s", ", ".join(sorted(trusted["prefillers"])))
 
     app = FastAPI(title="pd-runtime sidecar", lifespan=lifespan)
@@ -138,6 +183,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     app.state.settings = settings
     app.state.trusted = trusted
     app.state.metrics = metrics
+    app.state.deadlines = deadlines
     app.state.lifecycle = lifecycle
     decode_url = settings.decode_url.rstrip("/")
 
@@ -150,27 +196,45 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         headers: dict[str, str],
     ) -> dict[str, Any] | None:
         """Step 3: returns the prefiller's kv_transfer_params, or None to decode locally."""
+        size = prompt_size(body)
+        deadline = deadlines.deadline(prefiller, size)
+        metrics.prefill_deadline_seconds.observe(deadline.seconds)
+        timer = asyncio.timeout(deadline.seconds)
         started = time.perf_counter()
         try:
-            # If the client leaves meanwhile, the prefill call is cancelled and its connection
-            # closed, so the prefill worker aborts the request too.
-            response = await unless_disconnected(
-                request,
-                client.fetch(
-                    "POST",
-                    f"http://{prefiller}{path}",
-                    json_body=build_prefill_request(body),
-                    headers=headers,
-                    timeout=upstream_timeout(
-                        settings.prefill_timeout_s, settings.connect_timeout_s
+            # If the client leaves meanwhile, or the deadline passes, the prefill call is cancelled
+            # and its connection closed, so the prefill worker aborts the request too.
+            async with timer:
+                response = await unless_disconnected(
+                    request,
+                    client.fetch(
+                        "POST",
+                        f"http://{prefiller}{path}",
+                        json_body=build_prefill_request(body),
+                        headers=headers,
+                        timeout=upstream_timeout(
+                            settings.prefill_timeout_s, settings.connect_timeout_s
+                        ),
                     ),
-                ),
-            )
+                )
         except TRANSPORT_ERRORS as exc:
-            logger.warning("prefill on %s failed (%r); decoding locally", prefiller, exc)
+            if timer.expired():
+                metrics.prefill_deadline_exceeded.inc()
+                logger.warning(
+                    "prefill on %s passed its %.1fs deadline (%s; predicted %.2fs for ~%d "
+                    "tokens); cancelled it, decoding locally",
+                    prefiller,
+                    deadline.seconds,
+                    "no prefill from it yet" if deadline.cold else "learned rate",
+                    deadline.predicted_s,
+                    deadline.tokens,
+                )
+            else:
+                logger.warning("prefill on %s failed (%r); decoding locally", prefiller, exc)
             return None
         finally:
-            metrics.prefill_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.prefill_seconds.observe(elapsed)
         if response.status_code != 200:
             logger.warning(
                 "prefill on %s answered %d (%s); decoding locally",
@@ -180,9 +244,14 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             )
             return None
         try:
-            params = response.json().get("kv_transfer_params")
-        except (json.JSONDecodeError, AttributeError):
-            params = None
+            answer = response.json()
+        except ValueError:  # not JSON, or not UTF-8
+            answer = None
+        if not isinstance(answer, dict):
+            answer = {}
+        prompt_tokens, cached_tokens = _prompt_usage(answer.get("usage"))
+        deadlines.observe(prefiller, size, elapsed, prompt_tokens, cached_tokens)
+        params = answer.get("kv_transfer_params")
         if not params:
             logger.warning(
                 "prefill on %s returned no kv_transfer_params; decoding locally", prefiller
@@ -265,3 +334,16 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             return error_response(exc)
 
     return app
+
+
+def _prompt_usage(usage: Any) -> tuple[int | None, int]:
+    """``usage.prompt_tokens`` of a prefill answer (None if missing) and its cached tokens."""
+
+    def count(value: Any) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    if not isinstance(usage, dict):
+        return None, 0
+    details = usage.get("prompt_tokens_details")
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return count(usage.get("prompt_tokens")), cached or 0
