@@ -1,9 +1,24 @@
-"""Scrape every endpoint's vLLM ``/metrics`` on a short interval into its EndpointState.
+"""Scrape every endpoint's vLLM ``/metrics`` on a short interval into its EndpointState, and check
+the health of the decode endpoints' sidecars in the same round.
 
 Read: ``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``
-(0..1). An endpoint that fails ``unhealthy_after`` scrapes in a row is marked unhealthy (the
-``healthy`` filter then skips it) and healthy again on its next good scrape. Parsing the text
-format costs milliseconds per endpoint, so it runs in a worker thread, not on the event loop.
+(0..1). Parsing the text format costs milliseconds per endpoint, so it runs in a worker thread,
+not on the event loop.
+
+Health. Requests to a decode endpoint go through its sidecar (``EndpointConfig.url``), so a dead
+or draining sidecar must keep the endpoint out of rotation even while its worker still answers
+``/metrics``. For a decode endpoint whose ``url`` is not the worker itself (``url`` names another
+HOST:PORT than ``address``) each round therefore also GETs the sidecar's ``{url}/health``,
+concurrently with the metrics scrape and on the same client; the sidecar answers 503 there when
+it drains or cannot reach its decode worker. A round succeeds only when both answer (prefill
+endpoints, and endpoints served by the worker directly, need the metrics scrape alone). An
+endpoint whose rounds fail ``unhealthy_after`` times in a row is marked unhealthy (the
+``healthy`` filter then skips it), logged with what failed (sidecar, worker, or both); it is
+healthy again after its next successful round. That also undoes an unhealthy mark the scheduler
+set after a failed forward (``report_failure``), which is why the sidecar must be part of the
+round: with the metrics alone, an endpoint with a dead sidecar would come back at every scrape
+and cost a client request a failed attempt each time. Metric values are taken from every good
+metrics scrape, whatever the sidecar answered: they describe the worker.
 """
 
 from __future__ import annotations
@@ -13,19 +28,45 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import httpx
 
 from pd_runtime.common.prom import parse_metrics
+from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.scheduling.plugins import EndpointState
 
-__all__ = ["MetricsScraper"]
+__all__ = ["MetricsScraper", "sidecar_health_url"]
 
 log = logging.getLogger(__name__)
 
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
+
+
+def sidecar_health_url(config: EndpointConfig) -> str | None:
+    """``{url}/health`` of the sidecar in front of a decode endpoint's worker; None when the
+    endpoint has no sidecar (a prefill endpoint, or ``url`` is the worker's own HOST:PORT)."""
+    if config.role != "decode" or urlsplit(config.url).netloc == config.address:
+        return None
+    return f"{config.url}/health"
+
+
+def _describe(exc: Exception) -> str:
+    """One line for the log: the status and the answer's ``status`` field, or the error."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        status = None
+        with contextlib.suppress(ValueError, LookupError, TypeError):
+            status = response.json()["status"]  # the sidecar's: "draining", "decode unhealthy", ...
+        detail = f" ({status})" if isinstance(status, str) else ""
+        return f"{response.url} answered {response.status_code}{detail}"
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, httpx.RequestError):
+        with contextlib.suppress(RuntimeError):  # no request attached
+            return f"{exc.request.url}: {message}"
+    return message
 
 
 class MetricsScraper:
@@ -50,7 +91,10 @@ class MetricsScraper:
         self.endpoints = list(endpoints)
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self.timeout_s)
+        # A round opens one connection per worker and one per sidecar at once: keep them all
+        # alive between rounds (httpx keeps only 20 by default) instead of reconnecting.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self._client = httpx.AsyncClient(timeout=self.timeout_s, limits=limits)
         self._task = asyncio.create_task(self._run(), name="metrics-scraper")
 
     async def stop(self) -> None:
@@ -74,22 +118,60 @@ class MetricsScraper:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     async def _scrape(self, state: EndpointState) -> None:
+        health_url = sidecar_health_url(state.config)
+        if health_url is None:
+            worker_error, sidecar_error = await self._scrape_metrics(state), None
+        else:
+            worker_error, sidecar_error = await asyncio.gather(
+                self._scrape_metrics(state), self._check_sidecar(health_url)
+            )
+        if worker_error is None and sidecar_error is None:
+            state.scrape_failures = 0
+            if not state.healthy:
+                state.healthy = True
+                log.info("%s healthy again", state.address)
+            return
+        state.scrape_failures += 1
+        # Log once per outage: when the endpoint turns unhealthy here, or when it reaches the
+        # threshold already unhealthy (marked by the scheduler after a failed forward).
+        if state.scrape_failures >= self.unhealthy_after and (
+            state.healthy or state.scrape_failures == self.unhealthy_after
+        ):
+            state.healthy = False
+            failed = [
+                f"{what} failed: {error}"
+                for what, error in (("sidecar", sidecar_error), ("worker", worker_error))
+                if error is not None
+            ]
+            log.warning(
+                "%s (%s) marked unhealthy after %d failed rounds: %s",
+                state.address,
+                state.config.name,
+                state.scrape_failures,
+                "; ".join(failed),
+            )
+
+    async def _scrape_metrics(self, state: EndpointState) -> str | None:
+        """Fill ``state`` from the worker's ``/metrics``; None, or what went wrong."""
         assert self._client is not None
         try:
             response = await self._client.get(state.config.metrics_url)
             response.raise_for_status()
             values = await asyncio.to_thread(parse_metrics, response.text)
         except (httpx.HTTPError, ValueError) as exc:
-            state.scrape_failures += 1
-            if state.healthy and state.scrape_failures >= self.unhealthy_after:
-                state.healthy = False
-                log.warning("%s marked unhealthy: %s", state.address, exc or type(exc).__name__)
-            return
+            return _describe(exc)
         state.waiting = values.get(WAITING)
         state.running = values.get(RUNNING)
         state.kv_usage = values.get(KV_USAGE)
         state.scraped_at = time.time()
-        state.scrape_failures = 0
-        if not state.healthy:
-            state.healthy = True
-            log.info("%s healthy again", state.address)
+        return None
+
+    async def _check_sidecar(self, url: str) -> str | None:
+        """None when the sidecar's ``/health`` answers 200, else what went wrong."""
+        assert self._client is not None
+        try:
+            response = await self._client.get(url)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            return _describe(exc)
+        return None

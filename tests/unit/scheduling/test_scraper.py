@@ -1,18 +1,21 @@
-"""MetricsScraper against a stand-in /metrics server: values into EndpointState, health flips."""
+"""MetricsScraper against stand-in /metrics and sidecar /health servers on loopback: values into
+EndpointState, health flips (a decode endpoint's sidecar and worker both count)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.scheduling.plugins import EndpointState
-from pd_runtime.scheduling.scraper import MetricsScraper
+from pd_runtime.scheduling.scraper import MetricsScraper, sidecar_health_url
 from tests.servers import free_port, serve
 
 
@@ -202,3 +205,235 @@ async def test_background_loop_scrapes_every_interval_and_stops(live: str) -> No
     await asyncio.sleep(0.1)
     assert scraper.rounds == rounds  # stopped means stopped
     await scraper.stop()  # idempotent
+
+
+# ---- decode endpoints behind a sidecar: the sidecar's /health is part of every round ----------
+
+
+@dataclass
+class Sidecar:
+    """Stand-in for a decode sidecar's ``/health``; answers like the real one (200 ok, or 503 with
+    ``draining`` / ``decode worker unreachable``). Tests change it between rounds."""
+
+    status: int = 200
+    state: str = "ok"
+    hits: int = 0
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/health")
+        async def health() -> Response:
+            self.hits += 1
+            return JSONResponse({"status": self.state}, status_code=self.status)
+
+        return app
+
+
+def decode_behind(address: str, sidecar_url: str) -> EndpointState:
+    return EndpointState(
+        EndpointConfig(name="decode-0", role="decode", address=address, url=sidecar_url)
+    )
+
+
+@pytest.fixture
+def sidecar() -> Sidecar:
+    return Sidecar()
+
+
+@pytest.fixture
+def sidecar_url(sidecar: Sidecar) -> Iterator[str]:
+    with serve(sidecar.app()) as url:
+        yield url
+
+
+@pytest.mark.parametrize(
+    ("role", "address", "url", "expected"),
+    [
+        ("decode", "10.0.0.1:8200", "http://10.0.0.1:8300", "http://10.0.0.1:8300/health"),
+        (
+            "decode",
+            "10.0.0.1:8200",
+            "http://sidecar.local:8200",
+            "http://sidecar.local:8200/health",
+        ),
+        ("decode", "[fd00::1]:8200", "http://[fd00::1]:8300", "http://[fd00::1]:8300/health"),
+        ("decode", "10.0.0.1:8200", "http://10.0.0.1:8200", None),  # the worker itself
+        ("decode", "10.0.0.1:8200", "https://10.0.0.1:8200/", None),
+        ("decode", "[fd00::1]:8200", "http://[fd00::1]:8200", None),
+        ("prefill", "10.0.0.1:8100", "http://10.0.0.1:8100", None),
+        ("prefill", "10.0.0.1:8100", "http://10.0.0.1:9999", None),  # prefill: never a sidecar
+    ],
+)
+def test_which_endpoints_have_a_sidecar_to_check(
+    role: str, address: str, url: str, expected: str | None
+) -> None:
+    config = EndpointConfig(name="e", role=role, address=address, url=url)  # type: ignore[arg-type]
+    assert sidecar_health_url(config) == expected
+
+
+async def test_dead_sidecar_keeps_the_endpoint_unhealthy_while_its_worker_answers(
+    live: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The old bug: the worker's /metrics alone brought it back at every scrape."""
+    state = decode_behind(live, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    caplog.set_level(logging.INFO, logger="pd_runtime.scheduling.scraper")
+    scraper = await started([state], unhealthy_after=2)
+    try:
+        assert (state.scrape_failures, state.healthy) == (1, True)
+        assert state.waiting == 3.0  # the worker's numbers still come in
+        await scraper.scrape_once()
+        assert (state.scrape_failures, state.healthy) == (2, False)
+        for expected_failures in (3, 4, 5):
+            await scraper.scrape_once()
+            assert (state.scrape_failures, state.healthy) == (expected_failures, False)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings  # once per outage, not per round
+        assert "sidecar failed" in warnings[0] and "worker failed" not in warnings[0]
+        assert "ConnectError" in warnings[0]
+    finally:
+        await scraper.stop()
+
+
+async def test_endpoint_marked_unhealthy_by_a_failed_forward_stays_out_while_its_sidecar_is_dead(
+    live: str,
+) -> None:
+    """What ``KVAwareScheduler.report_failure`` does after a forward to a dead sidecar: the next
+    round must not undo it just because the worker's /metrics answers."""
+    state = decode_behind(live, f"http://127.0.0.1:{free_port()}")
+    scraper = await started([state], unhealthy_after=3)
+    try:
+        state.healthy = False  # report_failure: unhealthy at once, failure count untouched
+        for _ in range(4):
+            await scraper.scrape_once()
+            assert state.healthy is False
+    finally:
+        await scraper.stop()
+
+
+async def test_sidecar_comes_back_and_the_endpoint_is_healthy_after_one_good_round(
+    live: str, sidecar: Sidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    state = decode_behind(live, f"http://127.0.0.1:{port}")
+    caplog.set_level(logging.INFO, logger="pd_runtime.scheduling.scraper")
+    scraper = await started([state], unhealthy_after=1)
+    try:
+        assert (state.scrape_failures, state.healthy) == (1, False)
+        with serve(sidecar.app(), port=port):
+            await scraper.scrape_once()
+            assert (state.scrape_failures, state.healthy) == (0, True)
+            assert sidecar.hits == 1
+        assert any("healthy again" in r.getMessage() for r in caplog.records)
+    finally:
+        await scraper.stop()
+
+
+async def test_draining_sidecar_turns_the_endpoint_unhealthy_until_both_answer(
+    live: str, sidecar: Sidecar, sidecar_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = decode_behind(live, sidecar_url)
+    scraper = await started([state], unhealthy_after=2)
+    try:
+        assert (state.scrape_failures, state.healthy, sidecar.hits) == (0, True, 1)
+        sidecar.status, sidecar.state = 503, "draining"
+        caplog.set_level(logging.INFO, logger="pd_runtime.scheduling.scraper")
+        await scraper.scrape_once()
+        assert (state.scrape_failures, state.healthy) == (1, True)
+        await scraper.scrape_once()
+        assert (state.scrape_failures, state.healthy) == (2, False)
+        await scraper.scrape_once()
+        assert (state.scrape_failures, state.healthy) == (3, False)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "sidecar failed" in warning and "answered 503 (draining)" in warning
+        assert "worker failed" not in warning
+
+        sidecar.status, sidecar.state = 200, "ok"
+        await scraper.scrape_once()
+        assert (state.scrape_failures, state.healthy) == (0, True)
+        assert sidecar.hits == 5  # one check per round
+    finally:
+        await scraper.stop()
+
+
+async def test_dead_worker_behind_a_live_sidecar_is_unhealthy_and_blamed_on_the_worker(
+    sidecar: Sidecar, sidecar_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = decode_behind(f"127.0.0.1:{free_port()}", sidecar_url)
+    caplog.set_level(logging.INFO, logger="pd_runtime.scheduling.scraper")
+    scraper = await started([state], unhealthy_after=1)
+    try:
+        assert (state.scrape_failures, state.healthy) == (1, False)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "worker failed" in warning and "sidecar failed" not in warning
+        assert "/metrics" in warning
+    finally:
+        await scraper.stop()
+
+
+async def test_both_down_names_both(caplog: pytest.LogCaptureFixture) -> None:
+    state = decode_behind(f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}")
+    caplog.set_level(logging.INFO, logger="pd_runtime.scheduling.scraper")
+    scraper = await started([state], unhealthy_after=1)
+    try:
+        assert state.healthy is False
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "sidecar failed" in warning and "worker failed" in warning
+    finally:
+        await scraper.stop()
+
+
+async def test_endpoints_without_a_sidecar_are_healthy_on_their_metrics_alone(
+    live: str, sidecar: Sidecar, sidecar_url: str
+) -> None:
+    """Prefill endpoints (no sidecar) and decode endpoints served by the worker directly: no
+    /health request (the metrics stand-in has no /health route: a 404 would fail them), and a
+    dead sidecar elsewhere changes nothing for them."""
+    prefill = EndpointState(
+        EndpointConfig(name="prefill-0", role="prefill", address=live, url=f"http://{live}")
+    )
+    direct = endpoint_state(live)  # decode, url == http://address
+    behind_dead = decode_behind(live, f"http://127.0.0.1:{free_port()}")
+    scraper = await started([prefill, direct, behind_dead], unhealthy_after=1)
+    try:
+        for _ in range(3):
+            assert (prefill.scrape_failures, prefill.healthy) == (0, True)
+            assert (direct.scrape_failures, direct.healthy) == (0, True)
+            assert prefill.waiting == direct.waiting == 3.0
+            assert behind_dead.healthy is False
+            await scraper.scrape_once()
+        assert sidecar.hits == 0
+    finally:
+        await scraper.stop()
+
+
+async def test_sidecar_health_and_metrics_are_fetched_concurrently() -> None:
+    """Each stand-in answers only once the other one has been asked: a scraper that asked them one
+    after the other would see the first time out (503) and fail the round."""
+    asked_metrics, asked_sidecar = threading.Event(), threading.Event()
+
+    worker = FastAPI()
+
+    @worker.get("/metrics")
+    async def metrics() -> Response:
+        asked_metrics.set()
+        if not await asyncio.to_thread(asked_sidecar.wait, 1.5):
+            return PlainTextResponse("", status_code=503)
+        return PlainTextResponse(Metrics().text())
+
+    side = FastAPI()
+
+    @side.get("/health")
+    async def health() -> Response:
+        asked_sidecar.set()
+        if not await asyncio.to_thread(asked_metrics.wait, 1.5):
+            return JSONResponse({"status": "decode unhealthy"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    with serve(worker) as worker_url, serve(side) as side_url:
+        state = decode_behind(worker_url.removeprefix("http://"), side_url)
+        scraper = await started([state], unhealthy_after=1)
+        try:
+            assert (state.scrape_failures, state.healthy, state.waiting) == (0, True, 3.0)
+        finally:
+            await scraper.stop()
