@@ -9,7 +9,10 @@ its kustomization only lists resources, a namespace and an image), then:
   * that the parts agree with pd-runtime itself: the coordinator ConfigMap loads with our
     pydantic config, the worker and sidecar arguments parse with our CLI, a pod made from each
     template is discovered with the address its vLLM advertises in its KV-event topic, and the
-    Role grants exactly the verbs discovery uses against the stand-in API server.
+    Role grants exactly the verbs discovery uses against the stand-in API server;
+  * the NetworkPolicies, evaluated with Kubernetes' ingress semantics over pods made from the
+    templates: every connection pd-runtime makes between its pods (derived from the same config,
+    discovery and CLI arguments) is admitted, and nothing else is.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -117,7 +121,7 @@ def test_every_object_is_valid_against_the_kubernetes_schemas(target: str) -> No
     objects = render(target)
     kinds = sorted(o["kind"] for o in objects)
     expected = {"Namespace": 1, "ServiceAccount": 3, "Role": 1, "RoleBinding": 1}
-    expected |= {"ConfigMap": 2, "Deployment": 3, "Service": 1}
+    expected |= {"ConfigMap": 2, "Deployment": 3, "Service": 1, "NetworkPolicy": 4}
     assert {k: kinds.count(k) for k in set(kinds)} == expected
     for version in VERSIONS:
         for obj in objects:
@@ -318,3 +322,264 @@ def test_rbac_grants_exactly_what_discovery_uses(target: str) -> None:
         finally:
             fake.closing = True
     assert set(fake.calls) == granted == {"list pods", "watch pods"}
+
+
+# ---- network policies ------------------------------------------------------------------------
+
+ANYONE = "*"  # any client: a pod of any namespace, or outside the cluster through the Service
+ANY_PORT = None  # any TCP port (UCX over TCP listens on ephemeral ports chosen at run time)
+# Pods that are none of ours, as sources: they must reach nothing but the coordinator's port.
+STRANGERS: dict[str, dict[str, str] | None] = {
+    "another pod of the namespace": {"app": "debug"},
+    "a pd-runtime pod without a role": {"app.kubernetes.io/part-of": "pd-runtime"},
+    "a pod of another namespace": None,
+}
+# Ports nobody declares, standing for UCX's (the ends of Linux's default ephemeral range).
+UNDECLARED_PORTS = (1024, 32768, 45000, 60999)
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, values = e["key"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def pods(objects: list[dict[str, Any]]) -> dict[str, tuple[dict[str, str], dict[str, int]]]:
+    """Each Deployment's pods: (labels, named container ports)."""
+    out = {}
+    for name, d in by_kind(objects, "Deployment").items():
+        ports = {}
+        for c in _containers(d):
+            for p in c.get("ports", []):
+                assert p.get("protocol", "TCP") == "TCP"
+                ports[p["name"]] = p["containerPort"]
+        out[name] = (d["spec"]["template"]["metadata"]["labels"], ports)
+    return out
+
+
+def admits(
+    policies: list[dict[str, Any]],
+    source: dict[str, str] | None,
+    target: tuple[dict[str, str], dict[str, int]],
+    port: int,
+) -> bool:
+    """Kubernetes' ingress rules for one TCP connection to ``target`` (labels, named ports) on
+    ``port``, from a pod of this namespace with labels ``source`` (None: from elsewhere).
+    Policies are additive; a pod no policy selects for Ingress admits everything."""
+    labels, named = target
+    selecting = [
+        p
+        for p in policies
+        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selects(p["spec"]["podSelector"], labels)
+    ]
+    if not selecting:
+        return True
+
+    def peer_ok(peer: dict[str, Any]) -> bool:
+        # Only pod selectors (this namespace) are used: test_policies_are_ingress_only_...
+        return source is not None and selects(peer["podSelector"], source)
+
+    def port_ok(rule_port: dict[str, Any]) -> bool:
+        if rule_port.get("protocol", "TCP") != "TCP":
+            return False
+        wanted = rule_port.get("port")
+        if wanted is None:
+            return True
+        if isinstance(wanted, str):  # a named port resolves on the target pod
+            return named.get(wanted) == port
+        return bool(wanted <= port <= rule_port.get("endPort", wanted))
+
+    return any(
+        (not rule.get("from") or any(peer_ok(peer) for peer in rule["from"]))
+        and (not rule.get("ports") or any(port_ok(p) for p in rule["ports"]))
+        for policy in selecting
+        for rule in policy["spec"].get("ingress", [])
+    )
+
+
+def port_of_url(url: str) -> int:
+    port = urlsplit(url).port
+    assert port is not None, url
+    return port
+
+
+def connections(objects: list[dict[str, Any]]) -> set[tuple[str, str, int | None]]:
+    """Every connection pd-runtime opens to these pods, as (from Deployment, to Deployment, port),
+    derived as the code derives them: the coordinator's config, discovery of a pod made from each
+    template (EndpointConfig), the worker's and the sidecar's CLI arguments."""
+    config = coordinator_config(objects)
+    env = worker_env(objects)
+    deployments = by_kind(objects, "Deployment")
+    found = {
+        name: endpoint_from_pod(running_pod(deployments[name]), config.discovery)
+        for name in ("pd-prefill", "pd-decode")
+    }
+    # Clients: the gateway's own port (the Service's targetPort, checked above).
+    paths: set[tuple[str, str, int | None]] = {(ANYONE, "pd-coordinator", config.port)}
+    for name, endpoint in found.items():
+        assert endpoint is not None
+        # The coordinator sends requests to a decode endpoint's url (its sidecar), scrapes every
+        # endpoint's metrics_url (vLLM), and connects to the KV-event and replay sockets the
+        # worker binds (kv_events_bind False: it never binds them itself).
+        assert not endpoint.kv_events_bind
+        assert endpoint.kv_events and endpoint.kv_events_replay
+        urls = [endpoint.metrics_url, endpoint.kv_events, endpoint.kv_events_replay]
+        if endpoint.role == "decode":
+            urls.append(endpoint.url)
+        paths |= {("pd-coordinator", name, port_of_url(url)) for url in urls}
+    prefill = found["pd-prefill"]
+    assert prefill is not None
+    # The sidecar's prefill hop goes to http://<x-prefiller-host-port>, the prefill's address.
+    paths.add(("pd-decode", "pd-prefill", port_of_url(f"http://{prefill.address}")))
+    # NIXL: the decode worker fetches the prefill's metadata on its side channel, then UCX
+    # connects both ways on ports only known at run time.
+    args = build_parser().parse_args(
+        expand(container(deployments["pd-prefill"], "vllm")["args"], env)
+    )
+    paths.add(("pd-decode", "pd-prefill", args.side_channel_port))
+    paths |= {("pd-decode", "pd-prefill", ANY_PORT), ("pd-prefill", "pd-decode", ANY_PORT)}
+    return paths
+
+
+def network_policies(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return list(by_kind(objects, "NetworkPolicy").values())
+
+
+def missing_paths(objects: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """Connections the code makes that the policies would drop."""
+    policies, targets = network_policies(objects), pods(objects)
+    missing = []
+    for source, target, port in sorted(connections(objects), key=str):
+        labels, named = targets[target]
+        ports = [port] if port is not None else [*named.values(), *UNDECLARED_PORTS]
+        sources = (
+            [targets[source][0]]
+            if source != ANYONE
+            else [t[0] for t in targets.values()] + list(STRANGERS.values())
+        )
+        missing += [
+            (source, target, p)
+            for p in ports
+            for s in sources
+            if not admits(policies, s, (labels, named), p)
+        ]
+    return missing
+
+
+def unexpected_paths(objects: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """Connections the policies admit that no code makes: every source (our pods and strangers)
+    to every declared port of every pod, and to ports nobody declares."""
+    policies, targets = network_policies(objects), pods(objects)
+    paths = connections(objects)
+    sources = {name: t[0] for name, t in targets.items()} | STRANGERS
+    unexpected = []
+    for target, (labels, named) in targets.items():
+        for port in sorted({*named.values(), *UNDECLARED_PORTS}):
+            for source, source_labels in sources.items():
+                allowed = {(source, target, port), (source, target, ANY_PORT)}
+                allowed.add((ANYONE, target, port))
+                if admits(policies, source_labels, (labels, named), port) and not (allowed & paths):
+                    unexpected.append((source, target, port))
+    return unexpected
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policies_admit_every_connection_the_code_makes_and_nothing_else(
+    target: str,
+) -> None:
+    objects = render(target)
+    assert missing_paths(objects) == []
+    assert unexpected_paths(objects) == []
+
+    # Spelled out: no port of a worker pod (sidecar, vLLM, NIXL, KV events) admits a pod that is
+    # not ours, nor a worker of its own role (they exchange nothing); the KV-event sockets admit
+    # the coordinator.
+    policies, targets = network_policies(objects), pods(objects)
+    coordinator_labels = targets["pd-coordinator"][0]
+    for name in ("pd-prefill", "pd-decode"):
+        labels, named = targets[name]
+        for port_name, port in named.items():
+            for source in (*STRANGERS.values(), labels):
+                assert not admits(policies, source, (labels, named), port), (name, port_name)
+        for kv_port in ("kv-events", "kv-replay"):
+            assert admits(policies, coordinator_labels, (labels, named), named[kv_port])
+    # The decode pods' sidecar (behind it, no API keys and no admission control) admits the
+    # coordinator (and, of our pods, only the prefill pods besides: UCX, checked above), while
+    # the coordinator's own port is open to anyone.
+    decode_labels, decode_ports = targets["pd-decode"]
+    sidecar_port = decode_ports["http"]
+    assert admits(policies, coordinator_labels, (decode_labels, decode_ports), sidecar_port)
+    for source in (*STRANGERS.values(), decode_labels, coordinator_labels):
+        assert admits(policies, source, targets["pd-coordinator"], coordinator_config(objects).port)
+
+    # The sidecar reaches its own vLLM at the pod's own IP: loopback inside the pod, which no
+    # NetworkPolicy can block, so no rule admits decode pods to each other's vLLM.
+    env = worker_env(objects)
+    sidecar = container(by_kind(objects, "Deployment")["pd-decode"], "sidecar")
+    decode_url = urlsplit(build_parser().parse_args(expand(sidecar["args"], env)).decode_url)
+    assert decode_url.hostname == POD_IP and decode_url.port == decode_ports["vllm"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_policies_are_ingress_only_and_name_only_our_pods_and_ports(target: str) -> None:
+    objects = render(target)
+    policies, targets = network_policies(objects), pods(objects)
+    for policy in policies:
+        spec = policy["spec"]
+        # Ingress only: egress (DNS, the Kubernetes API, Hugging Face) is left alone.
+        assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
+        selected = [
+            name for name, (labels, _) in targets.items() if selects(spec["podSelector"], labels)
+        ]
+        assert selected, f"{policy['metadata']['name']} selects no pod"
+        for rule in spec.get("ingress", []):
+            for peer in rule.get("from", []):
+                # Pods of this namespace, each peer exactly one of our Deployments: no
+                # namespaceSelector, no ipBlock, no selector wider than one kind of pod.
+                assert set(peer) == {"podSelector"}, peer
+                matched = [
+                    n for n, (labels, _) in targets.items() if selects(peer["podSelector"], labels)
+                ]
+                assert len(matched) == 1, (peer, matched)
+                assert not any(selects(peer["podSelector"], s or {}) for s in STRANGERS.values())
+            for rule_port in rule.get("ports", []):
+                # A misspelled port name would silently admit nothing: every name must be a port
+                # of every pod the policy selects.
+                assert rule_port.get("protocol") == "TCP"
+                if isinstance(rule_port["port"], str):
+                    for name in selected:
+                        assert rule_port["port"] in targets[name][1], (policy["metadata"], name)
+    # Every pod is isolated (the namespace's default deny selects it) and has its own policy.
+    for name, (labels, _) in targets.items():
+        selecting = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert any(not p["spec"].get("ingress") for p in selecting), name
+        assert any(p["spec"].get("ingress") for p in selecting), name
+    doc = DOC.read_text()
+    for policy in policies:
+        assert f"`{policy['metadata']['name']}`" in doc
+
+
+def test_the_policy_check_does_catch_a_hole_and_a_missing_path() -> None:
+    objects = render("base")
+    prefill = by_kind(objects, "NetworkPolicy")["pd-prefill"]
+    # vLLM's port opened to any pod (the admin routes, a prefill without the gateway) ...
+    prefill["spec"]["ingress"].append({"ports": [{"port": "http", "protocol": "TCP"}]})
+    assert ("another pod of the namespace", "pd-prefill", 8000) in unexpected_paths(objects)
+    assert ("a pod of another namespace", "pd-prefill", 8000) in unexpected_paths(objects)
+    # ... and the coordinator's KV-event replay forgotten.
+    objects = render("base")
+    decode = by_kind(objects, "NetworkPolicy")["pd-decode"]
+    decode["spec"]["ingress"][0]["ports"].remove({"port": "kv-replay", "protocol": "TCP"})
+    assert missing_paths(objects) == [("pd-coordinator", "pd-decode", 5558)]
