@@ -133,7 +133,7 @@ async def one_request(
                 tokens += 1
                 if ttft is None:
                     ttft = time.perf_counter() - started
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         ok = False
     return Sample(ok and done and tokens > 0, ttft, time.perf_counter() - started, tokens)
 

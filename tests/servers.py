@@ -141,7 +141,7 @@ class FakeEngine:
 
         try:
             await asyncio.wait_for(disconnected(), wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

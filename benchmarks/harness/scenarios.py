@@ -487,7 +487,7 @@ def run(config_path: Path, out: Path) -> int:
         {"name": p.name, "url": p.url, "placement": p.placement} for p in plan.by_kind("worker")
     ]
     machine["config"] = cfg
-    machine["started"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    machine["started"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     write_json(out / "machine.json", machine)
     rows: list[dict[str, Any]] = []
     sweep: list[dict[str, Any]] = []

@@ -419,7 +419,7 @@ async def open_upstream(
         sending = asyncio.wait_for(sending, first_byte_timeout_s)
     try:
         return await unless_disconnected(client_request, sending)
-    except asyncio.TimeoutError as exc:  # aiohttp's connect and read timeouts are ones too
+    except TimeoutError as exc:  # aiohttp's connect and read timeouts are ones too
         raise UpstreamError(f"upstream {url} timed out: {exc!r}", status_code=504) from exc
     except aiohttp.ClientError as exc:
         raise UpstreamError(f"upstream {url} is unreachable: {exc!r}") from exc

@@ -232,7 +232,7 @@ class EventSubscriber:
                     return False
                 self._apply(msg)
                 self.stats.replayed += 1
-        except (asyncio.TimeoutError, EventDecodeError, zmq.ZMQError) as exc:
+        except (TimeoutError, EventDecodeError, zmq.ZMQError) as exc:
             log.warning("replay from %s failed: %r", self.replay_address, exc)
             return False
         finally:
