@@ -11,12 +11,10 @@ import json
 import shutil
 from pathlib import Path
 
+import jinja2
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("tokenizers")
-pytest.importorskip("safetensors")
-
+import tokenizers  # noqa: F401
+import torch  # noqa: F401
 from safetensors import safe_open
 
 from pd_runtime.model.tiny import (
@@ -131,7 +129,6 @@ def test_tokenizer_round_trip_and_chat_template(tiny: Path) -> None:
     special = tok.encode("<|im_start|>user").ids
     assert special[0] == tok.token_to_id("<|im_start|>")
 
-    jinja2 = pytest.importorskip("jinja2")
     template = json.loads((tiny / "tokenizer_config.json").read_text())["chat_template"]
     messages = [
         {"role": "system", "content": "Be brief."},

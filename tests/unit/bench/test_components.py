@@ -5,7 +5,6 @@ processes moves the right bytes."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import socket
 import time
@@ -121,7 +120,6 @@ def test_slots_are_distinct_and_the_pattern_exposes_misplaced_blocks() -> None:
     assert not any(np.array_equal(blocks[0], blocks[i]) for i in range(1, 256))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nixl") is None, reason="NIXL is not installed")
 def test_nixl_moves_the_right_bytes_between_two_processes() -> None:
     started = time.monotonic()
     rows = nixl_pair(

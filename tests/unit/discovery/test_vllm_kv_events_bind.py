@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
+import vllm.distributed.kv_events  # noqa: F401  (the publisher process's; fail, never skip)
 
 from pd_runtime.kv_events import EventSubscriber, PrefixIndex
 from tests.servers import until
@@ -17,7 +17,6 @@ from .test_kubernetes import port_in_range
 
 
 async def test_vllm_binds_a_wildcard_endpoint_and_the_coordinator_connects() -> None:
-    pytest.importorskip("vllm")
     port = port_in_range()
     address = "127.0.0.1:8200"  # the pod's vLLM address, as discovery names it
     # The endpoint and topic the worker command builds for --host=POD_IP --kv-events-host='*'.

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+import vllm.distributed.kv_events as vk
 
 from pd_runtime.kv_events import events as ours
-
-vk = pytest.importorskip("vllm.distributed.kv_events")
 
 
 def _vllm_batch() -> object:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+import vllm.distributed.kv_events  # noqa: F401  (the publisher process's; fail, never skip)
 
 from pd_runtime.kv_events import EventSubscriber, PrefixIndex
 from tests.servers import free_port, until
@@ -38,7 +38,6 @@ PUBLISHER = textwrap.dedent(
 
 
 async def test_vllm_publisher_connects_to_a_bound_subscriber() -> None:
-    pytest.importorskip("vllm")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     endpoint = f"127.0.0.1:{port + 1}"
@@ -62,7 +61,6 @@ async def test_vllm_publisher_connects_to_a_bound_subscriber() -> None:
 
 
 async def test_a_publisher_with_another_topic_is_ignored() -> None:
-    pytest.importorskip("vllm")
     port = free_port()
     publisher = subprocess.Popen(
         [sys.executable, "-c", PUBLISHER, f"tcp://127.0.0.1:{port}", "kv@10.0.0.9:8200@tiny"],
@@ -110,7 +108,6 @@ LATE = textwrap.dedent(
 
 
 async def test_a_subscriber_that_starts_late_catches_up_from_vllms_replay_socket() -> None:
-    pytest.importorskip("vllm")
     port, replay = free_port(), free_port()
     endpoint = f"127.0.0.1:{port + 1}"
     publisher = subprocess.Popen(
