@@ -7,6 +7,8 @@ pd-runtime coordinator ...       the OpenAI-compatible gateway and scheduler
 pd-runtime up --config FILE      the whole deployment on this machine
 pd-runtime plan --config FILE    where each part would run (GPUs, cores, ports, UCX), starting nothing
 pd-runtime demo                  bring it up, walk through what it does, shut down
+pd-runtime status                each part of a running `up`: state, health, restarts
+pd-runtime warmup ...            warm workers and check (prefill, decode) pairs (a startup probe)
 pd-runtime bench ...             benchmark an OpenAI-compatible server (code in benchmarks/)
 """
 
@@ -107,7 +109,53 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
         default="app.kubernetes.io/part-of=pd-runtime",
         help="with --discover-prefillers: the worker pods' label selector",
     )
-    p.add_argument("--prefill-timeout", type=float, default=120.0)
+
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        return value
+
+    def factor(text: str) -> float:
+        value = float(text)
+        if not value >= 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
+        return value
+
+    p.add_argument(
+        "--prefill-timeout",
+        type=seconds,
+        default=120.0,
+        metavar="SECONDS",
+        help="per read of the prefill call, and the most its total deadline can be (default 120)",
+    )
+    p.add_argument(
+        "--prefill-deadline-floor",
+        type=seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="the shortest total deadline of a prefill call (default 5); past its deadline the "
+        "call is cancelled (the prefill worker aborts it) and the decode worker prefills locally. "
+        "Set it to --prefill-timeout to give every call the whole timeout",
+    )
+    p.add_argument(
+        "--prefill-deadline-factor",
+        type=factor,
+        default=4.0,
+        metavar="N",
+        help="a prefill call's deadline is N times its predicted time + 1 s, at least the floor, "
+        "at most --prefill-timeout (default 4); the prediction is learned per prefill worker from "
+        "the time per prompt token of the prefills this sidecar sent it",
+    )
+    p.add_argument(
+        "--prefill-deadline-cold",
+        type=seconds,
+        default=15.0,
+        metavar="SECONDS",
+        help="the shortest deadline while a prefill worker has not yet answered this sidecar "
+        "(default 15: first requests include one-time warm-up); raise it for a model whose "
+        "prefills take longer",
+    )
     p.add_argument("--decode-timeout", type=float, default=600.0)
     p.add_argument(
         "--drain-timeout",
@@ -146,6 +194,37 @@ def _add_up_and_demo(sub: argparse._SubParsersAction) -> None:
             help="run on this Ray cluster ('auto', HOST:PORT of its head): one placement group per "
             "worker (sets the config's launcher to {type: ray, address: ADDRESS})",
         )
+
+
+def _add_status_and_warmup(sub: argparse._SubParsersAction) -> None:
+    status = sub.add_parser(
+        "status",
+        help="the parts of a running `up`: state (running, restarting, crash-looping), health, "
+        "pid, restarts",
+    )
+    status.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"deployment YAML (default {DEFAULT_CONFIG})"
+    )
+    status.add_argument("--run-dir", default=None, help="as given to up (default runs/<name>)")
+    status.add_argument("--json", action="store_true", help="print the status file as JSON")
+    warm = sub.add_parser(
+        "warmup",
+        help="warm vLLM workers (one greedy request each) and check (prefill, decode) pairs "
+        "(disaggregated output equals colocated, KV moved over NIXL); exit 1 on a failure. "
+        "`up` runs it itself; in Kubernetes it is the decode pods' startup probe",
+    )
+    warm.add_argument("--model", required=True, help="served model name")
+    warm.add_argument(
+        "--worker", action="append", default=[], metavar="URL", help="a worker to warm directly"
+    )
+    warm.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="PREFILL_HOST:PORT,DECODE_HOST:PORT,SIDECAR_URL",
+        help="a pair to check through the decode worker's sidecar",
+    )
+    warm.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -193,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_coordinator,
         _add_up_and_demo,
         _add_plan,
+        _add_status_and_warmup,
     ):
         add(sub)
     _add_bench(sub)
@@ -281,6 +361,9 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         prefill_timeout_s=args.prefill_timeout,
+        prefill_deadline_floor_s=args.prefill_deadline_floor,
+        prefill_deadline_factor=args.prefill_deadline_factor,
+        prefill_deadline_cold_s=args.prefill_deadline_cold,
         decode_timeout_s=args.decode_timeout,
         drain_timeout_s=args.drain_timeout,
         drain_delay_s=args.drain_delay,
@@ -331,6 +414,80 @@ def _run_plan(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{config.name}")
     plan = prepare_deployment(config, run_dir, machine=machine, generate_model=False)
     print(render_json(plan) if args.format == "json" else render_table(plan))
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from pd_runtime.config import DeploymentConfig, load_config
+    from pd_runtime.launcher.local import STATUS_FILE
+
+    if args.run_dir is None:
+        args.run_dir = f"runs/{load_config(DeploymentConfig, args.config).name}"
+    path = Path(args.run_dir) / STATUS_FILE
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"pd-runtime: no status in {path}: is `up` running with --run-dir {args.run_dir}?")
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+    age = time.time() - float(status["updated"])
+    stale = age > 10
+    print(
+        f"gateway {status['gateway']}  (up pid {status['pid']}, updated {age:.0f}s ago"
+        + (": STALE, `up` is not running" if stale else "")
+        + ")"
+    )
+    rows = [("PART", "KIND", "STATE", "HEALTHY", "PID", "RESTARTS", "LAST EXIT", "URL")]
+    for part in status["parts"]:
+        rows.append(
+            (
+                part["name"],
+                part["kind"],
+                part["state"],
+                "yes" if part["healthy"] else "no",
+                str(part["pid"] or "-"),
+                f"{part['restarts']} ({part['recent_restarts']} recent)",
+                "-" if part["last_exit"] is None else str(part["last_exit"]),
+                part["url"],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 1 if stale or any(p["state"] == "crash-looping" for p in status["parts"]) else 0
+
+
+def _run_warmup(args: argparse.Namespace) -> int:
+    from pd_runtime.config.coordinator import EndpointConfig
+    from pd_runtime.launcher.warmup import warm_up
+
+    endpoints: list[EndpointConfig] = []
+    for i, url in enumerate(args.worker):
+        address = url.split("://", 1)[-1].rstrip("/")
+        endpoints.append(
+            EndpointConfig(name=f"worker-{i}", role="decode", address=address, url=url)
+        )
+    pairs = []
+    for i, spec in enumerate(args.pair):
+        try:
+            prefill, decode, sidecar = spec.split(",")
+        except ValueError:
+            print(f"pd-runtime: error: --pair {spec!r}: want PREFILL,DECODE,SIDECAR_URL")
+            return 2
+        pairs.append(
+            EndpointConfig(
+                name=f"prefill-{i}", role="prefill", address=prefill, url=f"http://{prefill}"
+            )
+        )
+        pairs.append(EndpointConfig(name=f"decode-{i}", role="decode", address=decode, url=sidecar))
+    progress = lambda m: print(f"[warmup] {m}", flush=True)  # noqa: E731
+    warm_up(endpoints, args.model, pairs=False, timeout_s=args.timeout, progress=progress)
+    for prefill, decode in zip(pairs[::2], pairs[1::2], strict=True):
+        warm_up([prefill, decode], args.model, timeout_s=args.timeout, progress=progress)
     return 0
 
 
@@ -403,6 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_coordinator(args)
         if args.command == "plan":
             return _run_plan(args)
+        if args.command == "status":
+            return _run_status(args)
+        if args.command == "warmup":
+            return _run_warmup(args)
         return _run_up(args, demo=args.command == "demo")
     except PDRuntimeError as exc:
         print(f"pd-runtime: error: {exc}", file=sys.stderr)

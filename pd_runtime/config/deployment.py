@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pd_runtime.config.coordinator import SchedulerConfig
-from pd_runtime.config.launcher import LauncherConfig, LocalLauncherConfig
+from pd_runtime.config.launcher import LauncherConfig, LocalLauncherConfig, RestartConfig
 
 __all__ = [
     "DeploymentConfig",
@@ -117,7 +117,30 @@ class SidecarConfig(BaseModel):
     model_config = _STRICT
 
     port: int = Port
-    prefill_timeout_s: float = Field(default=120.0, gt=0)
+    prefill_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="per read of the prefill call, and the most its total deadline can be",
+    )
+    prefill_deadline_floor_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="the shortest total deadline of a prefill call; past its deadline the call "
+        "is cancelled and the decode worker prefills locally",
+    )
+    prefill_deadline_factor: float = Field(
+        default=4.0,
+        ge=1,
+        description="a prefill call's deadline is this many times its predicted time (learned "
+        "per prefill worker from the prefills the sidecar sends) + 1 s, at least the floor and "
+        "at most prefill_timeout_s",
+    )
+    prefill_deadline_cold_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="the shortest deadline while a prefill worker has not yet answered this "
+        "sidecar (its first requests include one-time warm-up)",
+    )
     decode_timeout_s: float = Field(default=600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     drain_delay_s: float = Field(default=0.0, ge=0)
@@ -156,6 +179,13 @@ class DeploymentConfig(BaseModel):
     launcher: LauncherConfig = Field(
         default_factory=LocalLauncherConfig,
         description="how `up` runs the parts: local processes (default) or a Ray cluster",
+    )
+    restarts: RestartConfig = RestartConfig()
+    warm_up: bool = Field(
+        default=True,
+        description="warm every worker and check every (prefill, decode) pair (disaggregated "
+        "output equal to colocated, KV moved over NIXL) before the deployment is reported "
+        "healthy, and again for a worker that was restarted",
     )
     startup_timeout_s: float = Field(default=300.0, gt=0)
     parallel_startup: bool = Field(

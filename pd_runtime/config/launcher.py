@@ -19,9 +19,25 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["LauncherConfig", "LocalLauncherConfig", "RayLauncherConfig"]
+__all__ = ["LauncherConfig", "LocalLauncherConfig", "RayLauncherConfig", "RestartConfig"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class RestartConfig(BaseModel):
+    """How a part that exits is restarted (both launchers): after ``backoff_s``, doubling with
+    each restart in the window up to ``max_backoff_s``; more than ``max_restarts`` restarts
+    within ``window_s`` is a crash loop: ``up`` stops and names the part (on Ray the actor gives
+    up and Ray restarts it while its ``max_restarts`` allow)."""
+
+    model_config = _STRICT
+
+    max_restarts: int = Field(
+        default=5, ge=0, description="restarts within window_s before a part is crash-looping"
+    )
+    window_s: float = Field(default=600.0, gt=0, description="the crash-loop window, seconds")
+    backoff_s: float = Field(default=1.0, gt=0, description="first restart delay, seconds")
+    max_backoff_s: float = Field(default=30.0, gt=0, description="longest restart delay")
 
 
 class LocalLauncherConfig(BaseModel):

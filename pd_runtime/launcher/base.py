@@ -11,8 +11,10 @@ A backend is built from the deployment config by its registered factory
 * ``start()`` returns once every part answers ``GET /health``; on failure it has stopped what it
   started and raises :class:`~pd_runtime.errors.LaunchError` with the failing part's log tail;
 * ``plan`` is the plan as started (hosts as placed), valid after ``start()``;
-* ``wait_for_failure()`` blocks while the deployment serves (a backend that restarts parts does
-  so meanwhile) and returns a one-paragraph reason once a part is gone for good;
+* ``start()`` warms every worker and checks every (prefill, decode) pair before it returns
+  (:mod:`pd_runtime.launcher.warmup`), unless the config's ``warm_up`` is off;
+* ``wait_for_failure()`` blocks while the deployment serves, restarting parts that exit, and
+  returns a one-paragraph reason once a part is gone for good (crash-looping);
 * ``stop()`` is idempotent and leaves no process of the deployment behind.
 """
 
@@ -51,10 +53,13 @@ class LocalBackend(LocalLauncher):
     """The local launcher under the backend contract."""
 
     def wait_for_failure(self) -> str:
-        dead = self.wait()
+        looping = self.watch()
+        status = looping.status()
         return (
-            f"{dead.spec.name} exited with code {dead.process.returncode}; stopping everything."
-            f"\nlast lines of {dead.log_path}:\n{log_tail(dead.log_path)}"
+            f"{looping.spec.name} is crash-looping: it exited with code {status.last_exit} "
+            f"{status.recent_restarts + 1} times within {self.restarts.window_s:.0f}s "
+            f"({status.restarts} restarts in all); stopping everything."
+            f"\nlast lines of {looping.log_path}:\n{log_tail(looping.log_path, 40)}"
         )
 
     @classmethod
@@ -66,6 +71,8 @@ class LocalBackend(LocalLauncher):
             run_dir,
             startup_timeout_s=config.startup_timeout_s,
             parallel_startup=config.parallel_startup,
+            restarts=config.restarts,
+            warm_up=config.warm_up,
             progress=progress,
         )
 

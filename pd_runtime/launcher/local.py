@@ -1,46 +1,44 @@
-"""Run a deployment plan as local processes and supervise them.
+"""Run a deployment plan as local processes and keep them running.
 
-Start order: workers (one at a time unless ``parallel_startup``) → sidecars → coordinator; each stage waits
-until its parts answer ``GET /health``. Every process gets its own process group (so stopping it also
-stops vLLM's engine-core child) and asks the kernel to SIGTERM it if the launcher dies, so a killed
-launcher leaves no orphans. A part that exits during start-up aborts the launch with the tail of its
-log in the error.
+Start order: workers (one at a time unless ``parallel_startup``) → sidecars → warm-up and pair
+checks (:mod:`pd_runtime.launcher.warmup`) → coordinator; each stage waits until its parts answer
+``GET /health``. A part that exits during start-up aborts the launch with the tail of its log.
+
+Once started, every part runs under a :class:`~pd_runtime.launcher.supervisor.PartSupervisor`
+(the same one the Ray launcher's actors run): its own process group (stopping it also stops
+vLLM's engine-core child), SIGTERM'd by the kernel if the launcher dies (no orphans), and
+restarted with back-off when it exits. Meanwhile the coordinator routes around it (its scraper
+marks the endpoint unhealthy; requests fail over), and a restarted worker rejoins as a new
+engine; the launcher warms it and re-checks its pairs once it answers again. Only a crash loop
+(``restarts.max_restarts`` within ``restarts.window_s``) ends :meth:`LocalLauncher.watch`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
+import json
 import logging
 import os
-import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
 
 import httpx
 
+from pd_runtime.config.launcher import RestartConfig
 from pd_runtime.config.loader import dump_yaml
 from pd_runtime.errors import LaunchError
+from pd_runtime.launcher.supervisor import PartStatus, PartSupervisor
 from pd_runtime.launcher.topology import DeploymentPlan, PartKind, PartSpec
+from pd_runtime.launcher.warmup import WarmupError, warm_up
 
-__all__ = ["LocalLauncher", "RunningPart", "log_tail"]
+__all__ = ["STATUS_FILE", "LocalLauncher", "RunningPart", "log_tail"]
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup(cpu_affinity: tuple[int, ...] = ()) -> None:  # in the child, between fork and exec
-    os.setsid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if cpu_affinity:  # a GPU worker on its GPUs' NUMA node; inherited by vLLM's children
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, cpu_affinity)
+STATUS_FILE = "status.json"  # in the run directory; what `pd-runtime status` reads
 
 
 def log_tail(path: Path, lines: int = 25) -> str:
@@ -51,24 +49,32 @@ def log_tail(path: Path, lines: int = 25) -> str:
 
 
 class RunningPart:
-    def __init__(
-        self, spec: PartSpec, process: subprocess.Popen[bytes], log_path: Path, log_file: IO[bytes]
-    ) -> None:
+    """One part and the supervisor that keeps its process running."""
+
+    def __init__(self, spec: PartSpec, supervisor: PartSupervisor) -> None:
         self.spec = spec
-        self.process = process
-        self.log_path = log_path
-        self._log_file = log_file
+        self.supervisor = supervisor
+        self.log_path = supervisor.log_path
+        self.healthy = False  # as last probed by the launcher's watch loop
+        self.warmed_pid: int | None = None  # the process the last warm-up checked
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The part's process now (a restart replaces it)."""
+        process = self.supervisor.process
+        assert process is not None
+        return process
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.supervisor.status().alive
+
+    def status(self) -> PartStatus:
+        return self.supervisor.status()
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signum)
-
-    def close_log(self) -> None:
-        self._log_file.close()
 
 
 class LocalLauncher:
@@ -79,14 +85,20 @@ class LocalLauncher:
         *,
         startup_timeout_s: float = 300.0,
         parallel_startup: bool = False,
+        restarts: RestartConfig | None = None,
+        warm_up: bool = True,
         progress: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.plan = plan
         self.run_dir = Path(run_dir)
         self.startup_timeout_s = startup_timeout_s
         self.parallel_startup = parallel_startup
+        self.restarts = restarts or RestartConfig()
+        self.warm_up = warm_up
         self.progress = progress
         self.parts: list[RunningPart] = []
+        self._warming: set[str] = set()
+        self._lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -102,9 +114,15 @@ class LocalLauncher:
                         self._wait_healthy([self._spawn(spec)])
                 else:
                     self._wait_healthy([self._spawn(spec) for spec in specs])
+                if kind == "sidecar" and self.warm_up:
+                    self._warm(None)
+            for part in self.parts:
+                part.healthy = True
+                part.warmed_pid = part.process.pid
         except BaseException:
             self.stop()
             raise
+        self.write_status()
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM every part (front door first), then SIGKILL what is left after ``grace_s``."""
@@ -112,33 +130,34 @@ class LocalLauncher:
         self.parts.clear()
 
     def restart(self, name: str, grace_s: float = 20.0) -> RunningPart:
-        """Stop one part if it still runs and start it again from its spec; wait until healthy.
+        """Stop one part and start it again from its spec, at once; wait until healthy.
 
         A restarted vLLM worker is a new engine (new NIXL engine id, KV events from sequence 0):
         its peers and the coordinator must take it back as such, which is what this exercises.
         """
-        old = next((p for p in self.parts if p.spec.name == name), None)
-        if old is None:
-            raise LaunchError(f"no part named {name!r}")
+        old = self.part(name)
         self._terminate([old], grace_s)
-        self.parts.remove(old)
+        index = self.parts.index(old)
         part = self._spawn(old.spec)
+        self.parts.remove(part)
+        self.parts[index] = part
         self._wait_healthy([part])
+        part.healthy = True
+        part.warmed_pid = part.process.pid
         return part
 
+    def part(self, name: str) -> RunningPart:
+        found = next((p for p in self.parts if p.spec.name == name), None)
+        if found is None:
+            raise LaunchError(f"no part named {name!r}")
+        return found
+
     def _terminate(self, parts: list[RunningPart], grace_s: float) -> None:
-        for part in parts:
-            part.signal(signal.SIGTERM)
+        for part in parts:  # all at once: SIGTERM every group, then wait
+            part.supervisor.request_stop()
         deadline = time.monotonic() + grace_s
         for part in parts:
-            try:
-                part.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop within %.0fs; killing it", part.spec.name, grace_s)
-            part.signal(signal.SIGKILL)  # also reaps grandchildren left in the group
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                part.process.wait(timeout=5)
-            part.close_log()
+            part.supervisor.stop(grace_s=max(0.1, deadline - time.monotonic()))
 
     def __enter__(self) -> LocalLauncher:
         self.start()
@@ -147,33 +166,116 @@ class LocalLauncher:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def wait(self, poll_s: float = 1.0) -> RunningPart:
-        """Block until some part exits; return it (the caller decides to stop the rest)."""
-        while True:
-            for part in self.parts:
-                if not part.alive:
-                    return part
-            time.sleep(poll_s)
+    # -- serving -------------------------------------------------------------------------------
+
+    def watch(self, poll_s: float = 1.0) -> RunningPart:
+        """Keep the deployment running until a part crash-loops; return that part.
+
+        Each round: probe every part's ``/health``, re-warm a worker that was restarted once it
+        answers again (in the background), and write the parts' state to ``status.json``.
+        """
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            while True:
+                for part in list(self.parts):
+                    status = part.status()
+                    if status.state == "crash-looping":
+                        self.write_status()
+                        return part
+                    part.healthy = status.alive and _healthy(client, part.spec.url)
+                    if part.healthy and status.pid != part.warmed_pid:
+                        self._after_restart(part, status)
+                self.write_status()
+                time.sleep(poll_s)
+
+    def _after_restart(self, part: RunningPart, status: PartStatus) -> None:
+        part.warmed_pid = status.pid
+        self.progress(f"{part.spec.name} healthy again (pid {status.pid})")
+        if part.spec.kind != "worker" or not self.warm_up:
+            return
+        with self._lock:
+            if part.spec.name in self._warming:
+                return
+            self._warming.add(part.spec.name)
+        threading.Thread(
+            target=self._rewarm, args=(part.spec.name,), name="rewarm", daemon=True
+        ).start()
+
+    def _rewarm(self, name: str) -> None:
+        try:
+            self._warm(frozenset({name}))
+        except WarmupError as exc:  # serving goes on; the operator sees why in the output
+            self.progress(f"WARNING {exc}")
+        finally:
+            with self._lock:
+                self._warming.discard(name)
+
+    def _warm(self, only: frozenset[str] | None) -> None:
+        coordinator = self.plan.coordinator
+        warm_up(
+            coordinator.endpoints,
+            coordinator.models[0],
+            only=only,
+            progress=self.progress,
+        )
+
+    def status(self) -> dict[str, object]:
+        """Every part's state, as a person (``pd-runtime status``) or a test reads it."""
+        rows = []
+        for part in self.parts:
+            status = part.status()
+            rows.append(
+                {
+                    "name": part.spec.name,
+                    "kind": part.spec.kind,
+                    "url": part.spec.url,
+                    "state": status.state,
+                    "healthy": part.healthy and status.alive,
+                    "pid": status.pid,
+                    "restarts": status.restarts,
+                    "recent_restarts": status.recent_restarts,
+                    "last_exit": status.last_exit,
+                    "log": str(part.log_path),
+                }
+            )
+        return {
+            "updated": time.time(),
+            "pid": os.getpid(),
+            "gateway": self.plan.gateway_url,
+            "crash_loop": {
+                "max_restarts": self.restarts.max_restarts,
+                "window_s": self.restarts.window_s,
+            },
+            "parts": rows,
+        }
+
+    def write_status(self) -> None:
+        path = self.run_dir / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=2))
+        tmp.replace(path)  # readers never see half a file
 
     # -- internals -----------------------------------------------------------------------------
 
     def _spawn(self, spec: PartSpec) -> RunningPart:
-        log_path = self.run_dir / f"{spec.name}.log"
-        log_file = log_path.open("ab")
-        env = {**os.environ, **spec.env}
-        process = subprocess.Popen(
+        policy = self.restarts
+        supervisor = PartSupervisor(
+            spec.name,
             spec.argv,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=functools.partial(_child_setup, spec.cpu_affinity),
+            spec.env,
+            str(self.run_dir / f"{spec.name}.log"),
+            cpu_affinity=spec.cpu_affinity,
+            max_process_restarts=policy.max_restarts,
+            crash_loop_window_s=policy.window_s,
+            backoff_s=policy.backoff_s,
+            max_backoff_s=policy.max_backoff_s,
+            exit_on_give_up=False,
+            on_event=self.progress,
         )
-        part = RunningPart(spec, process, log_path, log_file)
+        part = RunningPart(spec, supervisor)
         self.parts.append(part)
         self.progress(
-            f"started {spec.name} (pid {process.pid}, {spec.placement or spec.kind}), "
-            f"log {log_path}"
+            f"started {spec.name} (pid {part.process.pid}, {spec.placement or spec.kind}), "
+            f"log {part.log_path}"
         )
         return part
 
@@ -181,19 +283,16 @@ class LocalLauncher:
         pending = {p.spec.name: p for p in parts}
         deadline = time.monotonic() + self.startup_timeout_s
         started = time.monotonic()
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
             while pending:
                 for name, part in list(pending.items()):
-                    if not part.alive:
+                    status = part.status()
+                    if status.last_exit is not None:
                         raise LaunchError(
-                            f"{name} exited with code {part.process.returncode} during start-up; "
+                            f"{name} exited with code {status.last_exit} during start-up; "
                             f"last lines of {part.log_path}:\n{log_tail(part.log_path)}"
                         )
-                    try:
-                        healthy = client.get(f"{part.spec.url}/health").status_code == 200
-                    except httpx.HTTPError:
-                        healthy = False
-                    if healthy:
+                    if _healthy(client, part.spec.url):
                         del pending[name]
                         self.progress(f"{name} healthy after {time.monotonic() - started:.0f}s")
                 if pending and time.monotonic() > deadline:
@@ -207,3 +306,10 @@ class LocalLauncher:
                     )
                 if pending:
                     time.sleep(0.5)
+
+
+def _healthy(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(f"{url}/health").status_code == 200
+    except httpx.HTTPError:
+        return False

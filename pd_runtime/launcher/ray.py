@@ -49,6 +49,7 @@ from pd_runtime.errors import ConfigError, LaunchError
 from pd_runtime.launcher.prepare import prepare_deployment
 from pd_runtime.launcher.supervisor import PartStatus, PartSupervisor
 from pd_runtime.launcher.topology import DeploymentPlan, PartKind, PartSpec
+from pd_runtime.launcher.warmup import warm_up
 from pd_runtime.placement.machine import MachineDescription
 from pd_runtime.platform import Platform, detect_platform
 from pd_runtime.worker.command import WorkerSpec, build_worker_command
@@ -270,6 +271,14 @@ class RayLauncher:
                         self._wait_healthy([self._start_part(spec)])
                 else:
                     self._wait_healthy([self._start_part(spec) for spec in specs])
+                if kind == "sidecar" and self.config.warm_up:
+                    # The same checks as the local launcher, from the driver over the nodes'
+                    # addresses: every worker warmed, every pair's transfer proven.
+                    warm_up(
+                        self.plan.coordinator.endpoints,
+                        self.plan.coordinator.models[0],
+                        progress=self.progress,
+                    )
         except BaseException:
             self.stop()
             raise
@@ -443,6 +452,9 @@ class RayLauncher:
                 cwd=os.getcwd(),
                 niceness=0,  # not Ray's worker niceness (15): vLLM must not yield to everything
                 max_process_restarts=self.settings.process_restarts,
+                crash_loop_window_s=self.config.restarts.window_s,
+                backoff_s=self.config.restarts.backoff_s,
+                max_backoff_s=self.config.restarts.max_backoff_s,
             )
         )
         self._actors[spec.name] = actor

@@ -3,18 +3,23 @@ what is under test here is start order, health waiting, failure reporting and cl
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from pd_runtime.cli import main as cli_main
 from pd_runtime.config import CoordinatorConfig
+from pd_runtime.config.launcher import RestartConfig
 from pd_runtime.errors import LaunchError
-from pd_runtime.launcher.local import LocalLauncher
+from pd_runtime.launcher.base import LocalBackend
+from pd_runtime.launcher.local import STATUS_FILE, LocalLauncher
 from pd_runtime.launcher.topology import DeploymentPlan, PartSpec
-from tests.servers import free_port
+from tests.servers import free_port, wait_for
 
 # Serves GET /health, and leaves a grandchild running (like vLLM's engine core) whose pid it records.
 HEALTHY = """
@@ -61,7 +66,7 @@ def test_start_waits_for_health_and_stop_leaves_no_orphans(tmp_path: Path) -> No
         part("w", "worker", HEALTHY, str(pids)),
         part("coordinator", "coordinator", HEALTHY, str(tmp_path / "c.pid")),
     ]
-    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30)
+    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30, warm_up=False)
     launcher.start()
     processes = [p.process.pid for p in launcher.parts]
     grandchild = int(pids.read_text())
@@ -75,7 +80,7 @@ def test_start_waits_for_health_and_stop_leaves_no_orphans(tmp_path: Path) -> No
 def test_a_part_that_dies_at_startup_aborts_the_launch_with_its_log(tmp_path: Path) -> None:
     healthy = part("decode-0", "worker", HEALTHY, str(tmp_path / "g.pid"))
     parts = [healthy, part("prefill-0", "worker", CRASHES)]
-    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30)
+    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30, warm_up=False)
     with pytest.raises(LaunchError) as excinfo:
         launcher.start()
     message = str(excinfo.value)
@@ -89,7 +94,9 @@ def test_a_part_that_dies_at_startup_aborts_the_launch_with_its_log(tmp_path: Pa
 def test_a_part_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
     stuck = "print('Initializing NIXL worker (pretend)', flush=True); import time; time.sleep(60)"
     silent = part("decode-0", "worker", stuck)
-    launcher = LocalLauncher(plan(tmp_path, [silent]), tmp_path, startup_timeout_s=1.5)
+    launcher = LocalLauncher(
+        plan(tmp_path, [silent]), tmp_path, startup_timeout_s=1.5, warm_up=False
+    )
     with pytest.raises(LaunchError, match="not healthy after 2s") as excinfo:
         launcher.start()
     # Where it got stuck is in the error itself: CI shows nothing else.
@@ -98,7 +105,7 @@ def test_a_part_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
 
 def test_restart_starts_a_part_again_and_waits_for_it(tmp_path: Path) -> None:
     parts = [part("w", "worker", HEALTHY, str(tmp_path / "g.pid"))]
-    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30)
+    launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30, warm_up=False)
     launcher.start()
     try:
         first = launcher.parts[0].process.pid
@@ -108,5 +115,80 @@ def test_restart_starts_a_part_again_and_waits_for_it(tmp_path: Path) -> None:
         assert [p.process.pid for p in launcher.parts] == [restarted.process.pid]
         with pytest.raises(LaunchError, match="no part named"):
             launcher.restart("nope")
+    finally:
+        launcher.stop(grace_s=5)
+
+
+# Healthy for a while, then dies: a part that crashes some time after its start.
+DIES_LATER = HEALTHY.replace(
+    "http.server.HTTPServer(",
+    "import threading, os; threading.Timer(float(sys.argv[3]), lambda: os._exit(7)).start()\n"
+    "http.server.HTTPServer(",
+)
+
+
+def test_a_part_that_exits_is_restarted_and_the_status_file_shows_it(tmp_path: Path) -> None:
+    parts = [part("w", "worker", HEALTHY, str(tmp_path / "g.pid"))]
+    events: list[str] = []
+    launcher = LocalLauncher(
+        plan(tmp_path, parts),
+        tmp_path,
+        startup_timeout_s=30,
+        warm_up=False,
+        restarts=RestartConfig(backoff_s=0.1, max_restarts=3, window_s=60),
+        progress=events.append,
+    )
+    launcher.start()
+    watcher = threading.Thread(target=launcher.watch, kwargs={"poll_s": 0.1}, daemon=True)
+    watcher.start()
+    try:
+        first = launcher.parts[0].process.pid
+        os.kill(first, 9)  # the part died; nobody calls restart()
+        wait_for(
+            lambda: (
+                launcher.parts[0].status().pid not in (None, first)
+                and launcher.parts[0].status().state == "running"
+            ),
+            timeout_s=15,
+            what="the supervisor's restart",
+        )
+
+        def restarted_in_status_file() -> bool:
+            row = json.loads((tmp_path / STATUS_FILE).read_text())["parts"][0]
+            return bool(row["restarts"] == 1 and row["healthy"] and row["last_exit"] == -9)
+
+        wait_for(restarted_in_status_file, timeout_s=15, what="status.json")
+        assert any("w exited with code -9; restarting" in e for e in events), events
+        assert any("w healthy again" in e for e in events), events
+        # `pd-runtime status` reads the same file: exit 0 while every part runs.
+        assert cli_main(["status", "--run-dir", str(tmp_path)]) == 0
+    finally:
+        launcher.stop(grace_s=5)
+    assert launcher.parts == []
+
+
+def test_a_crash_looping_part_ends_watch_with_its_name_and_log(tmp_path: Path) -> None:
+    parts = [
+        part("ok", "worker", HEALTHY, str(tmp_path / "g.pid")),
+        part("loop", "worker", DIES_LATER, str(tmp_path / "l.pid"), "0.5"),
+    ]
+    launcher = LocalBackend(
+        plan(tmp_path, parts),
+        tmp_path,
+        startup_timeout_s=30,
+        warm_up=False,
+        restarts=RestartConfig(backoff_s=0.05, max_backoff_s=0.1, max_restarts=2, window_s=60),
+    )
+    launcher.start()
+    try:
+        started = time.monotonic()
+        reason = launcher.wait_for_failure()
+        assert time.monotonic() - started < 30
+        assert reason.startswith("loop is crash-looping: it exited with code 7 3 times"), reason
+        assert "last lines of" in reason
+        status = launcher.part("loop").status()
+        assert (status.state, status.restarts) == ("crash-looping", 2)
+        assert launcher.part("ok").status().state == "running"  # the others are untouched
+        assert cli_main(["status", "--run-dir", str(tmp_path)]) == 1
     finally:
         launcher.stop(grace_s=5)

@@ -14,8 +14,8 @@ import pytest
 from pd_runtime.cli import main
 from pd_runtime.config.coordinator import SchedulerConfig
 from pd_runtime.errors import ConfigError
-from pd_runtime.launcher.local import _child_setup
 from pd_runtime.launcher.prepare import prepare_deployment
+from pd_runtime.launcher.supervisor import _child_setup
 from pd_runtime.placement import MachineDescription
 from pd_runtime.scheduling.kv_aware import KVAwareParams
 from pd_runtime.scheduling.profile import SchedulingProfile
@@ -159,7 +159,7 @@ def test_the_launcher_pins_gpu_workers_to_their_cores() -> None:
     core = max(os.sched_getaffinity(0))
     probe = subprocess.run(
         [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
-        preexec_fn=partial(_child_setup, (core,)),
+        preexec_fn=partial(_child_setup, None, (core,)),
         capture_output=True,
         text=True,
         check=True,
