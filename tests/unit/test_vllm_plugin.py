@@ -126,3 +126,57 @@ def test_real_nixl_agent_stops_spinning_with_the_delay() -> None:
         f"expected NIXL's default agent to spin; it used {spinning:.0%} of a core"
     )
     assert patched < spinning / 3, f"patched {patched:.0%} vs default {spinning:.0%} of a core"
+
+
+class RecordingTorchCpu:
+    """Shaped like ``torch.cpu``: the AMX capability query and the permission request."""
+
+    def __init__(self, amx: bool, granted: bool = True) -> None:
+        self.amx = amx
+        self.granted = granted
+        self.requests = 0
+
+    def _is_amx_tile_supported(self) -> bool:
+        return self.amx
+
+    def _init_amx(self) -> bool:
+        self.requests += 1
+        return self.granted
+
+
+def test_amx_permission_is_requested_only_where_the_cpu_has_amx() -> None:
+    with_amx, without = RecordingTorchCpu(amx=True), RecordingTorchCpu(amx=False)
+    assert vllm_plugin.request_amx_permission(with_amx) is True and with_amx.requests == 1
+    assert vllm_plugin.request_amx_permission(without) is None and without.requests == 0
+    refused = RecordingTorchCpu(amx=True, granted=False)
+    assert vllm_plugin.request_amx_permission(refused) is False
+
+
+def test_register_requests_amx_only_when_the_launcher_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch_cpu = RecordingTorchCpu(amx=True)
+    monkeypatch.delenv(DELAY_ENV, raising=False)
+    monkeypatch.setattr(vllm_plugin.importlib, "import_module", lambda name: torch_cpu)
+    monkeypatch.delenv(vllm_plugin.INIT_AMX_ENV, raising=False)
+    vllm_plugin.register()
+    assert torch_cpu.requests == 0  # an unrelated vLLM deployment is left alone
+    monkeypatch.setenv(vllm_plugin.INIT_AMX_ENV, "1")
+    vllm_plugin.register()
+    assert torch_cpu.requests == 1
+
+
+def test_the_real_kernel_grants_amx_in_a_fresh_process() -> None:
+    """On an AMX CPU (Sapphire Rapids and later) the request must succeed; elsewhere it is a
+    no-op that says so (None). A False here means vLLM-CPU's AMX attention would die with SIGILL."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pd_runtime.worker.vllm_plugin import request_amx_permission as r; print(r())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    has_amx = "amx_tile" in open("/proc/cpuinfo").read()
+    assert done.stdout.strip() == ("True" if has_amx else "None"), done.stderr[-2000:]

@@ -114,10 +114,12 @@ def test_cpu_workers_get_a_nixl_progress_delay_and_gpu_workers_keep_nixl_default
     cpu = WorkerSpec(role="prefill", model="/m", port=8100, platform="cpu")
     _, env = build_worker_command(cpu, environ={})
     assert env["PD_RUNTIME_NIXL_PROGRESS_DELAY_US"] == "1000"
+    assert env["PD_RUNTIME_INIT_AMX"] == "1"  # vLLM-CPU's AMX attention: no SIGILL
     assert "VLLM_PLUGINS" not in env
     gpu = WorkerSpec(role="prefill", model="/m", port=8100, platform="cuda")
     _, env = build_worker_command(gpu, environ={})
     assert "PD_RUNTIME_NIXL_PROGRESS_DELAY_US" not in env
+    assert "PD_RUNTIME_INIT_AMX" not in env
     tuned = WorkerSpec(
         role="decode", model="/m", port=8200, platform="cuda", nixl_progress_delay_us=5
     )

@@ -1,0 +1,122 @@
+"""The warm-up's pair check, against stand-in engines (fakes: a real engine cannot be made to
+corrupt a transfer on purpose). The passing case on real vLLM-CPU workers runs in every e2e
+session: the shared deployment is started by ``pd-runtime up``, which warms and checks its pairs.
+
+The stand-in "engine" answers greedy completions with token ids derived from the prompt (the same
+prompt gives the same ids, like a deterministic model) and counts NIXL transfers on /metrics when
+a request carries kv_transfer_params; a real sidecar sits in front of the decode stand-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.launcher.warmup import WarmupError, warm_up
+from tests.servers import serve
+
+
+@dataclass
+class StandInEngine:
+    """Fake vLLM worker. ``corrupt``: what it generates after a transfer differs (a broken KV
+    pull); ``prefill_fails``: its prefill answers 500 (the sidecar falls back)."""
+
+    corrupt: bool = False
+    prefill_fails: bool = False
+    transfers: int = 0
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def complete(request: Request) -> JSONResponse:
+            body: dict[str, Any] = await request.json()
+            params = body.get("kv_transfer_params") or {}
+            ids = [b % 251 for b in hashlib.sha256(body["prompt"].encode()).digest()[:8]]
+            if params.get("do_remote_decode"):  # the prefill hop
+                if self.prefill_fails:
+                    return JSONResponse({"error": {"message": "boom"}}, 500)
+                return JSONResponse(
+                    {
+                        "choices": [{"text": "x", "token_ids": ids[:1]}],
+                        "usage": {"prompt_tokens": 100},
+                        "kv_transfer_params": {"remote_engine_id": "e", "remote_block_ids": [1]},
+                    }
+                )
+            if params.get("remote_engine_id"):  # the decode hop pulls the blocks
+                self.transfers += 1
+                if self.corrupt:
+                    ids = [(i + 1) % 251 for i in ids]
+            return JSONResponse({"choices": [{"text": "y", "token_ids": ids}]})
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(f"vllm:nixl_xfer_time_seconds_count {self.transfers}\n")
+
+        return app
+
+
+@contextmanager
+def pair(prefill: StandInEngine, decode: StandInEngine) -> Iterator[list[EndpointConfig]]:
+    from pd_runtime.sidecar.app import SidecarSettings, create_app
+
+    with serve(prefill.app()) as prefill_url, serve(decode.app()) as decode_url:
+        prefiller = prefill_url.removeprefix("http://")
+        settings = SidecarSettings(decode_url=decode_url, allowed_prefillers=frozenset({prefiller}))
+        with serve(create_app(settings)) as sidecar_url:
+            yield [
+                EndpointConfig(
+                    name="prefill-0", role="prefill", address=prefiller, url=prefill_url
+                ),
+                EndpointConfig(
+                    name="decode-0",
+                    role="decode",
+                    address=decode_url.removeprefix("http://"),
+                    url=sidecar_url,
+                ),
+            ]
+
+
+def test_a_healthy_pair_passes_and_reports_each_step() -> None:
+    decode = StandInEngine()
+    messages: list[str] = []
+    with pair(StandInEngine(), decode) as endpoints:
+        warm_up(endpoints, "m", progress=messages.append)
+    assert decode.transfers == 1
+    assert [m.split(" ")[0] for m in messages] == ["prefill-0", "decode-0", "pair"]
+    assert "output equals colocated" in messages[-1]
+
+
+def test_a_pair_whose_transfer_corrupts_the_output_is_named() -> None:
+    broken = pytest.raises(WarmupError, match="prefill-0 -> decode-0: disaggregated output differs")
+    with pair(StandInEngine(), StandInEngine(corrupt=True)) as endpoints, broken:
+        warm_up(endpoints, "m")
+
+
+def test_a_pair_that_silently_falls_back_to_local_prefill_is_named() -> None:
+    # The answer is right (the decode worker computed it alone), but nothing moved over NIXL.
+    no_transfer = pytest.raises(WarmupError, match="prefill-0 -> decode-0: no NIXL transfer")
+    with pair(StandInEngine(prefill_fails=True), StandInEngine()) as endpoints, no_transfer:
+        warm_up(endpoints, "m")
+
+
+def test_only_rechecks_a_restarted_worker_and_its_pairs() -> None:
+    decode = StandInEngine()
+    messages: list[str] = []
+    with pair(StandInEngine(), decode) as endpoints:
+        warm_up(endpoints, "m", only=frozenset({"decode-0"}), progress=messages.append)
+    assert [m.split(" ")[0] for m in messages] == ["decode-0", "pair"]
+
+
+def test_an_unreachable_worker_is_named() -> None:
+    gone = EndpointConfig(name="decode-7", role="decode", address="127.0.0.1:9", url="http://x")
+    with pytest.raises(WarmupError, match=r"warm-up of decode-7 \(127.0.0.1:9\) failed"):
+        warm_up([gone], "m", pairs=False)
