@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -178,5 +179,5 @@ def test_the_real_kernel_grants_amx_in_a_fresh_process() -> None:
         timeout=120,
         check=True,
     )
-    has_amx = "amx_tile" in open("/proc/cpuinfo").read()
+    has_amx = "amx_tile" in Path("/proc/cpuinfo").read_text()
     assert done.stdout.strip() == ("True" if has_amx else "None"), done.stderr[-2000:]
