@@ -163,7 +163,17 @@ def test_references_resolve_and_selectors_match(target: str) -> None:
             assert c["image"] == "pd-runtime:cuda"
             names = {p["name"] for p in c.get("ports", [])}
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                if probe in c:
+                if probe in c and "exec" in c[probe]:  # the workers' warm-up probe
+                    # the worker's own port (--port=...), the variables it reads exist, and the
+                    # CLI takes the command as written
+                    command = c[probe]["exec"]["command"]
+                    port = next(a.split("=")[1] for a in c["args"] if a.startswith("--port="))
+                    words = shlex.split(command[-1].replace("$SERVED_MODEL_NAME", "m"))
+                    assert command[:2] == ["sh", "-c"] and words[:2] == ["exec", "pd-runtime"]
+                    assert f"http://$POD_IP:{port}" in words, words
+                    assert {"SERVED_MODEL_NAME", "POD_IP"} <= {e["name"] for e in c["env"]}
+                    assert build_parser().parse_args(words[2:]).command == "warmup"
+                elif probe in c:
                     action = c[probe].get("httpGet") or c[probe].get("tcpSocket")
                     assert action["port"] in names, f"{c['name']} {probe} port"
             for env in c.get("env", []):
