@@ -463,7 +463,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _run_warmup(args: argparse.Namespace) -> int:
     from pd_runtime.config.coordinator import EndpointConfig
-    from pd_runtime.launcher.warmup import warm_up
+    from pd_runtime.launcher.warmup import WarmupError, warm_up
 
     endpoints: list[EndpointConfig] = []
     for i, url in enumerate(args.worker):
@@ -485,9 +485,13 @@ def _run_warmup(args: argparse.Namespace) -> int:
         )
         pairs.append(EndpointConfig(name=f"decode-{i}", role="decode", address=decode, url=sidecar))
     progress = lambda m: print(f"[warmup] {m}", flush=True)  # noqa: E731
-    warm_up(endpoints, args.model, pairs=False, timeout_s=args.timeout, progress=progress)
-    for prefill, decode in zip(pairs[::2], pairs[1::2], strict=True):
-        warm_up([prefill, decode], args.model, timeout_s=args.timeout, progress=progress)
+    try:
+        warm_up(endpoints, args.model, pairs=False, timeout_s=args.timeout, progress=progress)
+        for prefill, decode in zip(pairs[::2], pairs[1::2], strict=True):
+            warm_up([prefill, decode], args.model, timeout_s=args.timeout, progress=progress)
+    except WarmupError as exc:
+        print(f"[warmup] FAILED: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

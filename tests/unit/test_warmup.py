@@ -19,6 +19,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from pd_runtime.cli import main as cli_main
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.launcher.warmup import WarmupError, warm_up
 from tests.servers import serve
@@ -120,3 +121,16 @@ def test_an_unreachable_worker_is_named() -> None:
     gone = EndpointConfig(name="decode-7", role="decode", address="127.0.0.1:9", url="http://x")
     with pytest.raises(WarmupError, match=r"warm-up of decode-7 \(127.0.0.1:9\) failed"):
         warm_up([gone], "m", pairs=False)
+
+
+def test_the_warmup_command_checks_a_pair_and_exits_1_naming_a_broken_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for decode, expected in ((StandInEngine(), 0), (StandInEngine(corrupt=True), 1)):
+        with pair(StandInEngine(), decode) as (prefill_0, decode_0):
+            argv = ["warmup", "--model", "m", "--worker", f"http://{decode_0.address}"]
+            argv += ["--pair", f"{prefill_0.address},{decode_0.address},{decode_0.url}"]
+            assert cli_main(argv) == expected
+    out, err = capsys.readouterr()
+    assert "KV moved over NIXL, output equals colocated" in out
+    assert "FAILED: pair check prefill-0 -> decode-0: disaggregated output differs" in err
