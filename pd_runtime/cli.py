@@ -169,6 +169,14 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="on SIGTERM, seconds to keep listening with /health at 503 before the port closes",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection that has not sent a complete request head this long after it "
+        "opened or after its next request's first byte (default 10; against slowloris)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -367,6 +375,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         decode_timeout_s=args.decode_timeout,
         drain_timeout_s=args.drain_timeout,
         drain_delay_s=args.drain_delay,
+        header_timeout_s=args.header_timeout,
     )
     run_server(
         create_app(settings),
@@ -374,6 +383,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         port=args.port,
         drain_timeout_s=settings.drain_timeout_s,
         drain_delay_s=settings.drain_delay_s,
+        header_timeout_s=settings.header_timeout_s,
         log_config=uvicorn_log_config(args.log_level),
     )
     return 0
@@ -395,6 +405,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         port=config.port,
         drain_timeout_s=config.drain_timeout_s,
         drain_delay_s=config.drain_delay_s,
+        header_timeout_s=config.header_timeout_s,
         log_config=uvicorn_log_config(args.log_level),
     )
     return 0

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
+from pd_runtime.common.header_deadline import header_deadline_protocol
 from pd_runtime.errors import (
     BadRequestError,
     ClientGone,
@@ -546,10 +547,15 @@ def run_server(
     port: int,
     drain_timeout_s: float,
     drain_delay_s: float = 0.0,
+    header_timeout_s: float | None = None,
     **kwargs: Any,
 ) -> None:
     """Serve ``app`` (which holds a :class:`Lifecycle` as ``app.state.lifecycle``) until SIGTERM,
-    then drain gracefully (see :class:`DrainingServer`)."""
+    then drain gracefully (see :class:`DrainingServer`). With ``header_timeout_s``, a connection
+    that has not sent a complete request head that long after opening (or after the first byte
+    of its next request) is closed (see :mod:`pd_runtime.common.header_deadline`)."""
+    if header_timeout_s is not None:
+        kwargs.setdefault("http", header_deadline_protocol(header_timeout_s))
     config = uvicorn.Config(
         app, host=host, port=port, timeout_graceful_shutdown=int(drain_timeout_s) or 1, **kwargs
     )

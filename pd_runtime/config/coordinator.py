@@ -128,6 +128,13 @@ class CoordinatorConfig(BaseModel):
         "requests with 503 draining, so load balancers and readiness probes see the coordinator "
         "leave before its port closes (e.g. a few readiness periods on Kubernetes)",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a client connection that has not sent a complete request head this long "
+        "after it opened (or after the first byte of its next request) is closed, with 408 if "
+        "it had started one (slowloris); the body and the response are not bound by it",
+    )
     max_body_bytes: int = Field(
         default=10 * 1024 * 1024,
         ge=1,

@@ -144,6 +144,7 @@ class SidecarConfig(BaseModel):
     decode_timeout_s: float = Field(default=600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     drain_delay_s: float = Field(default=0.0, ge=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class CoordinatorSection(BaseModel):
@@ -162,6 +163,7 @@ class CoordinatorSection(BaseModel):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     drain_timeout_s: float = Field(default=30.0, gt=0)
     drain_delay_s: float = Field(default=0.0, ge=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class DeploymentConfig(BaseModel):

@@ -92,12 +92,20 @@ class SidecarSettings:
     drain_timeout_s: float = 30.0
     #: On SIGTERM, how long to keep listening (``/health`` 503) before the port closes.
     drain_delay_s: float = 0.0
+    #: Close a connection that has not sent a complete request head this long after it opened
+    #: (or after its next request's first byte): no slowloris holds connections open.
+    header_timeout_s: float = 10.0
     #: Also trust the prefill endpoints this discovery finds (Kubernetes: ready pods labelled
     #: role prefill), kept current while serving; ``allowed_prefillers`` stay trusted too.
     prefiller_discovery: DiscoveryConfig | None = None
 
     def __post_init__(self) -> None:
-        for name in ("prefill_timeout_s", "prefill_deadline_floor_s", "prefill_deadline_cold_s"):
+        for name in (
+            "prefill_timeout_s",
+            "prefill_deadline_floor_s",
+            "prefill_deadline_cold_s",
+            "header_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
         if not self.prefill_deadline_factor >= 1:
