@@ -393,21 +393,26 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     from pd_runtime.common.http import run_server
     from pd_runtime.config import CoordinatorConfig, load_config
     from pd_runtime.coordinator.app import create_app
-    from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
+    from pd_runtime.logging_setup import setup_logging, stop_logging, uvicorn_log_config
 
-    setup_logging(args.log_level)
-    config = load_config(CoordinatorConfig, args.config)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    config = config.model_copy(update=overrides)
-    run_server(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        drain_timeout_s=config.drain_timeout_s,
-        drain_delay_s=config.drain_delay_s,
-        header_timeout_s=config.header_timeout_s,
-        log_config=uvicorn_log_config(args.log_level),
-    )
+    # Queued: the decision line and every other record are written by a listener thread, not
+    # on the event loop; stop_logging writes what is left when the server has stopped.
+    setup_logging(args.log_level, queued=True)
+    try:
+        config = load_config(CoordinatorConfig, args.config)
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        config = config.model_copy(update=overrides)
+        run_server(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            drain_timeout_s=config.drain_timeout_s,
+            drain_delay_s=config.drain_delay_s,
+            header_timeout_s=config.header_timeout_s,
+            log_config=uvicorn_log_config(args.log_level, queued=True),
+        )
+    finally:
+        stop_logging()
     return 0
 
 

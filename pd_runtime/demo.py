@@ -113,7 +113,7 @@ def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
             "prompt's KV blocks (null: the decode worker serves it alone); scores = share of the "
             "prompt each endpoint already holds, learned from the workers' KV events (null: "
             "none); reason = why the request was or was not disaggregated; breakdown = every "
-            "scorer's score per endpoint. With the kv-aware policy the second request finds "
+            "scorer's score for the best-scored endpoints (all of them when the coordinator logs at DEBUG). With the kv-aware policy the second request finds "
             "the prompt cached on the first one's decode worker and goes there directly."
         )
 

@@ -86,7 +86,12 @@ def failure_reason(error: UpstreamError) -> str:
 _encode_json = msgspec.json.Encoder().encode
 
 
-def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> str:
+def pod_scores_line(
+    request_id: str, model: str, result: SchedulingResult, *, full: bool = False
+) -> str:
+    """The ``Got pod scores {...}`` decision line. Its ``breakdown`` is what the policy kept for
+    the line (kv-aware: the best ``log_breakdown_top_k`` endpoints), or with ``full`` (the
+    coordinator logs at DEBUG) every endpoint's."""
     record: dict[str, Any] = {
         "x-request-id": request_id,
         "model": model,
@@ -96,7 +101,9 @@ def pod_scores_line(request_id: str, model: str, result: SchedulingResult) -> st
     }
     if result.reason is not None:
         record["reason"] = result.reason
-    if result.breakdown is not None:
+    if full and result.full_breakdown is not None:
+        record["breakdown"] = result.full_breakdown()
+    elif result.breakdown is not None:
         record["breakdown"] = result.breakdown
     return "Got pod scores " + _encode_json(record).decode()
 
@@ -236,7 +243,8 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         attempt = sched_request
         while True:
             if logger.isEnabledFor(logging.INFO):
-                logger.info(pod_scores_line(request_id, model, result))
+                full = logger.isEnabledFor(logging.DEBUG)
+                logger.info(pod_scores_line(request_id, model, result, full=full))
             mode = "disaggregated" if result.disaggregated else "direct"
             metrics.record_decision(result, mode)
             try:

@@ -18,7 +18,7 @@ Raise :class:`~pd_runtime.errors.NoEndpointError` when nothing can serve the req
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +47,13 @@ class SchedulingResult:
     decode: EndpointConfig
     prefill: EndpointConfig | None
     scores: dict[str, float] | None = None
+    #: Scorer (and ``total``) → endpoint → score, for the decision line: the policy may keep only
+    #: its best-scored endpoints here (kv-aware: ``log_breakdown_top_k``) ...
     breakdown: dict[str, dict[str, float]] | None = None
+    #: ... and build every endpoint's on demand (the line at DEBUG). None: ``breakdown`` is whole.
+    full_breakdown: Callable[[], dict[str, dict[str, float]]] | None = field(
+        default=None, repr=False, compare=False
+    )
     #: Prompt tokens, and how many of them the decode endpoint already holds (None: unknown).
     prompt_tokens: int | None = None
     cached_tokens: int | None = None

@@ -14,6 +14,7 @@ Background: one ZMQ subscriber per endpoint feeding the index, and the metrics s
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 from collections.abc import Sequence
@@ -30,7 +31,12 @@ from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingR
 from pd_runtime.scheduling.decider import PDDecider
 from pd_runtime.scheduling.pending import PendingPrefixes
 from pd_runtime.scheduling.plugins import EndpointState, RequestContext
-from pd_runtime.scheduling.profile import PluginSpec, ProfileConfig, SchedulingProfile
+from pd_runtime.scheduling.profile import (
+    PluginSpec,
+    ProfileConfig,
+    ProfileResult,
+    SchedulingProfile,
+)
 from pd_runtime.scheduling.scraper import MetricsScraper
 from pd_runtime.scheduling.tokenize import PromptTokenizer
 
@@ -84,7 +90,41 @@ class KVAwareParams(BaseModel):
     unhealthy_after_failures: int = Field(default=3, ge=1)
     pending_ttl_s: float = Field(default=10.0, ge=0)
     seed: int | None = None
+    log_breakdown_top_k: int = Field(
+        default=4,
+        ge=0,
+        description="the decision line's breakdown covers the endpoints with the k best totals "
+        "of each profile (and the one picked); every endpoint when the coordinator logs at "
+        "DEBUG; 0: none at INFO",
+    )
     profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))
+
+
+def _breakdown(runs: Sequence[ProfileResult], top_k: int | None) -> dict[str, dict[str, float]]:
+    """Scorer (and ``total``) → endpoint → score over the profile runs, for the endpoints with the
+    ``top_k`` best totals of each run and the one it picked (every endpoint when None)."""
+    breakdown: dict[str, dict[str, float]] = {}
+    if top_k == 0:
+        return breakdown
+    for run in runs:
+        totals = run.totals
+        if top_k is None or len(totals) <= top_k:
+            for scorer, values in run.scores.items():
+                breakdown.setdefault(scorer, {}).update(values)
+            breakdown.setdefault("total", {}).update(totals)
+            continue
+        keep = heapq.nlargest(top_k, totals, key=totals.__getitem__)
+        if run.picked.address not in keep:
+            keep.append(run.picked.address)
+        for scorer, values in run.scores.items():
+            row = breakdown.setdefault(scorer, {})
+            for address in keep:
+                if address in values:
+                    row[address] = values[address]
+        row = breakdown.setdefault("total", {})
+        for address in keep:
+            row[address] = totals[address]
+    return breakdown
 
 
 class KVAwareScheduler(Scheduler):
@@ -239,13 +279,7 @@ class KVAwareScheduler(Scheduler):
         prefill = prefill_run.picked if prefill_run else None
         self._book(request, ctx, decode, prefill)
 
-        breakdown: dict[str, dict[str, float]] = {}
-        for run in (decode_run, prefill_run):
-            if run is None:
-                continue
-            for scorer, values in run.scores.items():
-                breakdown.setdefault(scorer, {}).update(values)
-            breakdown.setdefault("total", {}).update(run.totals)
+        runs = (decode_run, prefill_run) if prefill_run else (decode_run,)
         blocks = len(ctx.block_keys)
         scores = (
             {a: round(n / blocks, 4) for a, n in ctx.cached_blocks.items() if n > 0}
@@ -256,7 +290,8 @@ class KVAwareScheduler(Scheduler):
             decode=decode.config,
             prefill=prefill.config if prefill else None,
             scores=scores or None,
-            breakdown=breakdown,
+            breakdown=_breakdown(runs, self.params.log_breakdown_top_k),
+            full_breakdown=lambda: _breakdown(runs, None),
             prompt_tokens=ctx.prompt_tokens if ctx.token_ids is not None else None,
             cached_tokens=(
                 min(ctx.cached_tokens(decode.address), ctx.prompt_tokens)

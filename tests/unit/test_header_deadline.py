@@ -182,7 +182,7 @@ def test_header_timeout_reaches_the_sidecar_and_the_coordinator(
 ) -> None:
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(http, "run_server", lambda app, **kw: calls.append({"app": app, **kw}))
-    monkeypatch.setattr("pd_runtime.logging_setup.setup_logging", lambda *_: None)
+    monkeypatch.setattr("pd_runtime.logging_setup.setup_logging", lambda *_, **__: None)
     sidecar = ["sidecar", "--port", "1", "--decode-url", "http://127.0.0.1:2"]
     assert cli.main([*sidecar, "--header-timeout", "7"]) == 0
     assert cli.main(sidecar) == 0
