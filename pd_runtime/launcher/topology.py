@@ -220,6 +220,8 @@ def plan_deployment(
             str(config.sidecar.drain_timeout_s),
             "--drain-delay",
             str(config.sidecar.drain_delay_s),
+            "--header-timeout",
+            str(config.sidecar.header_timeout_s),
         ]
         for address in prefill_addresses:
             argv += ["--prefiller", address]

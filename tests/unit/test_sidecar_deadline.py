@@ -173,6 +173,7 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
         prefill_deadline_floor_s=3,
         prefill_deadline_factor=6,
         prefill_deadline_cold_s=20,
+        header_timeout_s=7,
     )
     plan = plan_deployment(
         parse_config(DeploymentConfig, data), tmp_path, Platform("cpu", 0, (0, 1))
@@ -188,6 +189,7 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
     assert settings.prefill_deadline_floor_s == 3
     assert settings.prefill_deadline_factor == 6
     assert settings.prefill_deadline_cold_s == 20
+    assert settings.header_timeout_s == 7
     defaults = cli.build_parser().parse_args(["sidecar", "--port", "1", "--decode-url", "x"])
     assert (
         defaults.prefill_deadline_floor,
