@@ -1,13 +1,16 @@
 """Disaggregated serving end to end on real vLLM-CPU workers with real NIXL transfers.
 
 Correctness is shown by comparison: the greedy output through the coordinator (prefill on the
-prefill worker, KV pulled over NIXL by the decode worker) must equal, token for token, the output of
-the same request served by one worker alone (sent straight to a decode worker, no transfer).
+prefill worker, KV pulled over NIXL by the decode worker) must equal, token id for token id, the
+output of the same request served by one worker alone where those KV blocks never were: straight
+to the *other* decode worker (no transfer, and its prefix cache shows no hit), so a bad transfer
+cannot be reused by the reference and hide itself.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import httpx
@@ -18,6 +21,7 @@ from pd_runtime.demo import DEMO_PROMPT
 from tests.e2e.conftest import Deployment
 
 NIXL_COUNT = "vllm:nixl_xfer_time_seconds_count"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"  # prompt tokens served from the prefix cache
 TIMEOUT = httpx.Timeout(300.0)
 
 PROMPTS = {
@@ -33,16 +37,20 @@ PROMPTS = {
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
-def generate(url: str, path: str, body: dict[str, Any], request_id: str) -> tuple[str, dict]:
-    """Return (text, usage) for a streaming or non-streaming request."""
+def generate(
+    url: str, path: str, body: dict[str, Any], request_id: str
+) -> tuple[str, list[int], dict]:
+    """Return (text, generated token ids, usage) for a streaming or non-streaming request; the
+    body must ask for ``return_token_ids`` (vLLM then adds ``token_ids`` to each choice, in a
+    stream to each chunk's choice: the ids of that delta)."""
     headers = {"x-request-id": request_id}
     if not body.get("stream"):
         response = httpx.post(f"{url}{path}", json=body, headers=headers, timeout=TIMEOUT)
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]
         text = choice["text"] if "text" in choice else choice["message"]["content"]
-        return text, response.json()["usage"]
-    pieces, usage = [], {}
+        return text, list(choice.get("token_ids") or []), response.json()["usage"]
+    pieces, ids, usage = [], [], {}
     with httpx.stream("POST", f"{url}{path}", json=body, headers=headers, timeout=TIMEOUT) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -54,7 +62,8 @@ def generate(url: str, path: str, body: dict[str, Any], request_id: str) -> tupl
             usage = event.get("usage") or usage
             for choice in event["choices"]:
                 pieces.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
-    return "".join(pieces), usage
+                ids.extend(choice.get("token_ids") or [])
+    return "".join(pieces), ids, usage
 
 
 def nixl_counts(deployment: Deployment) -> dict[str, float]:
@@ -75,19 +84,22 @@ def prefill_prompt_tokens(deployment: Deployment) -> float:
 def test_disaggregated_greedy_output_equals_colocated(
     deployment: Deployment, api: str, stream: bool
 ) -> None:
-    text = f"{api} {'streamed' if stream else 'plain'}: {DEMO_PROMPT}"
+    # Unique from the first block on: no worker can hold any of it from an earlier test.
+    tag = uuid.uuid4().hex
+    text = f"{tag} {api} {'streamed' if stream else 'plain'}: {DEMO_PROMPT}"
     body = {
         **PROMPTS[api](deployment.model, text),
         "max_tokens": 24,
         "temperature": 0,
         "stream": stream,
+        "return_token_ids": True,
     }
     if stream:
         body["stream_options"] = {"include_usage": True}
-    request_id = f"eq-{api}-{int(stream)}"
+    request_id = f"eq-{api}-{int(stream)}-{tag[:8]}"
 
     before, prefill_before = nixl_counts(deployment), prefill_prompt_tokens(deployment)
-    disaggregated, usage = generate(deployment.gateway, PATHS[api], body, request_id)
+    disaggregated, ids, usage = generate(deployment.gateway, PATHS[api], body, request_id)
     after, prefill_after = nixl_counts(deployment), prefill_prompt_tokens(deployment)
 
     record = deployment.decision(request_id)
@@ -98,12 +110,18 @@ def test_disaggregated_greedy_output_equals_colocated(
     assert all(after[a] == before[a] for a in after if a != target), (before, after)
     # The prefill worker computed the whole prompt, and the client sees the usual usage numbers.
     assert prefill_after - prefill_before == usage["prompt_tokens"] > 150
-    assert usage["completion_tokens"] == 24
+    assert usage["completion_tokens"] == 24 == len(ids)
 
-    # The same request, served by one worker alone (straight to a decode worker: no transfer).
-    colocated_url = f"http://{target}"
-    colocated, colocated_usage = generate(colocated_url, PATHS[api], body, request_id + "-solo")
-    assert nixl_counts(deployment)[target] == after[target]
+    # The same request served by one worker alone, where the transferred blocks never were: the
+    # other decode worker (no transfer, and nothing of the prompt in its prefix cache).
+    other = next(e for e in deployment.decode if e.address != target)
+    hits_before = scrape_metrics(other.metrics_url)[PREFIX_HITS]
+    colocated, colocated_ids, colocated_usage = generate(
+        f"http://{other.address}", PATHS[api], body, request_id + "-solo"
+    )
+    assert scrape_metrics(other.metrics_url)[PREFIX_HITS] == hits_before
+    assert nixl_counts(deployment) == after  # no transfer anywhere for the reference
+    assert ids == colocated_ids
     assert disaggregated == colocated
     assert usage["prompt_tokens"] == colocated_usage["prompt_tokens"]
     assert len(disaggregated) > 0
