@@ -106,6 +106,10 @@ def build_worker_command(
         "kv_connector": "NixlConnector",
         "kv_role": KV_ROLES[spec.role],
         "kv_buffer_device": "cpu" if spec.platform == "cpu" else "cuda",
+        # A KV pull that fails (the prefill worker died between its answer and the pull:
+        # NIXL_ERR_REMOTE_DISCONNECT) is recomputed on the decode worker, like the sidecar's
+        # local-prefill fallback, instead of vLLM's default: failing the request with a 500.
+        "kv_load_failure_policy": "recompute",
     }
     extra: dict[str, object] = {}
     if spec.nixl_num_threads is not None:

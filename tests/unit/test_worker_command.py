@@ -26,6 +26,7 @@ def test_roles_map_to_nixl_kv_roles(role: str, kv_role: str) -> None:
         "kv_connector": "NixlConnector",
         "kv_role": kv_role,
         "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",  # a failed KV pull is prefilled locally, no 500
     }
     events = json.loads(flag(argv, "--kv-events-config"))
     assert events["topic"] == "kv@127.0.0.1:8100@tiny"
