@@ -6,6 +6,7 @@ does not collide). Tests read its state where an operator would: ``RUN_DIR/statu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from pd_runtime.config.loader import dump_yaml, parse_config
 from pd_runtime.demo import pod_score_lines
 from pd_runtime.launcher.local import STATUS_FILE
 from pd_runtime.launcher.prepare import prepare_deployment
+from pd_runtime.launcher.supervisor import _child_setup
 from pd_runtime.launcher.topology import DeploymentPlan
 from tests.servers import wait_for
 
@@ -180,6 +182,20 @@ class Deployment:
     def endpoint_state(self, address: str) -> dict[str, Any]:
         return next(e for e in self.scheduler_state()["endpoints"] if e["address"] == address)
 
+    def wait_all_healthy(self, timeout_s: float = 300.0) -> None:
+        """Every part running and healthy in status.json, every endpoint in the coordinator's
+        rotation (after a kill: ``up`` has restarted the part and the scraper taken it back)."""
+        self.eventually(
+            lambda: all(p["state"] == "running" and p["healthy"] for p in self.status()["parts"]),
+            "every part running and healthy in status.json",
+            timeout_s=timeout_s,
+        )
+        for endpoint in [*self.prefill, *self.decode]:
+            self.eventually(
+                lambda e=endpoint: self.endpoint_state(e.address)["healthy"],
+                f"the coordinator to have {endpoint.address} in rotation",
+            )
+
     @staticmethod
     def eventually(condition: Callable[[], object], what: str, timeout_s: float = 60.0) -> None:
         wait_for(condition, timeout_s=timeout_s, what=what, poll_s=0.25)
@@ -242,7 +258,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group
+            # Its own process group, SIGTERM'd by the kernel if pytest dies (a timeout), so that
+            # `up` stops its parts instead of outliving the run.
+            preexec_fn=functools.partial(_child_setup, None),
         )
     deployment = Deployment(plan, run_dir, up)
     try:

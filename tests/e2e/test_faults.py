@@ -84,20 +84,6 @@ def long_prompt(tag: str, words: int) -> str:
     return f"{tag} {uuid.uuid4().hex}: {text}"
 
 
-def wait_all_healthy(deployment: Deployment, timeout_s: float = 300.0) -> None:
-    """Every part running and healthy in status.json, every endpoint in the coordinator's rotation."""
-    deployment.eventually(
-        lambda: all(p["state"] == "running" and p["healthy"] for p in deployment.status()["parts"]),
-        "every part running and healthy in status.json",
-        timeout_s=timeout_s,
-    )
-    for endpoint in [*deployment.prefill, *deployment.decode]:
-        deployment.eventually(
-            lambda e=endpoint: deployment.endpoint_state(e.address)["healthy"],
-            f"the coordinator to have {endpoint.address} in rotation",
-        )
-
-
 def test_a_client_that_goes_away_mid_stream_frees_the_workers(deployment: Deployment) -> None:
     request_id = f"disconnect-{uuid.uuid4().hex[:8]}"
     body = {
@@ -193,7 +179,7 @@ def test_a_hung_prefill_worker_costs_a_request_at_most_its_deadline(
     out, stuck in a driver) must not hold requests for the sidecar's 120 s prefill timeout: the
     sidecar's prefill deadline (floor 5 s) cancels the call and the decode worker prefills
     locally, and the coordinator stops sending to a prefill worker whose /metrics time out."""
-    wait_all_healthy(deployment)
+    deployment.wait_all_healthy()
     prefill = deployment.prefill[0]
     baseline = timed_batch(deployment, "hang-base", 4, words=300, max_tokens=8)
     assert [status for _, status, _ in baseline] == [200] * 4, baseline
@@ -229,13 +215,13 @@ def test_a_hung_prefill_worker_costs_a_request_at_most_its_deadline(
     assert exceeded == 0 or fallback >= exceeded  # a cancelled prefill is a fallback
 
     # Resumed, it answers again and the coordinator takes it back; it was never restarted.
-    wait_all_healthy(deployment)
+    deployment.wait_all_healthy()
     assert deployment.pids["prefill-0"] == pid
 
 
 @pytest.mark.destructive
 def test_killing_the_prefill_worker_mid_traffic_fails_no_request(deployment: Deployment) -> None:
-    wait_all_healthy(deployment)
+    deployment.wait_all_healthy()
     before = deployment.part_status("prefill-0")
     KILLED_PREFILL.update(
         engine_id=prefill_engine_id(deployment), restarts=before["restarts"], pid=before["pid"]
@@ -312,7 +298,7 @@ def test_a_restarted_prefill_worker_rejoins_with_a_new_engine_identity(
 def test_killing_a_decode_worker_mid_stream_ends_it_with_an_error_then_fails_over(
     deployment: Deployment,
 ) -> None:
-    wait_all_healthy(deployment)
+    deployment.wait_all_healthy()
     retries_before = deployment.gateway_metric(RETRIES)
     # A long stream, then the decode worker serving it is killed.
     request_id = f"decode-kill-{uuid.uuid4().hex[:8]}"

@@ -22,7 +22,6 @@ import pytest
 
 from pd_runtime.demo import DEMO_PROMPT
 from tests.e2e.conftest import Deployment
-from tests.e2e.test_faults import wait_all_healthy
 
 REQUESTS = 40
 CLIENTS = 4
@@ -96,7 +95,7 @@ def send(deployment: Deployment, request_id: str, stream: bool) -> Outcome:
 def test_up_keeps_serving_while_a_prefill_and_a_decode_worker_are_killed_under_load(
     deployment: Deployment,
 ) -> None:
-    wait_all_healthy(deployment)
+    deployment.wait_all_healthy()
     before = {name: deployment.part_status(name) for name in ("prefill-0", "decode-1")}
     decode_1 = deployment.address_of("decode-1")
 
@@ -186,7 +185,7 @@ def test_up_keeps_serving_while_a_prefill_and_a_decode_worker_are_killed_under_l
         assert (part["state"], part["healthy"]) == ("running", True), part
 
     # Serving goes on: through the gateway, and straight at decode-1's sidecar (no prefiller).
-    wait_all_healthy(deployment)
+    deployment.wait_all_healthy()
     for i in range(4):
         outcome = send(deployment, f"after-{i}-{uuid.uuid4().hex[:8]}", stream=i % 2 == 1)
         assert outcome.status == 200, outcome
