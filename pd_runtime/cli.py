@@ -438,7 +438,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import time
 
     from pd_runtime.config import DeploymentConfig, load_config
-    from pd_runtime.launcher.local import STATUS_FILE
+    from pd_runtime.launcher.status import STATUS_FILE
 
     if args.run_dir is None:
         args.run_dir = f"runs/{load_config(DeploymentConfig, args.config).name}"

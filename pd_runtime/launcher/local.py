@@ -16,7 +16,6 @@ engine; the launcher warms it and re-checks its pairs once it answers again. Onl
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
@@ -24,21 +23,21 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from pd_runtime.config.launcher import RestartConfig
 from pd_runtime.config.loader import dump_yaml
 from pd_runtime.errors import LaunchError
+from pd_runtime.launcher.status import status_row, write_status_file
 from pd_runtime.launcher.supervisor import PartStatus, PartSupervisor
 from pd_runtime.launcher.topology import DeploymentPlan, PartKind, PartSpec
 from pd_runtime.launcher.warmup import WarmupError, warm_up
 
-__all__ = ["STATUS_FILE", "LocalLauncher", "RunningPart", "log_tail"]
+__all__ = ["LocalLauncher", "RunningPart", "log_tail"]
 
 logger = logging.getLogger(__name__)
-
-STATUS_FILE = "status.json"  # in the run directory; what `pd-runtime status` reads
 
 
 def log_tail(path: Path, lines: int = 25) -> str:
@@ -218,41 +217,10 @@ class LocalLauncher:
             progress=self.progress,
         )
 
-    def status(self) -> dict[str, object]:
-        """Every part's state, as a person (``pd-runtime status``) or a test reads it."""
-        rows = []
-        for part in self.parts:
-            status = part.status()
-            rows.append(
-                {
-                    "name": part.spec.name,
-                    "kind": part.spec.kind,
-                    "url": part.spec.url,
-                    "state": status.state,
-                    "healthy": part.healthy and status.alive,
-                    "pid": status.pid,
-                    "restarts": status.restarts,
-                    "recent_restarts": status.recent_restarts,
-                    "last_exit": status.last_exit,
-                    "log": str(part.log_path),
-                }
-            )
-        return {
-            "updated": time.time(),
-            "pid": os.getpid(),
-            "gateway": self.plan.gateway_url,
-            "crash_loop": {
-                "max_restarts": self.restarts.max_restarts,
-                "window_s": self.restarts.window_s,
-            },
-            "parts": rows,
-        }
-
-    def write_status(self) -> None:
-        path = self.run_dir / STATUS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=2))
-        tmp.replace(path)  # readers never see half a file
+    def write_status(self) -> dict[str, Any]:
+        """Every part's state into ``status.json`` (what ``pd-runtime status`` reads); returned."""
+        rows = [status_row(p.spec, p.status(), p.healthy) for p in self.parts]
+        return write_status_file(self.run_dir, self.plan.gateway_url, self.restarts, rows)
 
     # -- internals -----------------------------------------------------------------------------
 

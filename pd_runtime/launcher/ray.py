@@ -47,6 +47,7 @@ from pd_runtime.config.launcher import RayLauncherConfig
 from pd_runtime.config.loader import dump_yaml
 from pd_runtime.errors import ConfigError, LaunchError
 from pd_runtime.launcher.prepare import prepare_deployment
+from pd_runtime.launcher.status import status_row, write_status_file
 from pd_runtime.launcher.supervisor import PartStatus, PartSupervisor
 from pd_runtime.launcher.topology import DeploymentPlan, PartKind, PartSpec
 from pd_runtime.launcher.warmup import warm_up
@@ -336,6 +337,7 @@ class RayLauncher:
 
         down_since: dict[str, float] = {}
         moved: set[str] = set()
+        statuses: dict[str, PartStatus] = {}  # the last each actor told, for status.json
         polls = 0
         while True:
             polls += 1
@@ -355,6 +357,13 @@ class RayLauncher:
                     continue
                 down_since.pop(name, None)
                 self._report_restart(name, status)
+                statuses[name] = status
+            specs = {p.name: p for p in self.plan.parts}
+            rows = [
+                status_row(specs[name], status, healthy=status.alive)
+                for name, status in statuses.items()
+            ]
+            write_status_file(self.run_dir, self.plan.gateway_url, self.config.restarts, rows)
             time.sleep(self.poll_s)
 
     # -- placement -------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pd_runtime.config import DeploymentConfig
 from pd_runtime.config.loader import dump_yaml, parse_config
 from pd_runtime.demo import pod_score_lines
-from pd_runtime.launcher.local import STATUS_FILE
 from pd_runtime.launcher.prepare import prepare_deployment
+from pd_runtime.launcher.status import STATUS_FILE
 from pd_runtime.launcher.supervisor import _child_setup
 from pd_runtime.launcher.topology import DeploymentPlan
 from tests.servers import wait_for

@@ -17,7 +17,8 @@ from pd_runtime.config import CoordinatorConfig
 from pd_runtime.config.launcher import RestartConfig
 from pd_runtime.errors import LaunchError
 from pd_runtime.launcher.base import LocalBackend
-from pd_runtime.launcher.local import STATUS_FILE, LocalLauncher
+from pd_runtime.launcher.local import LocalLauncher
+from pd_runtime.launcher.status import STATUS_FILE
 from pd_runtime.launcher.topology import DeploymentPlan, PartSpec
 from tests.servers import free_port, wait_for
 
