@@ -427,16 +427,22 @@ async def open_upstream(
 
 
 def stream_back(
-    upstream: UpstreamResponse, url: str, on_close: Callable[[int], None] | None = None
+    upstream: UpstreamResponse,
+    url: str,
+    on_close: Callable[[int], None] | None = None,
+    on_chunk: Callable[[bytes], None] | None = None,
 ) -> StreamingResponse:
     """Stream an open upstream response back unchanged (status, headers, bytes). The upstream
     response is closed when the stream ends, breaks, or the client goes away (Starlette then
     cancels the body; the close is synchronous, so that cancellation cannot skip it), and
-    then ``on_close(upstream status)`` runs."""
+    then ``on_close(upstream status)`` runs. ``on_chunk(bytes)`` sees each chunk as it arrives
+    from upstream, before it is passed on (the coordinator times streams with it)."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in upstream.aiter_raw():
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 yield chunk
         except TRANSPORT_ERRORS as exc:
             # The stream broke midway: headers are gone already, so end the SSE stream with an

@@ -14,6 +14,9 @@ Per generation request:
      502/503/504), report the endpoint to the scheduler, schedule again without the endpoints
      tried (a new ``Got pod scores`` line) and retry, up to ``max_attempts``; then 502/503/504.
      A stream that breaks midway is never retried: it ends with an SSE error event.
+  6. while the answer streams back, time it for the scheduler (``_AnswerClock``): its first chunk
+     (a stream's TTFT) and the pace of the SSE events after it (TPOT), so latency-learning
+     policies see how fast each endpoint really is.
 If the client goes away, the request to the sidecar is closed at once, before or while streaming.
 On SIGTERM (``Lifecycle``): /health answers 503 draining and in-flight requests finish.
 """
@@ -101,11 +104,55 @@ def pod_scores_line(
     }
     if result.reason is not None:
         record["reason"] = result.reason
+    if result.slo is not None:
+        record["slo"] = result.slo
     if full and result.full_breakdown is not None:
         record["breakdown"] = result.full_breakdown()
     elif result.breakdown is not None:
         record["breakdown"] = result.breakdown
     return "Got pod scores " + _encode_json(record).decode()
+
+
+class _AnswerClock:
+    """Times one forwarded answer for the scheduler: ``first_chunk`` when its first body bytes
+    arrive (with the TTFT when it is a successful SSE stream) and, when such a stream ends well,
+    ``stream_end`` with the seconds per SSE event after the first chunk (one event per token, as
+    vLLM streams; ``[DONE]`` not counted). Per chunk: a clock read and two byte counts."""
+
+    __slots__ = ("events", "first", "last", "request", "result", "scheduler", "sent", "streamed")
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        request: SchedulingRequest,
+        result: SchedulingResult,
+        sent: float,
+        streamed: bool,
+    ) -> None:
+        self.scheduler = scheduler
+        self.request = request
+        self.result = result
+        self.sent = sent
+        self.streamed = streamed
+        self.first: float | None = None
+        self.last = 0.0
+        self.events = 0
+
+    def chunk(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = self.last = now
+            ttft = now - self.sent if self.streamed else None
+            self.scheduler.first_chunk(self.request, self.result, ttft)
+            return
+        if self.streamed:
+            self.last = now
+            self.events += data.count(b"data:") - data.count(b"data: [DONE]")
+
+    def end(self, status: int) -> None:
+        if self.first is None or not self.streamed or status != 200 or self.events <= 0:
+            return
+        self.scheduler.stream_end(self.request, self.result, (self.last - self.first) / self.events)
 
 
 def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) -> FastAPI:
@@ -208,10 +255,15 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 metrics.in_flight.labels(result.decode.name).dec()
                 scheduler.release(attempt, result)
 
+            clock: _AnswerClock | None = None
+
             def finished(status: int) -> None:
+                if clock is not None:
+                    clock.end(status)
                 end_attempt()
                 final(status, mode)
 
+            sent = time.perf_counter()
             try:
                 upstream = await open_upstream(
                     state["client"],
@@ -237,7 +289,11 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 end_attempt()
                 message = f"decode sidecar {url} answered {upstream.status_code}: {detail}"
                 return UpstreamError(message, status_code=upstream.status_code)
-            return stream_back(upstream, url, finished)
+            streamed = upstream.status_code == 200 and upstream.headers.get(
+                "content-type", ""
+            ).startswith("text/event-stream")
+            clock = _AnswerClock(scheduler, attempt, result, sent, streamed)
+            return stream_back(upstream, url, finished, clock.chunk)
 
         tried: list[str] = []
         attempt = sched_request

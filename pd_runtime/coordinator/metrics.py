@@ -27,6 +27,12 @@ class CoordinatorMetrics:
             ["decode", "mode", "reason"],
             registry=self.registry,
         )
+        self.slo_unmet = Counter(
+            "pd_coordinator_slo_unmet",
+            "Scheduling decisions for requests with latency targets (x-slo-ttft-ms, "
+            "x-slo-tpot-ms or the slo filter's) that no endpoint was predicted to meet",
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "pd_coordinator_prompt_tokens",
             "Prompt tokens of scheduled requests (tokenized ones only)",
@@ -102,6 +108,8 @@ class CoordinatorMetrics:
 
     def record_decision(self, result: SchedulingResult, mode: str) -> None:
         self.decisions.labels(result.decode.name, mode, result.reason or "policy").inc()
+        if result.slo == "unmet":
+            self.slo_unmet.inc()
         if result.prompt_tokens is not None and result.cached_tokens is not None:
             self.prompt_tokens.inc(result.prompt_tokens)
             self.cached_prompt_tokens.inc(result.cached_tokens)

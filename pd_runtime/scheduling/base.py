@@ -12,6 +12,10 @@ reset, timeout or a 502/503/504 before any byte reached the client); the coordin
 ``release`` for that attempt and schedules the request again with the failed endpoint's address in
 ``SchedulingRequest.exclude``, which every policy must honour (never pick an excluded decode
 endpoint; raise :class:`~pd_runtime.errors.NoEndpointError` when none is left).
+What the coordinator sees of the answer is reported for policies that learn latency: at most once
+per attempt and before its ``release``, ``first_chunk`` when the answer's first body bytes came
+back (with the seconds since the request was sent when the answer is a stream, so a TTFT), and
+``stream_end`` when a successful stream ended (with its seconds per output token).
 Raise :class:`~pd_runtime.errors.NoEndpointError` when nothing can serve the request.
 """
 
@@ -59,6 +63,9 @@ class SchedulingResult:
     cached_tokens: int | None = None
     #: Why the request is (not) disaggregated, for logs and metrics.
     reason: str | None = None
+    #: Latency targets: "met" (an endpoint is predicted to meet them), "unmet" (none is; the one
+    #: with the most headroom was chosen), None (no targets or no prediction).
+    slo: str | None = None
 
     @property
     def disaggregated(self) -> bool:
@@ -78,6 +85,17 @@ class Scheduler(ABC):
 
     def release(self, request: SchedulingRequest, result: SchedulingResult) -> None:  # noqa: B027
         """The request has ended; default: nothing to forget."""
+
+    def first_chunk(  # noqa: B027
+        self, request: SchedulingRequest, result: SchedulingResult, ttft_s: float | None
+    ) -> None:
+        """The answer's first body bytes arrived, ``ttft_s`` after the request was sent (None
+        when the answer is not a stream: its first bytes are its last); default: ignore."""
+
+    def stream_end(  # noqa: B027
+        self, request: SchedulingRequest, result: SchedulingResult, tpot_s: float
+    ) -> None:
+        """A successful stream ended; ``tpot_s``: seconds per output token after the first."""
 
     def report_failure(self, endpoint: EndpointConfig, error: str) -> None:  # noqa: B027
         """Forwarding to ``endpoint`` failed before the response started; default: ignore it.

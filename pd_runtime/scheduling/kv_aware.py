@@ -7,7 +7,9 @@ Per request:
      pending overlay (requests routed but not yet reported by their engine), run the decode
      profile, let the decider choose direct or disaggregated, run the prefill profile if so,
      and book the request's load on the chosen endpoints;
-  3. ``release``: unbook it.
+  3. ``release``: unbook it. In between, the coordinator reports the answer's first chunk and a
+     stream's end: they teach the latency model (:mod:`pd_runtime.scheduling.latency`) read by the
+     ``predicted-latency`` scorer and the ``slo`` filter.
 
 Background: one ZMQ subscriber per endpoint feeding the index, and the metrics scraper.
 """
@@ -29,6 +31,7 @@ from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.kv_events.manager import KVEventsManager
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.decider import PDDecider
+from pd_runtime.scheduling.latency import LatencyModel
 from pd_runtime.scheduling.pending import PendingPrefixes
 from pd_runtime.scheduling.plugins import EndpointState, RequestContext
 from pd_runtime.scheduling.profile import (
@@ -84,6 +87,21 @@ class KVAwareParams(BaseModel):
     )
     block_size: int = Field(default=32, ge=1, description="the engines' KV block size")
     pd_threshold_tokens: int = Field(default=256, ge=0)
+    pd_handover_s: float = Field(
+        default=0.01, ge=0, description="fixed cost of the P/D hops in predicted TTFTs (s)"
+    )
+    transfer_s_per_token: float | None = Field(
+        default=None,
+        ge=0,
+        description="KV transfer seconds per token when the decode workers' NIXL histogram is not "
+        "read (None: 0, the transfer is then learnt as part of the prefill endpoints' TTFT)",
+    )
+    latency_min_samples: int = Field(
+        default=8, ge=1, description="observations before an endpoint's latency model is used"
+    )
+    latency_half_life: float = Field(
+        default=32.0, gt=0, description="latency model: samples after which one weighs half"
+    )
     session_header: str = "x-session-id"
     default_max_tokens: int = Field(default=256, ge=0)
     scrape_interval_s: float = Field(default=0.5, gt=0)
@@ -145,6 +163,12 @@ class KVAwareScheduler(Scheduler):
         self.decode_profile = SchedulingProfile("decode", profiles["decode"])
         self.prefill_profile = SchedulingProfile("prefill", profiles["prefill"])
         self.decider = PDDecider(p.pd_threshold_tokens)
+        self.latency = LatencyModel(
+            min_samples=p.latency_min_samples,
+            half_life=p.latency_half_life,
+            handover_s=p.pd_handover_s,
+            transfer_s_per_token=p.transfer_s_per_token,
+        )
         self.index = PrefixIndex()
         self.events = KVEventsManager(self.index)
         self.pending = PendingPrefixes(p.pending_ttl_s, bit_of=self.index.endpoint_bit)
@@ -155,9 +179,9 @@ class KVAwareScheduler(Scheduler):
             unhealthy_after=p.unhealthy_after_failures,
         )
         self.rng = random.Random(p.seed)
-        # id(request) -> (request, tokens, prompt tokens). Holding the request keeps its id from
-        # being reused by another request before release().
-        self._booked: dict[int, tuple[SchedulingRequest, int, int]] = {}
+        # id(request) -> its booking. Holding the request keeps its id from being reused by
+        # another request before release().
+        self._booked: dict[int, _Booking] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -192,6 +216,7 @@ class KVAwareScheduler(Scheduler):
         removed = [a for a in states if a not in wanted]
         for address in removed:
             del states[address]
+            self.latency.forget(address)
             self.pending.forget_endpoint(address)  # before the index frees its bit
             await self.events.remove(address)
         attach: list[EndpointState] = []
@@ -203,6 +228,7 @@ class KVAwareScheduler(Scheduler):
             if old is not None:  # same address, new config: keep the load it carries
                 state.in_flight_requests = old.in_flight_requests
                 state.in_flight_tokens = old.in_flight_tokens
+                state.pending_prefill_tokens = old.pending_prefill_tokens
             states[address] = state
             attach.append(state)
         if not removed and not attach:
@@ -256,6 +282,7 @@ class KVAwareScheduler(Scheduler):
             cached_blocks=cached,
             session=request.headers.get(self.params.session_header),
             rng=self.rng,
+            latency=self.latency,
         )
 
     def schedule(self, request: SchedulingRequest) -> SchedulingResult:
@@ -299,13 +326,16 @@ class KVAwareScheduler(Scheduler):
                 else None
             ),
             reason=decision.reason,
+            slo=ctx.slo,
         )
 
     def release(self, request: SchedulingRequest, result: SchedulingResult) -> None:
         booked = self._booked.pop(id(request), None)
         if booked is None:
             return
-        _, tokens, prompt_tokens = booked
+        if not booked.first_chunk:
+            self._prefilled(booked)
+        tokens, prompt_tokens = booked.tokens, booked.prompt_tokens
         # An endpoint removed by discovery meanwhile has no state left to unbook.
         decode = self.states.get(result.decode.address)
         if decode is not None:
@@ -316,6 +346,51 @@ class KVAwareScheduler(Scheduler):
             if prefill is not None:
                 prefill.in_flight_requests -= 1
                 prefill.in_flight_tokens -= prompt_tokens
+
+    def _prefilled(self, booked: _Booking) -> None:
+        booked.first_chunk = True
+        state = self.states.get(booked.prefilled_at)
+        if state is not None:
+            state.pending_prefill_tokens -= booked.prefill_tokens
+
+    def first_chunk(
+        self, request: SchedulingRequest, result: SchedulingResult, ttft_s: float | None
+    ) -> None:
+        """The prompt is prefilled: unqueue its tokens; a stream's TTFT teaches the model the
+        prefilling endpoint's line (and a disaggregated one's transfer into the decode one)."""
+        booked = self._booked.get(id(request))
+        if booked is None or booked.first_chunk:
+            return
+        self._prefilled(booked)
+        if not booked.tokenized:
+            return
+        decode = result.decode.address
+        if result.prefill is None:
+            if ttft_s is not None:
+                self.latency.observe_ttft(decode, booked.work_tokens, ttft_s)
+            return
+        state = self.states.get(decode)
+        self.latency.observe_transfer(
+            decode,
+            booked.transferred_tokens,
+            state.nixl_xfer_seconds_sum if state is not None else None,
+            state.nixl_xfer_count if state is not None else None,
+        )
+        if ttft_s is not None:
+            self.latency.observe_pd_ttft(
+                result.prefill.address,
+                decode,
+                booked.work_tokens,
+                booked.transferred_tokens,
+                ttft_s,
+            )
+
+    def stream_end(
+        self, request: SchedulingRequest, result: SchedulingResult, tpot_s: float
+    ) -> None:
+        booked = self._booked.get(id(request))
+        if booked is not None:
+            self.latency.observe_tpot(result.decode.address, booked.batch, tpot_s)
 
     def report_failure(self, endpoint: EndpointConfig, error: str) -> None:
         """Unhealthy at once (the ``healthy`` filter skips it); the scraper's next good scrape of
@@ -340,6 +415,21 @@ class KVAwareScheduler(Scheduler):
         tokens = ctx.prompt_tokens + max_new
         decode.in_flight_requests += 1
         decode.in_flight_tokens += tokens
+        # Who prefills, and its u + Q before this request (the latency model's x).
+        at = prefill if prefill is not None else decode
+        uncached = ctx.uncached_tokens(at.address)
+        booking = _Booking(
+            request,
+            tokens,
+            ctx.prompt_tokens,
+            prefilled_at=at.address,
+            prefill_tokens=uncached,
+            work_tokens=uncached + at.pending_prefill_tokens,
+            transferred_tokens=ctx.uncached_tokens(decode.address),
+            batch=decode.in_flight_requests,
+            tokenized=ctx.token_ids is not None,
+        )
+        at.pending_prefill_tokens += uncached
         # Claim only the blocks beyond what the endpoint already holds: the walk in context()
         # joins the claims to the indexed prefix.
         keys, held = ctx.block_keys, ctx.cached_blocks
@@ -348,7 +438,7 @@ class KVAwareScheduler(Scheduler):
             prefill.in_flight_tokens += ctx.prompt_tokens
             self.pending.add(prefill.address, keys[held.get(prefill.address, 0) :])
         self.pending.add(decode.address, keys[held.get(decode.address, 0) :])
-        self._booked[id(request)] = (request, tokens, ctx.prompt_tokens)
+        self._booked[id(request)] = booking
 
     # ---- introspection ----------------------------------------------------------------------
 
@@ -387,12 +477,54 @@ class KVAwareScheduler(Scheduler):
             },
             "block_size": self.params.block_size,
             "pd_threshold_tokens": self.params.pd_threshold_tokens,
+            "latency": self.latency.describe(),
             "profiles": {
                 "decode": self.decode_profile.describe(),
                 "prefill": self.prefill_profile.describe(),
             },
             "scrape_rounds": self.scraper.rounds,
         }
+
+
+class _Booking:
+    """What ``_book`` added for one request, and the latency model's features at the decision."""
+
+    __slots__ = (
+        "batch",
+        "first_chunk",
+        "prefill_tokens",
+        "prefilled_at",
+        "prompt_tokens",
+        "request",
+        "tokenized",
+        "tokens",
+        "transferred_tokens",
+        "work_tokens",
+    )
+
+    def __init__(
+        self,
+        request: SchedulingRequest,
+        tokens: int,
+        prompt_tokens: int,
+        *,
+        prefilled_at: str,
+        prefill_tokens: int,
+        work_tokens: int,
+        transferred_tokens: int,
+        batch: int,
+        tokenized: bool,
+    ) -> None:
+        self.request = request  # keeps id(request) from being reused before release()
+        self.tokens = tokens
+        self.prompt_tokens = prompt_tokens
+        self.prefilled_at = prefilled_at  # the endpoint computing the prompt
+        self.prefill_tokens = prefill_tokens  # its uncached part, queued there until prefilled
+        self.work_tokens = work_tokens  # u + Q there at the decision
+        self.transferred_tokens = transferred_tokens  # KV pulled by decode when disaggregated
+        self.batch = batch  # our requests at decode, this one included
+        self.tokenized = tokenized
+        self.first_chunk = False
 
 
 def _with_prompt(

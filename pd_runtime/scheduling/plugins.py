@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from pd_runtime.common.registry import Registry
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.scheduling.base import SchedulingRequest
+from pd_runtime.scheduling.latency import LatencyModel
 
 __all__ = [
     "FILTERS",
@@ -47,6 +48,12 @@ class EndpointState:
     ``in_flight_*`` are the coordinator's own counts (fresh even under bursts); ``waiting``,
     ``running`` and ``kv_usage`` come from the worker's ``/metrics`` (a scrape interval old, None
     until the first scrape). ``healthy`` turns False after consecutive failed scrapes.
+    ``pending_prefill_tokens`` is the coordinator's own count too: uncached prompt tokens of
+    requests routed here for their prefill whose first token has not come back yet (the prefill
+    work queued ahead, :mod:`pd_runtime.scheduling.latency`). ``nixl_xfer_seconds_sum`` /
+    ``nixl_xfer_count`` are the worker's cumulative ``vllm:nixl_xfer_time_seconds_sum`` /
+    ``_count`` when whatever fills this state reads them (None: not read; the latency model then
+    uses ``transfer_s_per_token``).
     """
 
     config: EndpointConfig
@@ -55,6 +62,9 @@ class EndpointState:
     waiting: float | None = None
     running: float | None = None
     kv_usage: float | None = None
+    pending_prefill_tokens: int = 0
+    nixl_xfer_seconds_sum: float | None = None
+    nixl_xfer_count: float | None = None
     scraped_at: float | None = None
     scrape_failures: int = 0
     healthy: bool = True
@@ -78,6 +88,7 @@ class EndpointState:
             "waiting": self.waiting,
             "running": self.running,
             "kv_usage": self.kv_usage,
+            "pending_prefill_tokens": self.pending_prefill_tokens,
             "scraped_at": self.scraped_at,
             "scrape_failures": self.scrape_failures,
         }
@@ -90,7 +101,9 @@ class RequestContext:
     ``token_ids`` is the prompt as the engine will see it (chat template applied), or None when it
     could not be tokenized; ``block_keys`` are its full blocks' keys; ``cached_blocks`` maps each
     endpoint address holding a leading part of the prompt (KV events, or a request routed there
-    whose events have not arrived yet) to how many leading blocks it holds.
+    whose events have not arrived yet) to how many leading blocks it holds. ``latency`` is the
+    scheduler's learned latency model (None: the policy has none); a filter that checks SLO
+    targets sets ``slo`` to ``"met"`` or ``"unmet"`` for the decision record.
     """
 
     request: SchedulingRequest
@@ -100,6 +113,8 @@ class RequestContext:
     cached_blocks: dict[str, int] = field(default_factory=dict)
     session: str | None = None
     rng: random.Random = field(default_factory=random.Random)
+    latency: LatencyModel | None = None
+    slo: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -110,6 +125,11 @@ class RequestContext:
 
     def uncached_tokens(self, address: str) -> int:
         return max(0, self.prompt_tokens - self.cached_tokens(address))
+
+    def prefill_work(self, endpoint: EndpointState) -> int:
+        """``u + Q`` of the latency model: the tokens ``endpoint`` would prefill before this
+        request's first token (its uncached part of the prompt and the prefills queued there)."""
+        return self.uncached_tokens(endpoint.address) + endpoint.pending_prefill_tokens
 
 
 class Plugin:

@@ -1,0 +1,122 @@
+"""KVAwareScheduler and the latency model: the prefill work it queues and unqueues, what the
+coordinator's reports teach, the slo mark."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from pd_runtime.scheduling.base import SchedulingRequest
+from pd_runtime.scheduling.kv_aware import KVAwareScheduler
+
+from .test_kv_aware import D0, D1, P0, PROMPT, make, request
+
+
+def prompt(i: int, n: int = 20) -> list[int]:
+    """A prompt sharing nothing with the others."""
+    return list(range(10_000 * (i + 1), 10_000 * (i + 1) + n))
+
+
+def on(req: SchedulingRequest, address: str) -> SchedulingRequest:
+    """Steer ``req`` to one decode endpoint (the other one excluded)."""
+    return replace(req, exclude=frozenset({D0, D1} - {address}))
+
+
+def test_direct_request_queues_its_prefill_until_the_first_chunk_and_teaches_ttft() -> None:
+    s = make(prefill=False, latency_min_samples=1)
+    req = on(request(prompt(0)), D0)
+    result = s.schedule(req)
+    decode = s.states[D0]
+    assert result.prefill is None and decode.pending_prefill_tokens == 20
+    # A second request queued behind it: its work is its own 30 tokens and the 20 ahead.
+    req2 = on(request(prompt(1, 30), rid="r2"), D0)
+    result2 = s.schedule(req2)
+    assert decode.pending_prefill_tokens == 50
+    s.first_chunk(req, result, 0.25)
+    assert decode.pending_prefill_tokens == 30
+    assert s.latency.describe()[D0]["ttft"]["n"] == 1
+    assert s.latency.ttft(D0, 20) == pytest.approx(0.25)
+    s.first_chunk(req2, result2, 0.5)
+    assert s.latency.ttft(D0, 50) == pytest.approx(0.5)  # x was 30 + 20 queued
+    assert s.latency.ttft(D0, 20) == pytest.approx(0.25)
+    s.first_chunk(req, result, 9.0)  # at most once per attempt
+    assert s.latency.describe()[D0]["ttft"]["n"] == 2
+    s.stream_end(req, result, 0.02)
+    assert s.latency.tpot(result.decode.address, 1) == pytest.approx(0.02)
+    s.release(req, result)
+    s.release(req2, result2)
+    req3 = on(request(prompt(2), rid="r3"), D1)
+    result3 = s.schedule(req3)
+    assert s.states[D1].pending_prefill_tokens == 20
+    s.release(req3, result3)  # never saw a first chunk: unqueued on release
+    assert all(st.pending_prefill_tokens == 0 for st in s.states.values())
+
+
+def test_non_streamed_answer_unqueues_without_teaching() -> None:
+    s = make(prefill=False)
+    req = on(request(PROMPT), D0)
+    result = s.schedule(req)
+    s.first_chunk(req, result, None)
+    assert s.states[D0].pending_prefill_tokens == 0
+    assert D0 not in s.latency.describe()
+    s.release(req, result)
+
+
+def test_disaggregated_request_queues_on_the_prefill_endpoint_and_teaches_it() -> None:
+    s = make(latency_min_samples=1, pd_handover_s=0.01, transfer_s_per_token=0.001)
+    req = request(PROMPT)
+    result = s.schedule(req)
+    assert result.prefill is not None and result.prefill.address == P0
+    assert s.states[P0].pending_prefill_tokens == len(PROMPT)
+    assert s.states[result.decode.address].pending_prefill_tokens == 0
+    s.first_chunk(req, result, 0.5)
+    assert s.states[P0].pending_prefill_tokens == 0
+    # What is left after 20 tokens x 1 ms of transfer and the 10 ms handover is P0's prefill.
+    assert s.latency.ttft(P0, len(PROMPT)) == pytest.approx(0.5 - 0.02 - 0.01)
+    s.release(req, result)
+
+
+def test_nixl_counters_on_the_decode_state_teach_the_transfer_rate() -> None:
+    s = make(latency_min_samples=1)
+    decode = s.states[D0]
+    for i, (total, count) in enumerate(((1.0, 10), (1.2, 11), (1.4, 12))):
+        req = on(request(prompt(i), rid=f"r{i}"), D0)
+        result = s.schedule(req)
+        assert result.prefill is not None
+        decode.nixl_xfer_seconds_sum, decode.nixl_xfer_count = total, count  # as scraped
+        s.first_chunk(req, result, 0.3)
+        s.release(req, result)
+    # 0.2 s per transfer of 20 tokens.
+    assert s.latency.describe()[D0]["transfer_s_per_token"] == pytest.approx(0.01)
+    assert s.latency.transfer_s(D0, 100) == pytest.approx(1.0)
+
+
+def test_slo_mark_reaches_the_result() -> None:
+    profiles = {"decode": {"filters": [{"type": "slo"}], "scorers": [{"type": "in-flight-load"}]}}
+    s = make(prefill=False, latency_min_samples=2, profiles=profiles)
+    for i in range(4):  # both decode endpoints learn ~1 s TTFT
+        req = on(request(prompt(i), rid=f"w{i}"), (D0, D1)[i % 2])
+        result = s.schedule(req)
+        s.first_chunk(req, result, 1.0)
+        s.release(req, result)
+    assert s.latency.warm(D0) and s.latency.warm(D1)
+    assert s.schedule(request(PROMPT, rid="none")).slo is None
+    assert s.schedule(request(PROMPT, rid="met", headers={"x-slo-ttft-ms": "5000"})).slo == "met"
+    unmet = s.schedule(request(PROMPT, rid="unmet", headers={"x-slo-ttft-ms": "10"}))
+    assert unmet.slo == "unmet"
+
+
+def test_the_latency_model_forgets_removed_endpoints() -> None:
+    import asyncio
+
+    s = make(prefill=False, latency_min_samples=1)
+    req = request(PROMPT)
+    result = s.schedule(req)
+    s.first_chunk(req, result, 0.1)
+    s.release(req, result)
+    assert result.decode.address in s.latency.describe()
+    keep = [e for e in s.endpoints if e.address != result.decode.address]
+    asyncio.run(s.set_endpoints(keep))
+    assert result.decode.address not in s.latency.describe()
+    assert isinstance(s, KVAwareScheduler)
