@@ -6,10 +6,25 @@ would compute is the prompt's tokens it does not already hold, so: disaggregate 
 ``uncached tokens >= threshold_tokens``. A prompt that could not be tokenized is treated as fully
 uncached (its length is unknown; disaggregating is the behaviour of a P/D deployment without
 this decider). Without any prefill endpoint, nothing is disaggregated.
+
+``mode="predicted"`` decides by the learned latency model instead
+(:mod:`pd_runtime.scheduling.latency`)::
+
+    direct = TTFT_d(u_d + Q_d)                          the decode endpoint prefills itself
+    pd     = TTFT_p(u_p + Q_p) + t_d * u_d + H          the fastest warm prefill endpoint p
+    disaggregate  iff  pd * (1 + margin) < direct       reason predicted-pd-faster
+    else                                                reason predicted-direct-faster
+
+So a machine where the transfer and the extra hop cost more than the decode endpoint's own
+prefill stops disaggregating by itself, and long prompts on a busy decode endpoint still go to a
+prefill worker. Until the decode endpoint and at least one prefill endpoint are warm (enough
+samples), the threshold rule decides and the reason says ``cold-threshold``. ``p`` is an
+estimate: the prefill profile, run afterwards, may pick another prefill endpoint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pd_runtime.scheduling.plugins import EndpointState, RequestContext
@@ -27,13 +42,39 @@ class Decision:
 @dataclass(frozen=True)
 class PDDecider:
     threshold_tokens: int = 256
+    mode: str = "threshold"  # or "predicted"
+    margin: float = 0.2
 
-    def decide(self, ctx: RequestContext, decode: EndpointState, has_prefill: bool) -> Decision:
+    def decide(
+        self,
+        ctx: RequestContext,
+        decode: EndpointState,
+        has_prefill: bool,
+        prefills: Sequence[EndpointState] = (),
+    ) -> Decision:
+        """``prefills``: the prefill endpoints the predicted mode may weigh (healthy ones)."""
         if not has_prefill:
             return Decision(False, "no-prefill-endpoint", None)
         if ctx.token_ids is None:
             return Decision(True, "prompt-not-tokenized", None)
         uncached = ctx.uncached_tokens(decode.address)
+        if self.mode == "predicted":
+            model = ctx.latency
+            if model is not None and model.warm(decode.address):
+                pd = min(
+                    (
+                        model.pd_ttft(p.address, decode.address, ctx.prefill_work(p), uncached)
+                        for p in prefills
+                        if p.healthy and model.warm(p.address)
+                    ),
+                    default=None,
+                )
+                if pd is not None:
+                    direct = model.ttft(decode.address, ctx.prefill_work(decode))
+                    if pd * (1.0 + self.margin) < direct:
+                        return Decision(True, "predicted-pd-faster", uncached)
+                    return Decision(False, "predicted-direct-faster", uncached)
+            return Decision(uncached >= self.threshold_tokens, "cold-threshold", uncached)
         if uncached >= self.threshold_tokens:
             return Decision(True, "uncached-above-threshold", uncached)
         return Decision(False, "uncached-below-threshold", uncached)

@@ -9,7 +9,7 @@ Per request:
      and book the request's load on the chosen endpoints;
   3. ``release``: unbook it. In between, the coordinator reports the answer's first chunk and a
      stream's end: they teach the latency model (:mod:`pd_runtime.scheduling.latency`) read by the
-     ``predicted-latency`` scorer and the ``slo`` filter.
+     ``predicted-latency`` scorer, the ``slo`` filter and the decider's ``predicted`` mode.
 
 Background: one ZMQ subscriber per endpoint feeding the index, and the metrics scraper.
 """
@@ -21,7 +21,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -87,6 +87,13 @@ class KVAwareParams(BaseModel):
     )
     block_size: int = Field(default=32, ge=1, description="the engines' KV block size")
     pd_threshold_tokens: int = Field(default=256, ge=0)
+    pd_decider: Literal["threshold", "predicted"] = Field(
+        default="threshold",
+        description="threshold: disaggregate when the decode endpoint's uncached tokens reach "
+        "pd_threshold_tokens; predicted: when the learned latency model predicts P/D's TTFT "
+        "lower than the decode endpoint's own by pd_margin (the threshold rule until warm)",
+    )
+    pd_margin: float = Field(default=0.2, ge=0, description="predicted: P/D must win by this share")
     pd_handover_s: float = Field(
         default=0.01, ge=0, description="fixed cost of the P/D hops in predicted TTFTs (s)"
     )
@@ -162,7 +169,7 @@ class KVAwareScheduler(Scheduler):
         self.prefill_states = [s for s in self.states.values() if s.role == "prefill"]
         self.decode_profile = SchedulingProfile("decode", profiles["decode"])
         self.prefill_profile = SchedulingProfile("prefill", profiles["prefill"])
-        self.decider = PDDecider(p.pd_threshold_tokens)
+        self.decider = PDDecider(p.pd_threshold_tokens, mode=p.pd_decider, margin=p.pd_margin)
         self.latency = LatencyModel(
             min_samples=p.latency_min_samples,
             half_life=p.latency_half_life,
@@ -294,7 +301,7 @@ class KVAwareScheduler(Scheduler):
                 raise NoEndpointError("every decode endpoint has been tried for this request")
         decode_run = self.decode_profile.run(ctx, candidates)
         decode = decode_run.picked
-        decision = self.decider.decide(ctx, decode, bool(self.prefill_states))
+        decision = self.decider.decide(ctx, decode, bool(self.prefill_states), self.prefill_states)
         prefill_run = None
         if decision.disaggregate:
             try:
@@ -477,6 +484,7 @@ class KVAwareScheduler(Scheduler):
             },
             "block_size": self.params.block_size,
             "pd_threshold_tokens": self.params.pd_threshold_tokens,
+            "pd_decider": self.params.pd_decider,
             "latency": self.latency.describe(),
             "profiles": {
                 "decode": self.decode_profile.describe(),

@@ -1,5 +1,5 @@
 """KVAwareScheduler and the latency model: the prefill work it queues and unqueues, what the
-coordinator's reports teach, the slo mark."""
+coordinator's reports teach, the slo mark, and the decider modes from the config."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from pd_runtime.errors import ConfigError
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler
 
@@ -51,6 +52,7 @@ def test_direct_request_queues_its_prefill_until_the_first_chunk_and_teaches_ttf
     assert s.states[D1].pending_prefill_tokens == 20
     s.release(req3, result3)  # never saw a first chunk: unqueued on release
     assert all(st.pending_prefill_tokens == 0 for st in s.states.values())
+    assert s.debug_state()["pd_decider"] == "threshold"
 
 
 def test_non_streamed_answer_unqueues_without_teaching() -> None:
@@ -107,6 +109,16 @@ def test_slo_mark_reaches_the_result() -> None:
     assert unmet.slo == "unmet"
 
 
+def test_predicted_decider_from_the_config() -> None:
+    s = make(pd_decider="predicted", pd_margin=0.5)
+    assert s.decider.mode == "predicted" and s.decider.margin == 0.5
+    result = s.schedule(request(PROMPT))
+    assert result.reason == "cold-threshold" and result.prefill is not None
+    assert s.debug_state()["pd_decider"] == "predicted"
+    with pytest.raises(ConfigError, match="pd_decider"):
+        make(pd_decider="sometimes")
+
+
 def test_the_latency_model_forgets_removed_endpoints() -> None:
     import asyncio
 
@@ -120,3 +132,25 @@ def test_the_latency_model_forgets_removed_endpoints() -> None:
     asyncio.run(s.set_endpoints(keep))
     assert result.decode.address not in s.latency.describe()
     assert isinstance(s, KVAwareScheduler)
+
+
+def test_predicted_decider_stops_disaggregating_where_pd_does_not_pay() -> None:
+    s = make(pd_decider="predicted", latency_min_samples=2)
+    reasons = []
+    for i in range(2):  # long prompts, cold: the threshold sends them to P/D, which is slow here
+        req = on(request(prompt(i, 20), rid=f"pd{i}"), D0)
+        result = s.schedule(req)
+        reasons.append(result.reason)
+        assert result.prefill is not None
+        s.first_chunk(req, result, 1.0)
+        s.release(req, result)
+    for i in range(2):  # short ones, cold: served directly, fast
+        req = on(request(prompt(10 + i, 4), rid=f"d{i}"), D0)
+        result = s.schedule(req)
+        reasons.append(result.reason)
+        assert result.prefill is None
+        s.first_chunk(req, result, 0.01)
+        s.release(req, result)
+    assert reasons == ["cold-threshold"] * 4
+    result = s.schedule(on(request(prompt(20, 20), rid="long"), D0))
+    assert result.prefill is None and result.reason == "predicted-direct-faster"
