@@ -110,7 +110,9 @@ def fuzzed() -> Iterator[tuple[httpx.Client, Any]]:
 def test_any_body_gets_a_well_formed_answer(fuzzed, path: str, payload: bytes, priority) -> None:
     client, app = fuzzed
     headers = {"content-type": "application/json"}
+    # h11 refuses to send a value with leading or trailing whitespace (e.g. " "): not a request.
     if priority is not None and priority.isascii() and priority.isprintable():
+        priority = priority.strip()
         headers["x-request-priority"] = priority
     response = client.post(path, content=payload, headers=headers)
     assert response.status_code < 500 or response.status_code in UPSTREAM, response.text
