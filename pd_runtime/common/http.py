@@ -7,6 +7,8 @@ per request (``benchmarks/results/2026-11-24-components``). If the client goes a
 upstream request is closed too, so the worker sees the disconnect and aborts the request instead of
 generating into the void: before the response starts, :func:`unless_disconnected` cancels the
 upstream call; once it streams, Starlette cancels the body and its ``finally`` closes upstream.
+(That is the other paths'; the generation paths are plain ASGI, :mod:`pd_runtime.common.asgi`,
+watching the client with one task per request.)
 :class:`DrainingServer` and :class:`Lifecycle` give both servers a graceful SIGTERM.
 """
 
@@ -22,6 +24,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import aiohttp
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,6 +62,7 @@ __all__ = [
     "open_upstream",
     "parse_json_body",
     "read_body",
+    "response_headers",
     "run_server",
     "send_streaming",
     "stream_back",
@@ -103,6 +107,11 @@ _DROP_RESPONSE = frozenset(
         "server",
     }
 )
+
+
+def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """An upstream response's headers without the hop-by-hop ones and those the server sets."""
+    return {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE}
 
 
 def forward_headers(
@@ -246,18 +255,20 @@ class UpstreamClient:
         *,
         headers: Mapping[str, str] | None = None,
         json_body: Any = None,
+        content: bytes | None = None,
         timeout: aiohttp.ClientTimeout | None = None,
     ) -> Fetched:
-        """A whole request and response (``json_body`` sent as compact JSON, ``Content-Type:
-        application/json`` unless ``headers`` set one). Raises :data:`TRANSPORT_ERRORS`."""
+        """A whole request and response (``json_body`` sent as compact JSON, or ``content``: a
+        body already encoded as JSON; ``Content-Type: application/json`` unless ``headers`` set
+        one). Raises :data:`TRANSPORT_ERRORS`."""
         send = dict(headers or {})
-        data = None
+        data = content
         if json_body is not None:
             data = json.dumps(
                 json_body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
             ).encode()
-            if not any(k.lower() == "content-type" for k in send):
-                send["Content-Type"] = "application/json"
+        if data is not None and not any(k.lower() == "content-type" for k in send):
+            send["Content-Type"] = "application/json"
         async with self.session.request(
             method,
             url,
@@ -353,11 +364,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+_decode_json = msgspec.json.Decoder().decode
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, decoded with msgspec, or a 400 that says why not."""
     try:
-        body = json.loads(raw)
+        body = _decode_json(raw)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers bad UTF-8, bad JSON and integers over Python's 4300-digit limit;
+        # msgspec.DecodeError (bad JSON or UTF-8, NaN, a number out of range) is a ValueError;
         # RecursionError, nesting deeper than the decoder allows.
         raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):
@@ -413,13 +428,15 @@ async def open_upstream(
     bounds the wait for the headers), 502 when it could not be reached or the connection broke;
     :class:`ClientGone` when ``client_request``'s client went away first (the upstream request is
     then cancelled)."""
-    sending: Awaitable[UpstreamResponse] = client.open(
-        method, url, headers=headers, content=content, timeout=timeout
-    )
-    if first_byte_timeout_s is not None:
-        sending = asyncio.wait_for(sending, first_byte_timeout_s)
     try:
-        return await unless_disconnected(client_request, sending)
+        # No extra task: ``asyncio.timeout`` bounds the wait in this task (``wait_for`` made one
+        # on Python 3.11), and only a ``client_request`` to watch costs a watcher (the raw-ASGI
+        # generation path watches with one task per request instead: ``common.asgi``).
+        async with asyncio.timeout(first_byte_timeout_s):
+            sending = client.open(method, url, headers=headers, content=content, timeout=timeout)
+            if client_request is None:
+                return await sending
+            return await unless_disconnected(client_request, sending)
     except TimeoutError as exc:  # aiohttp's connect and read timeouts are ones too
         raise UpstreamError(f"upstream {url} timed out: {exc!r}", status_code=504) from exc
     except aiohttp.ClientError as exc:
@@ -456,10 +473,9 @@ def stream_back(
             if on_close is not None:
                 on_close(upstream.status_code)
 
-    response_headers = {
-        k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
-    }
-    return StreamingResponse(body(), status_code=upstream.status_code, headers=response_headers)
+    return StreamingResponse(
+        body(), status_code=upstream.status_code, headers=response_headers(upstream.headers)
+    )
 
 
 async def send_streaming(

@@ -23,20 +23,30 @@ On SIGTERM (``Lifecycle``): /health answers 503 draining and in-flight requests 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.routing import Match
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
 
+from pd_runtime.common.asgi import (
+    ClientWatch,
+    mount_generation,
+    receive_body,
+    request_headers,
+    send_upstream,
+)
 from pd_runtime.common.http import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
@@ -44,6 +54,7 @@ from pd_runtime.common.http import (
     TRANSPORT_ERRORS,
     Lifecycle,
     UpstreamClient,
+    UpstreamResponse,
     error_response,
     failure_kind,
     forward_headers,
@@ -52,7 +63,6 @@ from pd_runtime.common.http import (
     open_upstream,
     parse_json_body,
     read_body,
-    stream_back,
 )
 from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
@@ -111,6 +121,26 @@ def pod_scores_line(
     elif result.breakdown is not None:
         record["breakdown"] = result.breakdown
     return "Got pod scores " + _encode_json(record).decode()
+
+
+# A request id for a request that came without one: unique per process (a random 64-bit prefix)
+# and in time (a counter), 32 hex digits like a uuid4's; uuid4 itself read os.urandom for every
+# request (~5% of the coordinator's samples under load in a py-spy profile).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+class _Opened(NamedTuple):
+    """An attempt that got its answer's head: what :func:`send_upstream` streams back."""
+
+    upstream: UpstreamResponse
+    url: str
+    on_close: Callable[[int], None]
+    on_chunk: Callable[[bytes], None]
 
 
 class _AnswerClock:
@@ -207,20 +237,20 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     app.state.lifecycle = lifecycle
     created = int(time.time())
 
-    async def generate(request: Request) -> Response:
-        route = request.url.path
+    async def generate(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/completions and /v1/chat/completions, as plain ASGI (see ``common.asgi``)."""
+        route = scope["path"]
         started = time.perf_counter()
+        headers = request_headers(scope)  # decoded once, by the gateway middleware
         try:
             lifecycle.check()
-            raw_body = await read_body(request, config.max_body_bytes)
+            raw_body = await receive_body(receive, headers, config.max_body_bytes)
             body = parse_json_body(raw_body)
             model = validate_generation_body(
                 route, body, models=config.models, max_tokens_limit=config.max_tokens_limit
             )
-            request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-            sched_request = SchedulingRequest(
-                request_id, model, route, body, headers=dict(request.headers)
-            )
+            request_id = headers.get(REQUEST_ID_HEADER) or _new_request_id()
+            sched_request = SchedulingRequest(request_id, model, route, body, headers=headers)
             prepared = time.perf_counter()
             sched_request = await scheduler.prepare(sched_request)
             decided = time.perf_counter()
@@ -229,10 +259,11 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             metrics.decision_seconds.observe(time.perf_counter() - decided)
         except ServingError as exc:
             metrics.errors.labels(exc.error_type).inc()
-            return error_response(exc)
+            await error_response(exc)(scope, receive, send)
+            return
 
-        headers = forward_headers(request.headers, drop=dropped)
-        headers[REQUEST_ID_HEADER] = request_id
+        forwarded = forward_headers(headers, drop=dropped)
+        forwarded[REQUEST_ID_HEADER] = request_id
         first_byte_timeout = config.first_byte_timeout_s if body.get("stream") is True else None
 
         def final(status: int, mode: str) -> None:
@@ -241,12 +272,12 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
 
         async def forward(
             attempt: SchedulingRequest, result: SchedulingResult, mode: str
-        ) -> Response | UpstreamError:
-            """One attempt on ``result.decode``: the response to send back, or the error that
-            makes another endpoint worth a try (nothing has reached the client yet)."""
+        ) -> _Opened | UpstreamError:
+            """One attempt on ``result.decode``: the open response to stream back, or the error
+            that makes another endpoint worth a try (nothing has reached the client yet)."""
             metrics.in_flight.labels(result.decode.name).inc()
             # The body is forwarded byte for byte: no re-serialisation on the hot path.
-            hop_headers = dict(headers)
+            hop_headers = dict(forwarded)
             if result.prefill is not None:
                 hop_headers[PREFILLER_HEADER] = result.prefill.address
             url = f"{result.decode.url}{route}"
@@ -271,21 +302,23 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                     headers=hop_headers,
                     content=raw_body,
                     first_byte_timeout_s=first_byte_timeout,
-                    client_request=request,
                 )
             except UpstreamError as exc:
                 end_attempt()
                 return exc
             except BaseException:
-                finished(ClientGone.status_code)  # or the handler was cancelled at shutdown
+                finished(ClientGone.status_code)  # the client left, or shutdown cancelled us
                 raise
             if upstream.status_code in RETRY_STATUSES:
                 try:
                     detail = (await upstream.aread())[:300].decode(errors="replace")
                 except TRANSPORT_ERRORS as exc:
                     detail = repr(exc)
-                finally:
+                except BaseException:
                     upstream.close()
+                    finished(ClientGone.status_code)
+                    raise
+                upstream.close()
                 end_attempt()
                 message = f"decode sidecar {url} answered {upstream.status_code}: {detail}"
                 return UpstreamError(message, status_code=upstream.status_code)
@@ -293,43 +326,54 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 "content-type", ""
             ).startswith("text/event-stream")
             clock = _AnswerClock(scheduler, attempt, result, sent, streamed)
-            return stream_back(upstream, url, finished, clock.chunk)
+            return _Opened(upstream, url, finished, clock.chunk)
 
-        tried: list[str] = []
-        attempt = sched_request
-        while True:
-            if logger.isEnabledFor(logging.INFO):
-                full = logger.isEnabledFor(logging.DEBUG)
-                logger.info(pod_scores_line(request_id, model, result, full=full))
-            mode = "disaggregated" if result.disaggregated else "direct"
-            metrics.record_decision(result, mode)
-            try:
+        # From here on the client is watched (one task): if it leaves, whatever this request
+        # awaits is cancelled and the upstream connection closed, before or while streaming.
+        watch = ClientWatch(receive)
+        streaming = False
+        try:
+            tried: list[str] = []
+            attempt = sched_request
+            while True:
+                if logger.isEnabledFor(logging.INFO):
+                    full = logger.isEnabledFor(logging.DEBUG)
+                    logger.info(pod_scores_line(request_id, model, result, full=full))
+                mode = "disaggregated" if result.disaggregated else "direct"
+                metrics.record_decision(result, mode)
                 outcome = await forward(attempt, result, mode)
-            except ServingError as exc:  # the client went away before the response started
-                metrics.errors.labels(exc.error_type).inc()
-                return error_response(exc)
-            if isinstance(outcome, Response):
-                return outcome
-            reason = failure_reason(outcome)
-            scheduler.report_failure(result.decode, f"{reason}: {outcome.message}")
-            tried.append(result.decode.address)
-            if len(tried) >= config.max_attempts:
-                break
-            attempt = replace(sched_request, exclude=frozenset(tried))
-            try:
-                result = scheduler.schedule(attempt)
-            except NoEndpointError:
-                break
-            metrics.retries.labels(reason).inc()
-            logger.warning(
-                "request %s: decode %s failed (%s); retrying on %s (attempt %d of %d)",
-                request_id,
-                tried[-1],
-                outcome.message,
-                result.decode.address,
-                len(tried) + 1,
-                config.max_attempts,
-            )
+                if isinstance(outcome, _Opened):
+                    streaming = True
+                    await send_upstream(send, *outcome)
+                    return
+                reason = failure_reason(outcome)
+                scheduler.report_failure(result.decode, f"{reason}: {outcome.message}")
+                tried.append(result.decode.address)
+                if len(tried) >= config.max_attempts:
+                    break
+                attempt = replace(sched_request, exclude=frozenset(tried))
+                try:
+                    result = scheduler.schedule(attempt)
+                except NoEndpointError:
+                    break
+                metrics.retries.labels(reason).inc()
+                logger.warning(
+                    "request %s: decode %s failed (%s); retrying on %s (attempt %d of %d)",
+                    request_id,
+                    tried[-1],
+                    outcome.message,
+                    result.decode.address,
+                    len(tried) + 1,
+                    config.max_attempts,
+                )
+        except asyncio.CancelledError:
+            if not watch.client_left():
+                raise
+            if not streaming:  # gone before the response started: nginx's 499
+                metrics.errors.labels(ClientGone.error_type).inc()
+            return
+        finally:
+            watch.stop()
         error = UpstreamError(
             f"no decode endpoint could serve the request ({len(tried)} tried: "
             f"{', '.join(tried)}); last error: {outcome.message}",
@@ -338,10 +382,10 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         logger.warning("request %s failed: %s", request_id, error.message)
         metrics.errors.labels(error.error_type).inc()
         final(error.status_code, mode)
-        return error_response(error)
+        await error_response(error)(scope, receive, send)
 
-    for path in GENERATION_PATHS:
-        app.add_api_route(path, generate, methods=["POST"])
+    # No FastAPI dependency injection on the generation path: a plain route to an ASGI handler.
+    mount_generation(app, generate, GENERATION_PATHS)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -383,10 +427,10 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         allowed = {
             method
             for route in app.router.routes
-            if isinstance(route, APIRoute)
+            if isinstance(route, Route)
             and route.endpoint is not unknown
             and route.matches(request.scope)[0] is Match.PARTIAL
-            for method in route.methods
+            for method in route.methods or ()
         }
         if allowed:
             message = f"method {request.method} is not allowed on /{path}"

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pd_runtime.common.asgi import request_headers
 from pd_runtime.common.http import GENERATION_PATHS, error_response
 from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.coordinator.admission import AdmissionController
@@ -116,7 +117,7 @@ class GatewayMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = request_headers(scope)  # decoded once: the generation handler reuses them
         try:
             if self.keys.enabled:
                 self.keys.check(headers.get("authorization"))

@@ -27,13 +27,13 @@ streaming). On SIGTERM, /health answers 503 draining and in-flight requests get
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
@@ -43,7 +43,16 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.types import Receive, Scope, Send
 
+from pd_runtime.common.asgi import (
+    ClientWatch,
+    encode_json,
+    mount_generation,
+    receive_body,
+    request_headers,
+    send_upstream,
+)
 from pd_runtime.common.http import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
@@ -55,9 +64,9 @@ from pd_runtime.common.http import (
     forward_headers,
     install_error_handlers,
     make_client,
+    open_upstream,
     parse_json_body,
     send_streaming,
-    unless_disconnected,
     upstream_timeout,
 )
 from pd_runtime.config.coordinator import EndpointConfig
@@ -65,11 +74,26 @@ from pd_runtime.config.discovery import DiscoveryConfig
 from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import ForbiddenError, ServingError
 from pd_runtime.sidecar.deadline import DeadlinePolicy, PrefillDeadlines, prompt_size
-from pd_runtime.sidecar.rewrite import build_decode_request, build_prefill_request
+from pd_runtime.sidecar.rewrite import (
+    build_decode_request,
+    build_prefill_request,
+    strip_client_transfer_params,
+)
 
 __all__ = ["SidecarSettings", "create_app"]
 
 logger = logging.getLogger("pd_runtime.sidecar")
+
+_DROP = frozenset({PREFILLER_HEADER})
+
+
+class _Probe(msgspec.Struct):
+    """The one top-level key the sidecar must see in a body it forwards unchanged."""
+
+    kv_transfer_params: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_decode_probe = msgspec.json.Decoder(_Probe).decode
 
 
 @dataclass(frozen=True)
@@ -196,7 +220,6 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     decode_url = settings.decode_url.rstrip("/")
 
     async def prefill(
-        request: Request,
         client: UpstreamClient,
         prefiller: str,
         path: str,
@@ -210,19 +233,17 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         timer = asyncio.timeout(deadline.seconds)
         started = time.perf_counter()
         try:
-            # If the client leaves meanwhile, or the deadline passes, the prefill call is cancelled
-            # and its connection closed, so the prefill worker aborts the request too.
+            # If the client leaves meanwhile (the request's ClientWatch cancels this task), or
+            # the deadline passes, the prefill call is cancelled and its connection closed, so
+            # the prefill worker aborts the request too.
             async with timer:
-                response = await unless_disconnected(
-                    request,
-                    client.fetch(
-                        "POST",
-                        f"http://{prefiller}{path}",
-                        json_body=build_prefill_request(body),
-                        headers=headers,
-                        timeout=upstream_timeout(
-                            settings.prefill_timeout_s, settings.connect_timeout_s
-                        ),
+                response = await client.fetch(
+                    "POST",
+                    f"http://{prefiller}{path}",
+                    content=encode_json(build_prefill_request(body)),
+                    headers=headers,
+                    timeout=upstream_timeout(
+                        settings.prefill_timeout_s, settings.connect_timeout_s
                     ),
                 )
         except TRANSPORT_ERRORS as exc:
@@ -252,8 +273,8 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             )
             return None
         try:
-            answer = response.json()
-        except ValueError:  # not JSON, or not UTF-8
+            answer = msgspec.json.decode(response.content)
+        except (ValueError, RecursionError):  # not JSON, or not UTF-8
             answer = None
         if not isinstance(answer, dict):
             answer = {}
@@ -266,45 +287,66 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             )
         return params or None
 
-    async def generate(request: Request) -> Response:
-        path = request.url.path
-        prefiller = request.headers.get(PREFILLER_HEADER)
-        headers = forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER}))
+    def direct_content(raw_body: bytes) -> bytes:
+        """Direct mode: the bytes for the decode worker. msgspec checks the body is a JSON object
+        and looks for a top-level ``kv_transfer_params`` without building Python objects for the
+        rest; without one (the usual case) the body goes on exactly as received."""
+        try:
+            probe = _decode_probe(raw_body)
+        except (ValueError, RecursionError):
+            probe = None  # parse_json_body below says why in the OpenAI shape
+        if probe is not None and probe.kv_transfer_params is msgspec.UNSET:
+            return raw_body
+        return encode_json(strip_client_transfer_params(parse_json_body(raw_body)))
+
+    async def generate(scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/completions and /v1/chat/completions, as plain ASGI (see ``common.asgi``)."""
+        path = scope["path"]
+        request_headers_ = request_headers(scope)  # decoded once
+        prefiller = request_headers_.get(PREFILLER_HEADER)
+        headers = forward_headers(request_headers_, drop=_DROP)
+        watch: ClientWatch | None = None
         try:
             lifecycle.check()
             client = state["client"]
-            raw_body = await request.body()
-            body = parse_json_body(raw_body)
-            if prefiller and prefiller not in trusted["prefillers"]:
-                metrics.rejected.inc()
-                logger.warning(
-                    "refused untrusted prefiller %r (request %s)",
-                    prefiller,
-                    request.headers.get(REQUEST_ID_HEADER),
-                )
-                raise ForbiddenError(f"prefiller {prefiller!r} is not one this sidecar trusts")
-            params = (
-                await prefill(request, client, prefiller, path, body, headers)
-                if prefiller
-                else None
-            )
-            mode = "direct" if not prefiller else ("disaggregated" if params else "fallback")
-            metrics.requests.labels(mode).inc()
-            decode_body = build_decode_request(body, params)
-            # Unchanged (direct, no client transfer params): forward the bytes as received.
-            content = raw_body if decode_body is body else json.dumps(decode_body).encode()
-            return await send_streaming(
-                client,
-                f"{decode_url}{path}",
-                headers=headers,
-                content=content,
-                client_request=request,
-            )
+            raw_body = await receive_body(receive, request_headers_)
+            if not prefiller:
+                content = direct_content(raw_body)
+            else:
+                body = parse_json_body(raw_body)
+                if prefiller not in trusted["prefillers"]:
+                    metrics.rejected.inc()
+                    logger.warning(
+                        "refused untrusted prefiller %r (request %s)",
+                        prefiller,
+                        request_headers_.get(REQUEST_ID_HEADER),
+                    )
+                    raise ForbiddenError(f"prefiller {prefiller!r} is not one this sidecar trusts")
+            # From here on the client is watched (one task): if it leaves, the prefill call, the
+            # decode call or the stream in progress is cancelled and its connection closed.
+            watch = ClientWatch(receive)
+            if prefiller:
+                params = await prefill(client, prefiller, path, body, headers)
+                metrics.requests.labels("disaggregated" if params else "fallback").inc()
+                decode_body = build_decode_request(body, params)
+                # Unchanged (prefill failed, no client transfer params): the bytes as received.
+                content = raw_body if decode_body is body else encode_json(decode_body)
+            else:
+                metrics.requests.labels("direct").inc()
+            url = f"{decode_url}{path}"
+            upstream = await open_upstream(client, url, headers=headers, content=content)
+            await send_upstream(send, upstream, url)
         except ServingError as exc:
-            return error_response(exc)
+            await error_response(exc)(scope, receive, send)
+        except asyncio.CancelledError:
+            if watch is None or not watch.client_left():
+                raise
+        finally:
+            if watch is not None:
+                watch.stop()
 
-    for path in GENERATION_PATHS:
-        app.add_api_route(path, generate, methods=["POST"])
+    # No FastAPI dependency injection on the generation path: a plain route to an ASGI handler.
+    mount_generation(app, generate, GENERATION_PATHS)
 
     @app.get("/health")
     async def health() -> Response:
@@ -335,7 +377,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
                 state["client"],
                 f"{decode_url}/{path}{query}",
                 method=request.method,
-                headers=forward_headers(request.headers, drop=frozenset({PREFILLER_HEADER})),
+                headers=forward_headers(request.headers, drop=_DROP),
                 content=await request.body(),
             )
         except ServingError as exc:

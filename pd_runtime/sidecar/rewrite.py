@@ -10,11 +10,14 @@
 
 A ``kv_transfer_params`` sent by a client is always dropped: it would let anyone aim the decode
 worker's NIXL pull at an arbitrary host.
+
+Both bodies are shallow copies with only the changed keys replaced: the nested values (messages,
+prompt, tools) are shared with the client's body, never mutated, and only serialised. No
+``copy.deepcopy`` per disaggregated request.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 __all__ = [
@@ -42,15 +45,19 @@ def strip_client_transfer_params(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "kv_transfer_params"}
 
 
+#: Keys the prefill body leaves out: the client's transfer params, the stream's options, and
+#: ``min_tokens`` (must not exceed ``max_tokens``).
+_PREFILL_DROP = frozenset({"kv_transfer_params", "stream_options", "min_tokens"})
+
+
 def build_prefill_request(body: dict[str, Any]) -> dict[str, Any]:
-    """The one-token, non-streaming copy of ``body`` that makes the prefill worker compute the KV."""
-    prefill = copy.deepcopy(strip_client_transfer_params(body))
+    """The one-token, non-streaming copy of ``body`` that makes the prefill worker compute the KV
+    (a new top-level dict; nested values shared with ``body``, which is not changed)."""
+    prefill = {k: v for k, v in body.items() if k not in _PREFILL_DROP}
     prefill["max_tokens"] = 1
     if "max_completion_tokens" in prefill:
         prefill["max_completion_tokens"] = 1
     prefill["stream"] = False
-    prefill.pop("stream_options", None)
-    prefill.pop("min_tokens", None)  # must not exceed max_tokens
     prefill["n"] = 1
     prefill["kv_transfer_params"] = dict(REMOTE_DECODE_REQUEST)
     return prefill

@@ -86,11 +86,19 @@ def test_untrusted_prefiller_is_refused_and_nothing_is_sent(chain) -> None:
     assert prefill.requests == [] and decode.requests == []
 
 
-def test_client_transfer_params_are_dropped(chain) -> None:
+@pytest.mark.parametrize("params", [{"remote_host": "10.1.2.3", "remote_port": 9}, None, "x"])
+def test_client_transfer_params_are_dropped(chain, params) -> None:
     sidecar, _, decode, _ = chain
-    hostile = {**BODY, "kv_transfer_params": {"remote_host": "10.1.2.3", "remote_port": 9}}
+    hostile = {**BODY, "kv_transfer_params": params}
     assert httpx.post(f"{sidecar}/v1/completions", json=hostile).status_code == 200
-    assert "kv_transfer_params" not in decode.requests[0]
+    assert decode.requests == [BODY]
+
+
+def test_a_nested_kv_transfer_params_is_not_top_level_and_the_body_passes_unchanged(chain) -> None:
+    sidecar, _, decode, _ = chain
+    body = {**BODY, "extra": {"kv_transfer_params": 1}, "prompt": "héllo ✓"}
+    assert httpx.post(f"{sidecar}/v1/completions", json=body).status_code == 200
+    assert decode.requests == [body]
 
 
 @pytest.mark.parametrize("failure", ["status", "hang"])

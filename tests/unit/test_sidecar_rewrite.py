@@ -61,3 +61,11 @@ def test_client_supplied_transfer_params_never_reach_a_worker() -> None:
 
 def test_decode_without_params_is_the_plain_request() -> None:
     assert build_decode_request(CHAT, None) == CHAT
+
+
+def test_bodies_are_shallow_copies_that_share_the_unchanged_values() -> None:
+    prefill = build_prefill_request(CHAT)
+    decode = build_decode_request(CHAT, {"remote_host": "h"})
+    assert prefill is not CHAT and decode is not CHAT
+    # No deep copy per request: the prompt is shared, not copied, and never mutated.
+    assert prefill["messages"] is CHAT["messages"] is decode["messages"]
