@@ -43,9 +43,14 @@ import cProfile
 import gc
 import io
 import json
+import os
+import pickle
 import pstats
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,7 +70,8 @@ from pd_runtime.scheduling.tokenize import PromptTokenizer
 BS, PER_EVENT, PREFILL, SYSTEMS = 16, 16, 4, 48
 CHAT = "/v1/chat/completions"
 MIX = {"repeat": 0.25, "follow-up": 0.25, "same-system": 0.35, "cold": 0.15}
-TARGET_US = 200.0
+TARGET_US = 100.0
+REPO = Path(__file__).resolve().parent.parent
 M64 = (1 << 64) - 1
 
 # ---- synthetic text ---------------------------------------------------------------------------
@@ -490,7 +496,11 @@ def machine() -> dict[str, Any]:
     return describe_machine() | {"calibration_dictcomp_64_us": calibration_us()}
 
 
-async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
+async def load_workload(args: argparse.Namespace) -> Workload:
+    """The seeded workload (tokenized with the tiny model), or the one saved by the parent run."""
+    if args.workload is not None and args.workload.exists():
+        wl: Workload = pickle.loads(args.workload.read_bytes())
+        return wl
     from pd_runtime.model.tiny import write_model
 
     t0 = time.perf_counter()
@@ -504,7 +514,103 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
     kinds = {k: sum(p.kind == k for p in wl.requests) for k in MIX}
     print(f"workload: {len(wl.pool)} pool prompts, {len(wl.requests)} requests {kinds}, "
           f"{wl.chars_per_token:.2f} chars/token, {time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
+    if args.workload is not None:
+        args.workload.write_bytes(pickle.dumps(wl))
+    return wl
+
+
+async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from pd_runtime.model.tiny import write_model
+
+    args.model_dir = write_model(args.model_dir)
+    wl = await load_workload(args)
     return [await run(args, n, wl) for n in args.endpoints]
+
+
+# ---- two versions side by side ----------------------------------------------------------------
+
+
+def side_by_side(args: argparse.Namespace) -> dict[str, Any]:
+    """``--baseline REF``: the workload is built once; then each round runs one child process per
+    version (order alternating), each importing its own ``pd_runtime`` (bench_ingest's way)."""
+    from bench_ingest import export
+
+    with tempfile.TemporaryDirectory(prefix="pd-bench-baseline-") as tmp:
+        workload = Path(tmp) / "workload.pickle"
+        args.workload = workload
+        asyncio.run(amain_workload_only(args))
+        versions = {"baseline": export(args.baseline, Path(tmp)), "current": REPO}
+        results: dict[str, list[list[dict[str, Any]]]] = {v: [] for v in versions}
+        for r in range(args.rounds):
+            order = list(versions) if r % 2 == 0 else list(reversed(versions))
+            for v in order:
+                env = {**os.environ, "PYTHONPATH": f"{versions[v]}{os.pathsep}{REPO}"}
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+                cmd += ["--workload", str(workload), "--model-dir", str(args.model_dir)]
+                cmd += ["--seed", str(args.seed), "--rate", str(args.rate)]
+                cmd += ["--in-flight", str(args.in_flight), "--entries", str(args.entries)]
+                cmd += ["--tokenized-requests", str(args.tokenized_requests)]
+                cmd += ["--component-requests", str(args.component_requests), "--endpoints"]
+                cmd += [str(n) for n in args.endpoints]
+                out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+                payload = json.loads(out.stdout.strip().splitlines()[-1])
+                if Path(payload["pd_runtime"]) != Path(versions[v]) / "pd_runtime":
+                    raise RuntimeError(f"{v}: child imported {payload['pd_runtime']}")
+                results[v].append(payload["runs"])
+                p50 = [f"{x['excluded']['cpu_us']['p50']:.0f}" for x in payload["runs"]]
+                print(f"round {r + 1}/{args.rounds} {v:8s} excl. p50 µs {p50}", flush=True)
+    return results
+
+
+async def amain_workload_only(args: argparse.Namespace) -> None:
+    from pd_runtime.model.tiny import write_model
+
+    args.model_dir = write_model(args.model_dir)
+    await load_workload(args)
+
+
+def side_by_side_table(results: dict[str, Any], endpoints: list[int]) -> tuple[str, list[Any]]:
+    rows = []
+    for i, n in enumerate(endpoints):
+        for v, rounds in results.items():
+            runs = [r[i] for r in rounds]
+
+            def med(f: Callable[[dict[str, Any]], float], runs: list[Any] = runs) -> float:
+                return statistics.median(f(x) for x in runs)
+
+            rows.append(
+                {
+                    "decode_endpoints": n,
+                    "version": v,
+                    "excl_cpu_p50_us": med(lambda x: x["excluded"]["cpu_us"]["p50"]),
+                    "excl_cpu_p90_us": med(lambda x: x["excluded"]["cpu_us"]["p90"]),
+                    "excl_cpu_p99_us": med(lambda x: x["excluded"]["cpu_us"]["p99"]),
+                    "excl_p50_range_us": [
+                        min(x["excluded"]["cpu_us"]["p50"] for x in runs),
+                        max(x["excluded"]["cpu_us"]["p50"] for x in runs),
+                    ],
+                    "incl_wall_p50_us": med(lambda x: x["included"]["wall_us"]["p50"]),
+                    "prepare_wall_p50_us": med(lambda x: x["included"]["prepare_wall_us"]["p50"]),
+                    "prepare_wall_p99_us": med(lambda x: x["included"]["prepare_wall_us"]["p99"]),
+                    "schedule_component_us": med(lambda x: x["components_us"]["schedule (all)"]),
+                }
+            )
+    lines = [
+        "| decode endpoints | version | excl. p50 / p90 / p99 µs (CPU; p50 range) "
+        "| `schedule` component p50 µs | prepare p50 / p99 µs (wall) | incl. p50 µs (wall) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["excl_p50_range_us"]
+        lines.append(
+            f"| {r['decode_endpoints']} | {r['version']} "
+            f"| {r['excl_cpu_p50_us']:,.0f} / {r['excl_cpu_p90_us']:,.0f} / "
+            f"{r['excl_cpu_p99_us']:,.0f} ({lo:,.0f}-{hi:,.0f}) "
+            f"| {r['schedule_component_us']:,.0f} "
+            f"| {r['prepare_wall_p50_us']:,.0f} / {r['prepare_wall_p99_us']:,.0f} "
+            f"| {r['incl_wall_p50_us']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n", rows
 
 
 def main() -> None:
@@ -521,7 +627,43 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path(".cache/bench/tiny-qwen3"))
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="cProfile at these N")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--baseline", default=None, help="git ref: run it and this tree side by side")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline")
+    ap.add_argument("--workload", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        import pd_runtime
+
+        runs = asyncio.run(amain(args))
+        for r in runs:
+            r["profile"] = None
+        here = str(Path(pd_runtime.__file__).parent)
+        print(json.dumps({"pd_runtime": here, "runs": runs}, default=str))
+        return
+    if args.baseline:
+        wall = time.perf_counter()
+        results = side_by_side(args)
+        md, rows = side_by_side_table(results, args.endpoints)
+        print("\n" + md)
+        print(f"total {time.perf_counter() - wall:.0f}s wall")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            commit = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", args.baseline],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            payload = {
+                "machine": machine(),
+                "args": vars(args) | {"out": str(args.out), "workload": None},
+                "baseline_commit": commit,
+                "summary": rows,
+                "rounds": results,
+            }
+            (args.out / "side-by-side.json").write_text(json.dumps(payload, indent=2) + "\n")
+            (args.out / "side-by-side.md").write_text(md)
+        return
     start, wall = time.process_time(), time.perf_counter()
     rows = asyncio.run(amain(args))
     md = table(rows)
