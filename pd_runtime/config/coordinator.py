@@ -135,6 +135,14 @@ class CoordinatorConfig(BaseModel):
         "after it opened (or after the first byte of its next request) is closed, with 408 if "
         "it had started one (slowloris); the body and the response are not bound by it",
     )
+    direct_to_worker: bool = Field(
+        default=False,
+        description="a request the scheduler serves directly (no prefill) goes from the "
+        "coordinator straight to the decode worker at the endpoint's address, skipping its "
+        "sidecar's hop (a client-sent kv_transfer_params is dropped here, as the sidecar does); "
+        "disaggregated requests still go through the sidecar. Only where the coordinator can "
+        "reach the workers' own ports (not where the sidecar is the pod's only entry)",
+    )
     max_body_bytes: int = Field(
         default=10 * 1024 * 1024,
         ge=1,

@@ -164,6 +164,10 @@ class CoordinatorSection(BaseModel):
     drain_timeout_s: float = Field(default=30.0, gt=0)
     drain_delay_s: float = Field(default=0.0, ge=0)
     header_timeout_s: float = Field(default=10.0, gt=0)
+    direct_to_worker: bool = Field(
+        default=False,
+        description="requests served without prefill skip the sidecar and go to the worker",
+    )
 
 
 class DeploymentConfig(BaseModel):

@@ -9,7 +9,9 @@ Per generation request:
   3. ask the scheduler for a decode endpoint and maybe a prefill endpoint, and log the decision as
      ``Got pod scores {...}`` (the llm-d log shape);
   4. forward to the decode endpoint's sidecar, with the prefill header when disaggregating, and
-     stream the answer back; tell the scheduler when the request has ended;
+     stream the answer back; tell the scheduler when the request has ended. With
+     ``direct_to_worker``, a request served without prefill goes straight to the decode worker
+     (the endpoint's ``address``), one hop fewer, its client ``kv_transfer_params`` dropped;
   5. failover: if that fails before any byte reached the client (connect error, reset, timeout,
      502/503/504), report the endpoint to the scheduler, schedule again without the endpoints
      tried (a new ``Got pod scores`` line) and retry, up to ``max_attempts``; then 502/503/504.
@@ -42,6 +44,7 @@ from starlette.types import Receive, Scope, Send
 
 from pd_runtime.common.asgi import (
     ClientWatch,
+    encode_json,
     mount_generation,
     receive_body,
     request_headers,
@@ -278,9 +281,21 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             metrics.in_flight.labels(result.decode.name).inc()
             # The body is forwarded byte for byte: no re-serialisation on the hot path.
             hop_headers = dict(forwarded)
+            content = raw_body
             if result.prefill is not None:
                 hop_headers[PREFILLER_HEADER] = result.prefill.address
-            url = f"{result.decode.url}{route}"
+                url = f"{result.decode.url}{route}"
+            elif config.direct_to_worker:
+                # Served directly: straight to the worker, one hop fewer. What the sidecar would
+                # have dropped is dropped here: a client's kv_transfer_params would aim the
+                # worker's NIXL pull anywhere.
+                url = f"http://{result.decode.address}{route}"
+                if "kv_transfer_params" in body:
+                    content = encode_json(
+                        {k: v for k, v in body.items() if k != "kv_transfer_params"}
+                    )
+            else:
+                url = f"{result.decode.url}{route}"
 
             def end_attempt() -> None:
                 metrics.in_flight.labels(result.decode.name).dec()
@@ -300,7 +315,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                     state["client"],
                     url,
                     headers=hop_headers,
-                    content=raw_body,
+                    content=content,
                     first_byte_timeout_s=first_byte_timeout,
                 )
             except UpstreamError as exc:
