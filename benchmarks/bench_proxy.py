@@ -12,6 +12,9 @@ port. Every proxy runs as a real process, started the way a deployment starts it
     coord rr               client -> coordinator (round-robin) -> stand-in
     coord kv-aware         client -> coordinator (kv-aware: tokenizes with tiny-qwen3) -> stand-in
     coord rr -> sidecar    client -> coordinator (round-robin) -> sidecar -> stand-in
+    coord rr, direct_to_worker
+                           client -> coordinator (round-robin, ``direct_to_worker``: the same
+                                     endpoint as above, its sidecar skipped) -> stand-in
     coord kv P/D chain     client -> coordinator (kv-aware, a prefill endpoint, every prompt cold
                                      so every request is disaggregated) -> sidecar P/D -> stand-in
     router rr              client -> vllm-router --policy round_robin -> stand-in
@@ -26,6 +29,10 @@ fixed request count per path, spread over ``--rounds`` rounds in which the paths
 concurrency) is also bounded in time. Added latency = path minus direct, per percentile, from the
 same run. CPU time of every process (psutil) is sampled around each turn, so the CPU cost per
 request of each hop is reported too: on a shared machine it is steadier than wall time.
+
+With ``--compare-tree DIR`` (an older checkout, e.g. ``git worktree add DIR HEAD`` made before
+a change), our sidecar and coordinators also run from DIR (``PYTHONPATH``), as paths named
+``NAME (old)`` taking turns with the others in the same rounds: before and after in one run.
 
 Writes ``proxy.json``, ``proxy.md``, ``proxy-c1.png`` and ``proxy-c64.png`` to ``--out``.
 
@@ -193,10 +200,11 @@ class Proc:
     health_url: str
     popen: subprocess.Popen[bytes] | None = None
     ps: psutil.Process | None = None
+    env: dict[str, str] = field(default_factory=dict)  # e.g. PYTHONPATH of an older tree
 
     def start(self, log_dir: Path) -> None:
         log = open(log_dir / f"{self.name}.log", "wb")  # noqa: SIM115 (kept open for the child)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.popen = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
@@ -243,7 +251,13 @@ class PathSpec:
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
 
 
-def coordinator_yaml(port: int, policy: str, endpoints: list[dict[str, str]], model: Path) -> str:
+def coordinator_yaml(
+    port: int,
+    policy: str,
+    endpoints: list[dict[str, str]],
+    model: Path,
+    extra: dict[str, Any] | None = None,
+) -> str:
     params: dict[str, Any] = {}
     if policy == "kv-aware":
         params = {"tokenizer": str(model), "block_size": 32, "pd_threshold_tokens": 16}
@@ -254,17 +268,137 @@ def coordinator_yaml(port: int, policy: str, endpoints: list[dict[str, str]], mo
             "models": [MODEL],
             "endpoints": endpoints,
             "scheduler": {"policy": policy, "params": params},
+            **(extra or {}),
         },
         indent=2,
     )
+
+
+def ours(
+    args: argparse.Namespace,
+    run_dir: Path,
+    *,
+    offset: int = 0,
+    tag: str = "",
+    env: dict[str, str] | None = None,
+) -> tuple[list[Proc], list[PathSpec]]:
+    """Our sidecar and coordinators, and the paths through them, for one source tree: this one,
+    or (``--compare-tree``) an older checkout, ports shifted by ``offset`` and names tagged."""
+    b = args.base_port + offset
+    host = "127.0.0.1"
+    decode, prefill = f"{host}:{args.base_port + 1}", f"{host}:{args.base_port + 2}"
+    sidecar = f"http://{host}:{b + 11}"
+    model = Path(args.model).resolve()
+    env = env or {}
+    procs = [
+        Proc(
+            f"sidecar{tag}",
+            [
+                PY,
+                "-m",
+                "pd_runtime",
+                "sidecar",
+                "--port",
+                str(b + 11),
+                *("--decode-url", f"http://{decode}", "--prefiller", prefill),
+                *("--log-level", args.log_level),
+            ],
+            f"{sidecar}/health",
+            env=env,
+        ),
+    ]
+    d_standin = {"name": "decode-0", "role": "decode", "address": decode, "url": f"http://{decode}"}
+    d_sidecar = {**d_standin, "url": sidecar}
+    p_standin = {
+        "name": "prefill-0",
+        "role": "prefill",
+        "address": prefill,
+        "url": f"http://{prefill}",
+    }
+    coords: dict[str, tuple[int, str, list[dict[str, str]], dict[str, Any]]] = {
+        "coord-rr": (b + 21, "round-robin", [d_standin], {}),
+        "coord-kv": (b + 22, "kv-aware", [d_standin], {}),
+        "coord-rr-sidecar": (b + 23, "round-robin", [d_sidecar], {}),
+        "coord-kv-pd": (b + 24, "kv-aware", [d_sidecar, p_standin], {}),
+    }
+    if not tag:  # an older tree may not know the setting
+        direct = {"direct_to_worker": True}
+        coords["coord-rr-direct"] = (b + 25, "round-robin", [d_sidecar], direct)
+    for name, (port, policy, endpoints, extra) in coords.items():
+        cfg = run_dir / f"{name}{tag}.yaml"
+        cfg.write_text(coordinator_yaml(port, policy, endpoints, model, extra))
+        procs.append(
+            Proc(
+                f"{name}{tag}",
+                [
+                    PY,
+                    "-m",
+                    "pd_runtime",
+                    "coordinator",
+                    "--config",
+                    str(cfg),
+                    "--log-level",
+                    args.log_level,
+                ],
+                f"http://{host}:{port}/health",
+                env=env,
+            )
+        )
+    gen = "/v1/completions"
+    paths = [
+        PathSpec(
+            f"sidecar{tag}",
+            f"{sidecar}{gen}",
+            "-> sidecar -> stand-in",
+            [f"sidecar{tag}", "standin"],
+        ),
+        PathSpec(
+            f"sidecar P/D{tag}",
+            f"{sidecar}{gen}",
+            "-> sidecar -> stand-in prefill, then stand-in decode",
+            [f"sidecar{tag}", "standin"],
+            {"content-type": "application/json", PREFILLER_HEADER: prefill},
+        ),
+        PathSpec(
+            f"coord rr{tag}",
+            f"http://{host}:{b + 21}{gen}",
+            "-> coordinator (round-robin) -> stand-in",
+            [f"coord-rr{tag}", "standin"],
+        ),
+        PathSpec(
+            f"coord kv-aware{tag}",
+            f"http://{host}:{b + 22}{gen}",
+            "-> coordinator (kv-aware) -> stand-in",
+            [f"coord-kv{tag}", "standin"],
+        ),
+        PathSpec(
+            f"coord rr -> sidecar{tag}",
+            f"http://{host}:{b + 23}{gen}",
+            "-> coordinator (rr) -> sidecar -> stand-in",
+            [f"coord-rr-sidecar{tag}", f"sidecar{tag}", "standin"],
+        ),
+        PathSpec(
+            "coord rr, direct_to_worker",
+            f"http://{host}:{b + 25}{gen}",
+            "-> coordinator (rr, direct_to_worker: the sidecar skipped) -> stand-in",
+            ["coord-rr-direct", "sidecar", "standin"],
+        ),
+        PathSpec(
+            f"coord kv P/D chain{tag}",
+            f"http://{host}:{b + 24}{gen}",
+            "-> coordinator (kv-aware, P/D) -> sidecar -> stand-in prefill + decode",
+            [f"coord-kv-pd{tag}", f"sidecar{tag}", "standin"],
+        ),
+    ]
+    if tag:
+        paths = [p for p in paths if "direct_to_worker" not in p.name]
+    return procs, paths
 
 
 def topology(args: argparse.Namespace, run_dir: Path) -> tuple[list[Proc], list[PathSpec]]:
     b = args.base_port
     host = "127.0.0.1"
     decode, prefill = f"{host}:{b + 1}", f"{host}:{b + 2}"
-    sidecar = f"http://{host}:{b + 11}"
-    model = Path(args.model).resolve()
     procs = [
         Proc(
             "standin",
@@ -283,53 +417,7 @@ def topology(args: argparse.Namespace, run_dir: Path) -> tuple[list[Proc], list[
             ],
             f"http://{decode}/health",
         ),
-        Proc(
-            "sidecar",
-            [
-                PY,
-                "-m",
-                "pd_runtime",
-                "sidecar",
-                "--port",
-                str(b + 11),
-                *("--decode-url", f"http://{decode}", "--prefiller", prefill),
-            ],
-            f"{sidecar}/health",
-        ),
     ]
-    d_standin = {"name": "decode-0", "role": "decode", "address": decode, "url": f"http://{decode}"}
-    d_sidecar = {**d_standin, "url": sidecar}
-    p_standin = {
-        "name": "prefill-0",
-        "role": "prefill",
-        "address": prefill,
-        "url": f"http://{prefill}",
-    }
-    coords = {
-        "coord-rr": (b + 21, "round-robin", [d_standin]),
-        "coord-kv": (b + 22, "kv-aware", [d_standin]),
-        "coord-rr-sidecar": (b + 23, "round-robin", [d_sidecar]),
-        "coord-kv-pd": (b + 24, "kv-aware", [d_sidecar, p_standin]),
-    }
-    for name, (port, policy, endpoints) in coords.items():
-        cfg = run_dir / f"{name}.yaml"
-        cfg.write_text(coordinator_yaml(port, policy, endpoints, model))
-        procs.append(
-            Proc(
-                name,
-                [
-                    PY,
-                    "-m",
-                    "pd_runtime",
-                    "coordinator",
-                    "--config",
-                    str(cfg),
-                    "--log-level",
-                    args.log_level,
-                ],
-                f"http://{host}:{port}/health",
-            )
-        )
     router = [args.router, "--host", host, "--log-level", args.router_log_level]
     routers = {
         "router-rr": (b + 31, ["--worker-urls", f"http://{decode}", "--policy", "round_robin"]),
@@ -370,39 +458,17 @@ def topology(args: argparse.Namespace, run_dir: Path) -> tuple[list[Proc], list[
     gen = "/v1/completions"
     paths = [
         PathSpec("direct", f"http://{decode}{gen}", "client -> stand-in", ["standin"]),
-        PathSpec("sidecar", f"{sidecar}{gen}", "-> sidecar -> stand-in", ["sidecar", "standin"]),
-        PathSpec(
-            "sidecar P/D",
-            f"{sidecar}{gen}",
-            "-> sidecar -> stand-in prefill, then stand-in decode",
-            ["sidecar", "standin"],
-            {"content-type": "application/json", PREFILLER_HEADER: prefill},
-        ),
-        PathSpec(
-            "coord rr",
-            f"http://{host}:{b + 21}{gen}",
-            "-> coordinator (round-robin) -> stand-in",
-            ["coord-rr", "standin"],
-        ),
-        PathSpec(
-            "coord kv-aware",
-            f"http://{host}:{b + 22}{gen}",
-            "-> coordinator (kv-aware) -> stand-in",
-            ["coord-kv", "standin"],
-        ),
-        PathSpec(
-            "coord rr -> sidecar",
-            f"http://{host}:{b + 23}{gen}",
-            "-> coordinator (rr) -> sidecar -> stand-in",
-            ["coord-rr-sidecar", "sidecar", "standin"],
-        ),
-        PathSpec(
-            "coord kv P/D chain",
-            f"http://{host}:{b + 24}{gen}",
-            "-> coordinator (kv-aware, P/D) -> sidecar -> stand-in prefill + decode",
-            ["coord-kv-pd", "sidecar", "standin"],
-        ),
     ]
+    mine, my_paths = ours(args, run_dir)
+    procs += mine
+    paths += my_paths
+    if args.compare_tree:
+        old = str(Path(args.compare_tree).resolve())
+        theirs, their_paths = ours(
+            args, run_dir, offset=args.compare_offset, tag=" (old)", env={"PYTHONPATH": old}
+        )
+        procs += theirs
+        paths += their_paths
     if not args.no_router:
         paths += [
             PathSpec(
@@ -425,7 +491,8 @@ def topology(args: argparse.Namespace, run_dir: Path) -> tuple[list[Proc], list[
             ),
         ]
     if args.paths:
-        paths = [p for p in paths if p.name in args.paths]
+        wanted = set(args.paths)
+        paths = [p for p in paths if p.name in wanted or p.name.removesuffix(" (old)") in wanted]
     return procs, paths
 
 
@@ -598,6 +665,14 @@ def main() -> int:
     ap.add_argument("--router-log-level", default="info")
     ap.add_argument("--no-router", action="store_true", help="skip vllm-router paths")
     ap.add_argument("--paths", nargs="*", help="only these paths (names as in the table)")
+    ap.add_argument(
+        "--compare-tree",
+        type=Path,
+        default=None,
+        help="also run our hops from this older checkout (PYTHONPATH), as 'NAME (old)' paths, "
+        "side by side in the same rounds (e.g. a 'git worktree add DIR HEAD' made before a change)",
+    )
+    ap.add_argument("--compare-offset", type=int, default=100, help="port shift for those hops")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", type=Path, default=REPO / "runs" / "bench-proxy")
     ap.add_argument("--out", type=Path, default=None)
