@@ -28,11 +28,10 @@ Event handling (all idempotent, none raises on odd but well-typed events; odditi
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress, groupby, repeat, takewhile
-from operator import and_, contains, not_, or_, setitem
+from itertools import accumulate, groupby, repeat, takewhile
+from operator import and_, or_
 from typing import Any
 
 from pd_runtime.errors import PDRuntimeError
@@ -107,9 +106,6 @@ class IndexStats:
 
 class PrefixIndex:
     """Prefix-cache index over many endpoints; not thread-safe (use from one event loop)."""
-
-    #: Take the C-level path for the usual BlockStored (tests switch it off to compare).
-    bulk = True
 
     __slots__ = (
         "_any",
@@ -311,12 +307,10 @@ class PrefixIndex:
                 return
             parent = found
         keys = chain_keys(parent, ev.token_ids, bs, ev.extra_keys)
+        # _add inlined for the usual case (a new engine hash): ingestion runs this once per block.
         all_holders = self._holders
         masks = self._any
         ep_bit = self._bit_of(endpoint)
-        if self.bulk and self._store_bulk(endpoint, tier, bit, ep_bit, hashes, keys):
-            return
-        # _add inlined for the usual case (a new engine hash): ingestion runs this once per block.
         new = 0
         for h, key in zip(hashes, keys, strict=True):
             if h in tier:  # a re-store (vLLM re-emits reused blocks) or a new key for the hash
@@ -338,44 +332,6 @@ class PrefixIndex:
                 if not m:
                     masks[key] |= ep_bit
         self.stats.stored += new
-
-    def _store_bulk(
-        self,
-        endpoint: str,
-        tier: _Tier,
-        bit: int,
-        ep_bit: int,
-        hashes: Sequence[EngineBlockHash],
-        keys: list[BlockKey],
-    ) -> bool:
-        """The usual event, in C-level passes over its blocks (``map`` / ``zip`` into dict
-        updates) instead of a Python iteration per block: every engine hash new to the endpoint,
-        no hash or key repeated in the event, and no key already held by the endpoint in another
-        tier. False (nothing changed): not that case, take the per-block loop."""
-        n = len(hashes)
-        if n != len(keys) or not tier.keys().isdisjoint(hashes):
-            return False
-        if n > 1 and (len(set(hashes)) != n or len(set(keys)) != n):
-            return False
-        all_holders = self._holders
-        known = list(map(all_holders.__contains__, keys))
-        old = list(compress(keys, known))
-        held = list(map(all_holders.__getitem__, old))
-        if any(map(contains, held, repeat(endpoint))):
-            return False
-        tier.update(zip(hashes, keys, strict=True))
-        masks = self._any
-        if old:
-            deque(map(setitem, held, repeat(endpoint), repeat(bit)), maxlen=0)
-            masks.update(
-                zip(old, map(or_, map(masks.__getitem__, old), repeat(ep_bit)), strict=True)
-            )
-        if len(old) != n:
-            new = list(compress(keys, map(not_, known)))
-            all_holders.update(zip(new, map(dict, repeat(((endpoint, bit),))), strict=False))
-            masks.update(zip(new, repeat(ep_bit), strict=False))
-        self.stats.stored += n
-        return True
 
     def _add(self, endpoint: str, tier: _Tier, bit: int, h: EngineBlockHash, key: int) -> None:
         old = tier.get(h)
