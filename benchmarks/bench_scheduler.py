@@ -661,7 +661,8 @@ def main() -> None:
                 "summary": rows,
                 "rounds": results,
             }
-            (args.out / "side-by-side.json").write_text(json.dumps(payload, indent=2) + "\n")
+            text = json.dumps(payload, indent=2, default=str)
+            (args.out / "side-by-side.json").write_text(text + "\n")
             (args.out / "side-by-side.md").write_text(md)
         return
     start, wall = time.process_time(), time.perf_counter()
