@@ -28,10 +28,8 @@ Event handling (all idempotent, none raises on odd but well-typed events; odditi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, groupby, repeat, takewhile
-from operator import and_, or_
 from typing import Any
 
 from pd_runtime.errors import PDRuntimeError
@@ -56,29 +54,27 @@ def leading_blocks(
     overlay: Mapping[BlockKey, int] | None = None,
 ) -> dict[str, int]:
     """How many leading ``keys`` each endpoint holds, from per-key endpoint bitmasks (``overlay``
-    ORed in), stopping when every endpoint has missed. Shared by the index and the scheduler's
-    pending overlay.
-
-    The walk runs in C: the running AND of the blocks' masks (``accumulate``) up to its first 0
-    (``takewhile``), cut into runs of equal value (``groupby``); an endpoint's count is where its
-    bit leaves the running AND. Endpoints appear in the order they missed (lowest bit first among
-    those missing at the same block), then those that held every block."""
-    get = masks.get
-    if overlay:
-        here: Iterator[int] = map(or_, map(get, keys, repeat(0)), map(overlay.get, keys, repeat(0)))
-    else:
-        here = map(get, keys, repeat(0))
+    ORed in): one dict lookup and one integer AND per block, stopping when every endpoint has
+    missed. Shared by the index and the scheduler's pending overlay."""
+    extra = overlay or {}
     result: dict[str, int] = {}
     alive = 0
     i = 0
-    for value, run in groupby(takewhile(bool, accumulate(here, and_))):
-        gone = alive & ~value
-        while gone:
-            low = gone & -gone
-            result[endpoint_of_bit[low]] = i
-            gone ^= low
-        alive = value
-        i += len(list(run))
+    for i, key in enumerate(keys):
+        here = masks.get(key, 0) | extra.get(key, 0) if extra else masks.get(key, 0)
+        if i == 0:
+            alive = here
+        elif here & alive != alive:
+            gone = alive & ~here
+            alive &= here
+            while gone:
+                low = gone & -gone
+                result[endpoint_of_bit[low]] = i
+                gone ^= low
+        if not alive:
+            break
+    else:
+        i = len(keys)
     while alive:
         low = alive & -alive
         result[endpoint_of_bit[low]] = i

@@ -16,6 +16,7 @@ Background: one ZMQ subscriber per endpoint feeding the index, and the metrics s
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 from collections.abc import Sequence
@@ -131,13 +132,23 @@ def _breakdown(runs: Sequence[ProfileResult], top_k: int | None) -> dict[str, di
     if top_k == 0:
         return breakdown
     for run in runs:
-        if top_k is None or run.size <= top_k:
+        totals = run.totals
+        if top_k is None or len(totals) <= top_k:
             for scorer, values in run.scores.items():
                 breakdown.setdefault(scorer, {}).update(values)
-            breakdown.setdefault("total", {}).update(run.totals)
+            breakdown.setdefault("total", {}).update(totals)
             continue
-        for scorer, values in run.top(top_k).items():
-            breakdown.setdefault(scorer, {}).update(values)
+        keep = heapq.nlargest(top_k, totals, key=totals.__getitem__)
+        if run.picked.address not in keep:
+            keep.append(run.picked.address)
+        for scorer, values in run.scores.items():
+            row = breakdown.setdefault(scorer, {})
+            for address in keep:
+                if address in values:
+                    row[address] = values[address]
+        row = breakdown.setdefault("total", {})
+        for address in keep:
+            row[address] = totals[address]
     return breakdown
 
 
@@ -304,12 +315,11 @@ class KVAwareScheduler(Scheduler):
 
         runs = (decode_run, prefill_run) if prefill_run else (decode_run,)
         blocks = len(ctx.block_keys)
-        scores: dict[str, float] = {}
-        if blocks:
-            # Many endpoints hold the same number of blocks: round each share once.
-            cached = ctx.cached_blocks
-            share = {n: round(n / blocks, 4) for n in set(cached.values()) if n > 0}
-            scores = {a: share[n] for a, n in cached.items() if n > 0}
+        scores = (
+            {a: round(n / blocks, 4) for a, n in ctx.cached_blocks.items() if n > 0}
+            if blocks
+            else {}
+        )
         return SchedulingResult(
             decode=decode.config,
             prefill=prefill.config if prefill else None,

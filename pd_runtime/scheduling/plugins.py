@@ -7,14 +7,8 @@ A scheduling profile (one per role: decode, prefill) runs::
 Every plugin is a small class registered by name with a decorator in a module of its own under
 ``scheduling/filters``, ``scheduling/scorers`` or ``scheduling/pickers``; those packages are
 imported on first use, so a new scorer is one file and YAML names it by its registered name.
-Plugins must be fast (a decision at 64 endpoints has a budget of ~100 µs) and must not block:
+Plugins must be fast (a decision at 64 endpoints has a budget of ~200 µs) and must not block:
 everything they read is already in :class:`EndpointState` and :class:`RequestContext`.
-
-Vectorized path: a plugin may also implement ``filter_all`` / ``score_all`` / ``pick_index`` over
-an :class:`~pd_runtime.scheduling.table.EndpointTable` (the candidates' load signals as numpy
-columns). When every plugin of a profile does, the profile runs on the table; otherwise (or when
-one of them returns None for a request) it runs the per-endpoint methods. Both must give the same
-result: the same scores bit for bit, the same pick, the same draws from ``ctx.rng``.
 """
 
 from __future__ import annotations
@@ -25,15 +19,12 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from pd_runtime.common.registry import Registry
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.latency import LatencyModel
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import BoolArray, EndpointTable, FloatArray
 
 __all__ = [
     "FILTERS",
@@ -168,11 +159,6 @@ class Filter(Plugin, ABC):
         self, ctx: RequestContext, endpoints: list[EndpointState]
     ) -> list[EndpointState]: ...
 
-    def filter_all(self, ctx: RequestContext, table: EndpointTable) -> BoolArray | None:
-        """Vectorized ``filter`` for filters that judge each endpoint alone: True for the rows
-        kept (the profile ANDs the masks of its filters). None: not supported."""
-        return None
-
 
 class Scorer(Plugin, ABC):
     """Scores candidates in [0, 1], higher is better; every candidate gets a score."""
@@ -181,11 +167,6 @@ class Scorer(Plugin, ABC):
     def score(
         self, ctx: RequestContext, endpoints: Sequence[EndpointState]
     ) -> dict[str, float]: ...
-
-    def score_all(self, ctx: RequestContext, table: EndpointTable) -> FloatArray | None:
-        """Vectorized ``score``: one float64 score per row of ``table``, equal to what ``score``
-        gives for the same endpoints. None: not supported (for this request)."""
-        return None
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         """The profile chose ``endpoint`` for this request (stateful scorers remember it)."""
@@ -196,13 +177,6 @@ class Picker(Plugin, ABC):
     def pick(
         self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: dict[str, float]
     ) -> EndpointState: ...
-
-    def pick_index(
-        self, ctx: RequestContext, table: EndpointTable, totals: FloatArray
-    ) -> int | None:
-        """Vectorized ``pick``: the row picked, drawing from ``ctx.rng`` exactly as ``pick``
-        would. None (before any draw): not supported."""
-        return None
 
 
 FILTERS: Registry[Filter] = Registry("filter")

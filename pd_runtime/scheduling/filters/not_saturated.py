@@ -10,14 +10,9 @@ control is the coordinator's job, not a filter's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from pd_runtime.scheduling.plugins import FILTERS, EndpointState, Filter, RequestContext, register
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import BoolArray, EndpointTable
 
 
 @register(FILTERS, "not-saturated")
@@ -46,21 +41,6 @@ class NotSaturatedFilter(Filter):
 
     def filter(self, ctx: RequestContext, endpoints: list[EndpointState]) -> list[EndpointState]:
         return [e for e in endpoints if not self.saturated(e)]
-
-    def filter_all(self, ctx: RequestContext, table: EndpointTable) -> BoolArray:
-        def scraped() -> BoolArray:
-            ok = np.ones(table.n, np.bool_)
-            if self.max_waiting is not None:
-                ok &= ~(table.waiting > self.max_waiting)
-            if self.max_kv_usage is not None:
-                ok &= ~(table.kv_usage > self.max_kv_usage)
-            return ok
-
-        ok = table.memo(self, scraped)
-        if self.max_in_flight is None:
-            return ok
-        kept: BoolArray = ok & (table.in_flight_requests < self.max_in_flight)
-        return kept
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -7,14 +7,9 @@ scores to the same endpoint; a random one spreads them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from pd_runtime.scheduling.plugins import PICKERS, EndpointState, Picker, RequestContext, register
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import EndpointTable, FloatArray
 
 
 @register(PICKERS, "max-score")
@@ -28,9 +23,4 @@ class MaxScorePicker(Picker):
     ) -> EndpointState:
         best = max(totals[e.address] for e in endpoints)
         top = [e for e in endpoints if totals[e.address] >= best - self.tolerance]
-        return top[0] if len(top) == 1 else ctx.rng.choice(top)
-
-    def pick_index(self, ctx: RequestContext, table: EndpointTable, totals: FloatArray) -> int:
-        best = float(totals.max())
-        top: list[int] = np.flatnonzero(totals >= best - self.tolerance).tolist()
         return top[0] if len(top) == 1 else ctx.rng.choice(top)

@@ -4,12 +4,8 @@ A baseline, and a way to turn a profile's scoring off without removing its filte
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from pd_runtime.scheduling.plugins import PICKERS, EndpointState, Picker, RequestContext, register
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import EndpointTable, FloatArray
 
 
 @register(PICKERS, "random")
@@ -18,6 +14,3 @@ class RandomPicker(Picker):
         self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: dict[str, float]
     ) -> EndpointState:
         return ctx.rng.choice(list(endpoints))
-
-    def pick_index(self, ctx: RequestContext, table: EndpointTable, totals: FloatArray) -> int:
-        return ctx.rng.choice(range(table.n))

@@ -13,10 +13,7 @@ holds is still cold for the choice of a decode worker.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import repeat
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from pd_runtime.scheduling.plugins import (
     SCORERS,
@@ -26,9 +23,6 @@ from pd_runtime.scheduling.plugins import (
     min_max_inverse,
     register,
 )
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import EndpointTable, FloatArray
 
 
 @register(SCORERS, "cold-spreader")
@@ -53,16 +47,6 @@ class ColdSpreaderScorer(Scorer):
         if not cold:
             return {e.address: 1.0 for e in endpoints}
         return min_max_inverse({e.address: self._homes.get(e.address, 0.0) for e in endpoints})
-
-    def score_all(self, ctx: RequestContext, table: EndpointTable) -> FloatArray:
-        from pd_runtime.scheduling.table import min_max_inverse_array
-
-        cold = not table.cached_blocks(ctx).any()
-        self._cold = (ctx, cold)
-        if not cold:
-            return np.ones(table.n)
-        homes = np.fromiter(map(self._homes.get, table.addresses, repeat(0.0)), np.float64, table.n)
-        return min_max_inverse_array(homes)
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         last, self._cold = self._cold, None

@@ -9,9 +9,7 @@ the burst's second request already sees the first.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from pd_runtime.scheduling.plugins import (
     SCORERS,
@@ -20,9 +18,6 @@ from pd_runtime.scheduling.plugins import (
     Scorer,
     register,
 )
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import EndpointTable, FloatArray
 
 
 @register(SCORERS, "in-flight-load")
@@ -52,21 +47,6 @@ class InFlightLoadScorer(Scorer):
             + (tok_hi - e.in_flight_tokens) * tok_scale
             for e in endpoints
         }
-
-    def score_all(self, ctx: RequestContext, table: EndpointTable) -> FloatArray:
-        # The same operations as score(), in the same order, over the columns.
-        requests, tokens = table.in_flight_requests, table.in_flight_tokens
-        req_lo, tok_lo = table.load.min(axis=1).tolist()
-        req_hi, tok_hi = table.load.max(axis=1).tolist()
-        w_req, w_tok = 1.0 - self.token_share, self.token_share
-        req_span, tok_span = req_hi - req_lo, tok_hi - tok_lo
-        if not req_span and not tok_span:
-            return np.ones(table.n)
-        req_scale = w_req / req_span if req_span else 0.0
-        tok_scale = w_tok / tok_span if tok_span else 0.0
-        base = (0.0 if req_span else w_req) + (0.0 if tok_span else w_tok)
-        out: FloatArray = base + (req_hi - requests) * req_scale + (tok_hi - tokens) * tok_scale
-        return out
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.name, "token_share": self.token_share}

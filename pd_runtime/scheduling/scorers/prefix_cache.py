@@ -9,14 +9,8 @@ partial block needs computing. A prompt shorter than one block scores 0 everywhe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from pd_runtime.scheduling.plugins import SCORERS, EndpointState, RequestContext, Scorer, register
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import EndpointTable, FloatArray
 
 
 @register(SCORERS, "prefix-cache")
@@ -27,10 +21,3 @@ class PrefixCacheScorer(Scorer):
             return {e.address: 0.0 for e in endpoints}
         cached = ctx.cached_blocks
         return {e.address: cached.get(e.address, 0) / total for e in endpoints}
-
-    def score_all(self, ctx: RequestContext, table: EndpointTable) -> FloatArray:
-        total = len(ctx.block_keys)
-        if not total:
-            return np.zeros(table.n)
-        out: FloatArray = table.cached_blocks(ctx) / total
-        return out

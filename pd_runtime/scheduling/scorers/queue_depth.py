@@ -4,7 +4,6 @@ scores higher, min-max normalised over the candidates. Unscraped endpoints count
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from pd_runtime.scheduling.plugins import (
     SCORERS,
@@ -15,16 +14,8 @@ from pd_runtime.scheduling.plugins import (
     register,
 )
 
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import EndpointTable, FloatArray
-
 
 @register(SCORERS, "queue-depth")
 class QueueDepthScorer(Scorer):
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
         return min_max_inverse({e.address: e.waiting or 0.0 for e in endpoints})
-
-    def score_all(self, ctx: RequestContext, table: EndpointTable) -> FloatArray:
-        from pd_runtime.scheduling.table import min_max_inverse_array
-
-        return table.memo(self, lambda: min_max_inverse_array(table.waiting))

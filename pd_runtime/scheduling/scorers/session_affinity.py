@@ -10,14 +10,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from pd_runtime.scheduling.plugins import SCORERS, EndpointState, RequestContext, Scorer, register
-
-if TYPE_CHECKING:
-    from pd_runtime.scheduling.table import EndpointTable, FloatArray
 
 
 @register(SCORERS, "session-affinity")
@@ -30,14 +25,6 @@ class SessionAffinityScorer(Scorer):
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
         last = self._where.get(ctx.session) if ctx.session else None
         return {e.address: 1.0 if e.address == last else 0.0 for e in endpoints}
-
-    def score_all(self, ctx: RequestContext, table: EndpointTable) -> FloatArray:
-        out = np.zeros(table.n)
-        last = self._where.get(ctx.session) if ctx.session else None
-        row = table.index.get(last) if last is not None else None
-        if row is not None:
-            out[row] = 1.0
-        return out
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         if not ctx.session:
