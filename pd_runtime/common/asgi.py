@@ -10,7 +10,7 @@ are plain Starlette routes too, so another method on them is a 405. What a handl
 * :func:`request_headers`: the request's headers decoded once (names lowercased by the server,
   values latin-1, a repeated header's last value as ``dict(request.headers)`` gave);
 * :func:`receive_body`: the body, with the same 413/400 rules as :func:`~pd_runtime.common.http.read_body`;
-* :func:`decode_json_object` / :data:`encode_json`: msgspec, once per body, re-encoded only when
+* ``common.http.parse_json_body`` / :data:`encode_json`: msgspec, once per body, re-encoded only when
   a hop changes it;
 * :class:`ClientWatch`: ONE task per request that waits for the client's ``http.disconnect`` and
   then cancels the request's own task, so whatever it awaits (the upstream call's headers, the
@@ -28,13 +28,17 @@ from typing import Any
 
 import msgspec
 
-from pd_runtime.common.http import TRANSPORT_ERRORS, UpstreamResponse, logger, response_headers
+from pd_runtime.common.http import (
+    TRANSPORT_ERRORS,
+    UpstreamResponse,
+    logger,
+    response_headers,
+)
 from pd_runtime.errors import BadRequestError, PayloadTooLargeError, UpstreamError
 
 __all__ = [
     "HEADERS_KEY",
     "ClientWatch",
-    "decode_json_object",
     "encode_json",
     "mount_generation",
     "receive_body",
@@ -47,7 +51,6 @@ __all__ = [
 HEADERS_KEY = "pd_runtime.headers"
 
 encode_json: Callable[[Any], bytes] = msgspec.json.Encoder().encode
-_decode_json = msgspec.json.Decoder().decode
 
 
 def request_headers(scope: MutableMapping[str, Any]) -> dict[str, str]:
@@ -96,19 +99,6 @@ async def receive_body(
                 first = chunk
         if not message.get("more_body", False):
             return b"".join(chunks) if chunks is not None else first
-
-
-def decode_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object (msgspec), or a 400 that says why not."""
-    try:
-        body = _decode_json(raw)
-    except (ValueError, RecursionError) as exc:
-        # msgspec.DecodeError (bad JSON, bad UTF-8, NaN, a number out of range) is a ValueError;
-        # RecursionError: nesting deeper than the decoder allows.
-        raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise BadRequestError("request body must be a JSON object")
-    return body
 
 
 class ClientWatch:
