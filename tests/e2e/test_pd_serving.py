@@ -124,7 +124,8 @@ def test_disaggregated_greedy_output_equals_colocated(
     assert ids == colocated_ids
     assert disaggregated == colocated
     assert usage["prompt_tokens"] == colocated_usage["prompt_tokens"]
-    assert len(disaggregated) > 0
+    # No check on the text's length: the tiny model's random weights sometimes pick 24 tokens that
+    # all detokenize to nothing; the token ids above are what the comparison rests on.
 
 
 def test_different_prompts_give_different_outputs(deployment: Deployment) -> None:
