@@ -32,6 +32,7 @@ from pd_runtime.common.http import (
     TRANSPORT_ERRORS,
     UpstreamResponse,
     logger,
+    refuse_declared_length,
     response_headers,
 )
 from pd_runtime.errors import BadRequestError, PayloadTooLargeError, UpstreamError
@@ -69,16 +70,7 @@ async def receive_body(
     (413) unread and a chunked body is counted as it arrives. A client that leaves while sending
     it is a 400."""
     if max_bytes is not None:
-        declared = headers.get("content-length")
-        if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
-                raise BadRequestError("invalid Content-Length header") from None
-            if length > max_bytes:
-                raise PayloadTooLargeError(
-                    f"request body of {length} bytes is over the limit of {max_bytes} bytes"
-                )
+        refuse_declared_length(headers.get("content-length"), max_bytes)
     first = b""
     chunks: list[bytes] | None = None
     size = 0

@@ -62,6 +62,7 @@ __all__ = [
     "open_upstream",
     "parse_json_body",
     "read_body",
+    "refuse_declared_length",
     "response_headers",
     "run_server",
     "send_streaming",
@@ -337,20 +338,26 @@ def install_error_handlers(app: FastAPI, component: str) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+def refuse_declared_length(declared: str | None, max_bytes: int) -> None:
+    """A ``Content-Length`` header over ``max_bytes`` is a 413 before any byte is read; one that
+    is not a number is a 400."""
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise BadRequestError("invalid Content-Length header") from None
+    if length > max_bytes:
+        raise PayloadTooLargeError(
+            f"request body of {length} bytes is over the limit of {max_bytes} bytes"
+        )
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refusing (413) one over ``max_bytes`` before reading it whole: a declared
     ``Content-Length`` over the limit is refused unread, and a chunked body is counted as it
     arrives, so at most ``max_bytes`` (plus one chunk) is ever held in memory."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise BadRequestError("invalid Content-Length header") from None
-        if length > max_bytes:
-            raise PayloadTooLargeError(
-                f"request body of {length} bytes is over the limit of {max_bytes} bytes"
-            )
+    refuse_declared_length(request.headers.get("content-length"), max_bytes)
     chunks: list[bytes] = []
     size = 0
     try:
