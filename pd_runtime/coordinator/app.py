@@ -143,7 +143,7 @@ class _Opened(NamedTuple):
     upstream: UpstreamResponse
     url: str
     on_close: Callable[[int], None]
-    on_chunk: Callable[[bytes], None]
+    on_chunk: Callable[[bytes], None] | None  # the scheduler's answer clock, when it wants one
 
 
 class _AnswerClock:
@@ -337,6 +337,8 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 end_attempt()
                 message = f"decode sidecar {url} answered {upstream.status_code}: {detail}"
                 return UpstreamError(message, status_code=upstream.status_code)
+            if not scheduler.times_answers:
+                return _Opened(upstream, url, finished, None)
             streamed = upstream.status_code == 200 and upstream.headers.get(
                 "content-type", ""
             ).startswith("text/event-stream")

@@ -73,6 +73,10 @@ class SchedulingResult:
 
 
 class Scheduler(ABC):
+    #: Whether the coordinator should time answers for :meth:`first_chunk` / :meth:`stream_end`
+    #: (a clock read and a byte count per streamed chunk): only for a policy that learns from it.
+    times_answers: bool = False
+
     def __init__(self, endpoints: Sequence[EndpointConfig], **params: Any) -> None:
         self.endpoints = list(endpoints)
 

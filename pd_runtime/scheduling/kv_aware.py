@@ -31,6 +31,7 @@ from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.kv_events.manager import KVEventsManager
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.decider import PDDecider
+from pd_runtime.scheduling.filters.slo import SLOFilter
 from pd_runtime.scheduling.latency import LatencyModel
 from pd_runtime.scheduling.pending import PendingPrefixes
 from pd_runtime.scheduling.plugins import EndpointState, RequestContext
@@ -40,6 +41,7 @@ from pd_runtime.scheduling.profile import (
     ProfileResult,
     SchedulingProfile,
 )
+from pd_runtime.scheduling.scorers.predicted_latency import PredictedLatencyScorer
 from pd_runtime.scheduling.scraper import MetricsScraper
 from pd_runtime.scheduling.tokenize import PromptTokenizer
 
@@ -170,6 +172,12 @@ class KVAwareScheduler(Scheduler):
         self.decode_profile = SchedulingProfile("decode", profiles["decode"])
         self.prefill_profile = SchedulingProfile("prefill", profiles["prefill"])
         self.decider = PDDecider(p.pd_threshold_tokens, mode=p.pd_decider, margin=p.pd_margin)
+        # The latency model is only fed when something reads it: no per-chunk timing otherwise.
+        self.times_answers = p.pd_decider == "predicted" or any(
+            isinstance(plugin, (PredictedLatencyScorer, SLOFilter))
+            for profile in (self.decode_profile, self.prefill_profile)
+            for plugin in (*profile.filters, *(s for s, _ in profile.scorers))
+        )
         self.latency = LatencyModel(
             min_samples=p.latency_min_samples,
             half_life=p.latency_half_life,

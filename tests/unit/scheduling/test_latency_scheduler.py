@@ -154,3 +154,12 @@ def test_predicted_decider_stops_disaggregating_where_pd_does_not_pay() -> None:
     assert reasons == ["cold-threshold"] * 4
     result = s.schedule(on(request(prompt(20, 20), rid="long"), D0))
     assert result.prefill is None and result.reason == "predicted-direct-faster"
+
+
+def test_answers_are_timed_only_when_something_reads_the_latency_model() -> None:
+    # The default profiles read nothing of it: the coordinator adds no per-chunk work.
+    assert make().times_answers is False
+    assert make(pd_decider="predicted").times_answers is True
+    scorer = {"type": "predicted-latency", "weight": 1}
+    assert make(profiles={"decode": {"scorers": [scorer]}}).times_answers is True
+    assert make(profiles={"prefill": {"filters": [{"type": "slo"}]}}).times_answers is True
