@@ -44,6 +44,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment]
 
 REPO = Path(__file__).resolve().parents[2]
 NIXL = "vllm:nixl_xfer_time_seconds_count"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"  # prompt tokens served from the prefix cache
 # Keep Ray's own processes light on 2 cores: no usage reporting, no memory monitor, no metrics
 # export; the nodes' ports stay in this test's range.
 RAY_ENV = {
@@ -105,15 +106,22 @@ class RayDeployment:
         self.prefill = self.plan.coordinator.by_role("prefill")[0]
         self.decode = self.plan.coordinator.by_role("decode")[0]
 
-    def complete(self, url: str, prompt: str, request_id: str) -> str:
+    def complete(self, url: str, prompt: str, request_id: str) -> list[int]:
+        """A greedy completion's token ids (text can be empty: random weights)."""
         response = httpx.post(
             f"{url}/v1/completions",
-            json={"model": self.model, "prompt": prompt, "max_tokens": 16, "temperature": 0},
+            json={
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": 16,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
             headers={"x-request-id": request_id},
             timeout=300,
         )
         assert response.status_code == 200, response.text
-        return str(response.json()["choices"][0]["text"])
+        return list(response.json()["choices"][0]["token_ids"])
 
     def decision(self, request_id: str) -> dict[str, object]:
         return pod_score_lines(self.run_dir / "coordinator.log", [request_id])[request_id]
@@ -199,14 +207,19 @@ def test_disaggregated_output_across_ray_nodes_equals_colocated(
     ray_deployment: RayDeployment,
 ) -> None:
     d = ray_deployment
-    prompt = f"ray {uuid.uuid4().hex[:8]}: {DEMO_PROMPT}"
+    prompt = f"ray {uuid.uuid4().hex}: {DEMO_PROMPT}"
+    # The reference first, on the prefill worker alone: a prompt no worker has seen, computed from
+    # scratch (no prefix-cache hit), on a node the decode worker's copy can only come from by
+    # transfer. (The decode worker is not the reference: after the pull it holds those blocks.)
+    hits_before = scrape_metrics(d.prefill.metrics_url).get(PREFIX_HITS, 0.0)
+    colocated = d.complete(f"http://{d.prefill.address}", prompt, "ray-eq-solo")
+    assert scrape_metrics(d.prefill.metrics_url).get(PREFIX_HITS, 0.0) == hits_before
     before = d.transfers()
     disaggregated = d.complete(d.gateway, prompt, "ray-eq")
     record = d.decision("ray-eq")
     assert record["prefill"] == d.prefill.address and record["target"] == d.decode.address
     assert d.transfers() >= before + 1  # the KV blocks crossed from node_a to node_b over NIXL
-    colocated = d.complete(f"http://{d.decode.address}", prompt, "ray-eq-solo")
-    assert disaggregated == colocated and len(disaggregated) > 0
+    assert disaggregated == colocated and len(colocated) == 16
 
 
 def test_a_killed_prefill_worker_is_restarted_by_its_supervisor_and_serves_again(

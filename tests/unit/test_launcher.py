@@ -171,7 +171,8 @@ def test_a_part_that_exits_is_restarted_and_the_status_file_shows_it(tmp_path: P
 def test_a_crash_looping_part_ends_watch_with_its_name_and_log(tmp_path: Path) -> None:
     parts = [
         part("ok", "worker", HEALTHY, str(tmp_path / "g.pid")),
-        part("loop", "worker", DIES_LATER, str(tmp_path / "l.pid"), "0.5"),
+        # Healthy for 3 s, then exit 7: long enough to pass start-up on a loaded machine.
+        part("loop", "worker", DIES_LATER, str(tmp_path / "l.pid"), "3"),
     ]
     launcher = LocalBackend(
         plan(tmp_path, parts),
