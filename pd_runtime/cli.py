@@ -185,6 +185,12 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="coordinator YAML (endpoints, models, policy)")
     p.add_argument("--host", help="override the config's host")
     p.add_argument("--port", type=int, help="override the config's port")
+    p.add_argument(
+        "--replica-port",
+        type=int,
+        help="as one of several replicas (config reuse_port: true): also listen here alone, for "
+        "this replica's own /health and /metrics",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -409,6 +415,8 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             drain_timeout_s=config.drain_timeout_s,
             drain_delay_s=config.drain_delay_s,
             header_timeout_s=config.header_timeout_s,
+            reuse_port=config.reuse_port,
+            own_port=args.replica_port,
             log_config=uvicorn_log_config(args.log_level, queued=True),
         )
     finally:

@@ -43,16 +43,19 @@ def _step(n: int, title: str) -> None:
     print(f"\n{BAR}\n[{n}] {title}\n{BAR}", flush=True)
 
 
-def pod_score_lines(log_path: Path, request_ids: list[str]) -> dict[str, dict[str, object]]:
-    """The coordinator's decision record for each of these request ids, parsed from its log: the
-    last one logged (a request that failed over logs one per attempt)."""
+def pod_score_lines(
+    log_paths: Path | list[Path], request_ids: list[str]
+) -> dict[str, dict[str, object]]:
+    """The coordinator's decision record for each of these request ids, parsed from its log (or
+    its replicas' logs): the last one logged (a request that failed over logs one per attempt)."""
     found: dict[str, dict[str, object]] = {}
     marker = "Got pod scores "
-    for line in log_path.read_text(errors="replace").splitlines():
-        if marker in line:
-            record = json.loads(line.split(marker, 1)[1])
-            if record.get("x-request-id") in request_ids:
-                found[str(record["x-request-id"])] = record
+    for log_path in [log_paths] if isinstance(log_paths, Path) else log_paths:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if marker in line:
+                record = json.loads(line.split(marker, 1)[1])
+                if record.get("x-request-id") in request_ids:
+                    found[str(record["x-request-id"])] = record
     return found
 
 
@@ -102,7 +105,7 @@ def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
             )
 
         _step(3, "What the coordinator decided (its 'Got pod scores' log lines)")
-        records = pod_score_lines(run_dir / "coordinator.log", request_ids)
+        records = pod_score_lines(sorted(run_dir.glob("coordinator*.log")), request_ids)
         for request_id in request_ids:
             record = records.get(request_id)
             print(

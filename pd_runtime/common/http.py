@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import FrameType
@@ -58,6 +59,7 @@ __all__ = [
     "failure_kind",
     "forward_headers",
     "install_error_handlers",
+    "listening_socket",
     "make_client",
     "open_upstream",
     "parse_json_body",
@@ -577,15 +579,45 @@ def run_server(
     drain_timeout_s: float,
     drain_delay_s: float = 0.0,
     header_timeout_s: float | None = None,
+    reuse_port: bool = False,
+    own_port: int | None = None,
     **kwargs: Any,
 ) -> None:
     """Serve ``app`` (which holds a :class:`Lifecycle` as ``app.state.lifecycle``) until SIGTERM,
     then drain gracefully (see :class:`DrainingServer`). With ``header_timeout_s``, a connection
     that has not sent a complete request head that long after opening (or after the first byte
-    of its next request) is closed (see :mod:`pd_runtime.common.header_deadline`)."""
+    of its next request) is closed (see :mod:`pd_runtime.common.header_deadline`).
+
+    ``reuse_port``: ``port`` is opened with SO_REUSEPORT, so that replicas of this process share
+    it; the kernel hashes each new connection to one of the live listeners, and a replica that
+    exits takes only its own socket (and its accept queue) with it. ``own_port``: this process
+    also listens there alone, so that health checks and metric scrapes reach this replica."""
     if header_timeout_s is not None:
         kwargs.setdefault("http", header_deadline_protocol(header_timeout_s))
     config = uvicorn.Config(
         app, host=host, port=port, timeout_graceful_shutdown=int(drain_timeout_s) or 1, **kwargs
     )
-    DrainingServer(config, app.state.lifecycle, drain_delay_s).run()
+    server = DrainingServer(config, app.state.lifecycle, drain_delay_s)
+    if not reuse_port and own_port is None:
+        server.run()
+        return
+    sockets = [listening_socket(host, port, reuse_port=reuse_port)]
+    if own_port is not None:
+        sockets.append(listening_socket(host, own_port))
+    server.run(sockets=sockets)
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound TCP socket for uvicorn (which listens on it); SO_REUSEPORT on request."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

@@ -135,6 +135,11 @@ class CoordinatorConfig(BaseModel):
         "after it opened (or after the first byte of its next request) is closed, with 408 if "
         "it had started one (slowloris); the body and the response are not bound by it",
     )
+    reuse_port: bool = Field(
+        default=False,
+        description="open the port with SO_REUSEPORT, so that several coordinator processes "
+        "(replicas) share it and the kernel spreads new connections across them",
+    )
     direct_to_worker: bool = Field(
         default=False,
         description="a request the scheduler serves directly (no prefill) goes from the "

@@ -7,14 +7,15 @@ Port layout (each group's replicas take consecutive ports from their base)::
     decode-i    HTTP decode.port+i    NIXL side channel decode.side_channel_port+i    KV events decode.kv_events_port+i
                 (replay: decode.kv_events_replay_port+i)
     sidecar-i   sidecar.port+i   (in front of decode-i)
-    coordinator coordinator.port
+    coordinator coordinator.port (shared by its replicas; with replicas > 1 replica k also has
+                coordinator.replica_port+k, default coordinator.port+1+k)
 
 Every port must be unique; validation names the two fields that collide.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -151,6 +152,8 @@ class CoordinatorSection(BaseModel):
     """The deployment's coordinator; the edge settings mean what they mean in CoordinatorConfig."""
 
     model_config = _STRICT
+    #: How the launcher runs the coordinator, not how a coordinator behaves: not passed through.
+    LAUNCH_ONLY: ClassVar[frozenset[str]] = frozenset({"replicas", "replica_port"})
 
     port: int = Port
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -168,6 +171,28 @@ class CoordinatorSection(BaseModel):
         default=False,
         description="requests served without prefill skip the sidecar and go to the worker",
     )
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description="coordinator processes behind the one port (SO_REUSEPORT): each subscribes "
+        "to every worker's KV events and scrapes on its own, so they need no shared state",
+    )
+    replica_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="with replicas > 1, replica k also listens on replica_port + k (its own "
+        "/health and /metrics, for the launcher's checks and per-replica scraping); default: "
+        "port + 1",
+    )
+
+    @property
+    def replica_ports(self) -> list[int]:
+        """Each replica's own port; none with one replica (it has the main port to itself)."""
+        if self.replicas == 1:
+            return []
+        base = self.replica_port if self.replica_port is not None else self.port + 1
+        return [base + k for k in range(self.replicas)]
 
 
 class DeploymentConfig(BaseModel):
@@ -223,4 +248,9 @@ class DeploymentConfig(BaseModel):
                 claim(f"{role}.kv_events_replay_port", group.kv_events_replay_port, group.replicas)
         claim("sidecar.port", self.sidecar.port, self.decode.replicas)
         claim("coordinator.port", self.coordinator.port, 1)
+        ports = self.coordinator.replica_ports
+        if ports:
+            claim("coordinator.replica_port", ports[0], len(ports))
+            if ports[-1] > 65535:
+                raise ValueError("coordinator.replica_port: replica ports end past 65535")
         return self

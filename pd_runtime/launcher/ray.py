@@ -3,7 +3,8 @@
     placement group "<name>/prefill-0"  STRICT_PACK  [ {GPU: tp, CPU: 1} ]            -> node X
     placement group "<name>/decode-0"   STRICT_PACK  [ {GPU: tp, CPU: 1}, {CPU: 0.5} ] -> node Y
                                                        decode-0 actor     sidecar-0 actor
-    coordinator actor: pinned to the driver's node (where ``pd-runtime up --ray`` runs)
+    coordinator actor(s): pinned to the driver's node (where ``pd-runtime up --ray`` runs); with
+    ``coordinator.replicas: N``, N actors share its port (SO_REUSEPORT)
 
 * A TP group is one bundle ``{GPU: tp}``, so STRICT_PACK keeps it on one node and Ray assigns the
   actor (and through it vLLM) those ``tp`` GPUs (``CUDA_VISIBLE_DEVICES``). On a CPU cluster the
@@ -11,7 +12,8 @@
   like ``{node_a: 1}``, or ``accelerator_type:H200``).
 * A sidecar is the second bundle of its decode worker's group: same node, by construction.
 * Where the groups landed decides the hosts: each part binds its node's IP, workers publish KV
-  events to the coordinator's node, and the coordinator's endpoint list (and each sidecar's
+  events to the coordinator's node (with replicas, each worker binds ``tcp://*:PORT`` on its own
+  node and every replica connects), and the coordinator's endpoint list (and each sidecar's
   trusted prefillers) are written from those IPs (:func:`relocate_plan`), not from static config.
 * Each part runs under a :class:`~pd_runtime.launcher.supervisor.PartSupervisor` actor, which
   restarts the process when it dies; past ``process_restarts`` the actor exits and Ray restarts it
@@ -146,9 +148,15 @@ def relocate_plan(
         moved[f"{part.host}:{part.port}"] = f"{host}:{part.port}"
     for part in plan.parts:
         if part.kind == "worker":
-            spec = dataclasses.replace(
-                by_port[part.port], host=hosts[part.name], kv_events_host=coordinator_host
-            )
+            spec = by_port[part.port]
+            if spec.kv_events_endpoint is None:  # the coordinator binds: events go to its node
+                spec = dataclasses.replace(
+                    spec, host=hosts[part.name], kv_events_host=coordinator_host
+                )
+            else:  # replicated coordinators connect: bind on the worker's node, not a local path
+                spec = dataclasses.replace(
+                    spec, host=hosts[part.name], kv_events_host="*", kv_events_endpoint=None
+                )
             argv, env = build_worker_command(spec)
             workers.append(spec)
             parts.append(dataclasses.replace(part, argv=argv, env=env, host=spec.host))
@@ -160,8 +168,9 @@ def relocate_plan(
         else:
             parts.append(dataclasses.replace(part, host=coordinator_host))
     replay_hosts = {f"{p.host}:{p.port}": hosts[p.name] for p in worker_parts}
+    kv_events_ports = {f"{s.host}:{s.port}": s.kv_events_port for s in plan.workers}
     endpoints = [
-        _moved_endpoint(e, moved, replay_hosts, coordinator_host)
+        _moved_endpoint(e, moved, replay_hosts, kv_events_ports, coordinator_host)
         for e in plan.coordinator.endpoints
     ]
     coordinator = plan.coordinator.model_copy(
@@ -181,6 +190,7 @@ def _moved_endpoint(
     endpoint: EndpointConfig,
     moved: dict[str, str],
     replay_hosts: dict[str, str],
+    kv_events_ports: dict[str, int | None],
     coordinator_host: str,
 ) -> EndpointConfig:
     url_address = endpoint.url.removeprefix("http://")
@@ -188,8 +198,11 @@ def _moved_endpoint(
         "address": moved[endpoint.address],
         "url": f"http://{moved.get(url_address, url_address)}",
     }
-    if endpoint.kv_events:  # the coordinator binds it: its own node
+    if endpoint.kv_events and endpoint.kv_events_bind:  # the coordinator binds it: its node
         update["kv_events"] = f"tcp://{coordinator_host}:{endpoint.kv_events.rsplit(':', 1)[1]}"
+    elif endpoint.kv_events:  # the worker binds tcp://*:PORT (see relocate_plan)
+        worker_port = kv_events_ports[endpoint.address]
+        update["kv_events"] = f"tcp://{replay_hosts[endpoint.address]}:{worker_port}"
     if endpoint.kv_events_replay:  # the worker binds it: the worker's node
         port = endpoint.kv_events_replay.rsplit(":", 1)[1]
         update["kv_events_replay"] = f"tcp://{replay_hosts[endpoint.address]}:{port}"
@@ -406,7 +419,8 @@ class RayLauncher:
                 hosts[member] = ips[node]
                 self.locations[member] = PartLocation(member, group.name, i, node, ips[node])
         here = ray.get_runtime_context().get_node_id()
-        self.locations["coordinator"] = PartLocation("coordinator", None, None, here, ips[here])
+        for part in self.plan.by_kind("coordinator"):  # every replica on the driver's node
+            self.locations[part.name] = PartLocation(part.name, None, None, here, ips[here])
         self._plan = relocate_plan(self.plan, hosts, ips[here])
         for name, where in self.locations.items():
             self.progress(f"placed {name} on node {where.node_ip} ({where.node_id[:8]})")

@@ -13,12 +13,13 @@ The plan is pure data (no processes started), so it is what ``up`` runs and what
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig, SchedulerConfig
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
+from pd_runtime.errors import ConfigError
 from pd_runtime.placement.machine import MachineDescription
 from pd_runtime.placement.placer import WorkerPlacement, WorkerRequest, place_workers
 from pd_runtime.platform import Platform
@@ -130,9 +131,30 @@ def _worker_specs(
     return specs
 
 
-def _replay_address(host: str, spec: WorkerSpec) -> str | None:
-    port = spec.kv_events_replay_port
-    return f"tcp://{host}:{port}" if port is not None else None
+def _kv_events_source(host: str, spec: WorkerSpec) -> dict[str, Any]:
+    """The coordinator's side of a worker's KV events: where to subscribe, and who binds."""
+    replay = spec.kv_events_replay_port
+    source: dict[str, Any] = {
+        "kv_events": spec.kv_events_endpoint or f"tcp://{host}:{spec.kv_events_port}",
+        "kv_events_replay": f"tcp://{host}:{replay}" if replay is not None else None,
+    }
+    if spec.kv_events_endpoint is not None:
+        source["kv_events_bind"] = False  # the worker binds it
+    return source
+
+
+#: Linux's limit on a unix socket path (sun_path is 108 bytes with the terminating NUL).
+_MAX_IPC_PATH = 107
+
+
+def _ipc_endpoint(run_dir: Path, name: str) -> str:
+    path = run_dir.resolve() / f"kv-events-{name}.sock"
+    if len(str(path)) > _MAX_IPC_PATH:
+        raise ConfigError(
+            f"coordinator.replicas: the KV-event socket path {path} is longer than a unix socket "
+            f"allows ({_MAX_IPC_PATH} bytes); use a shorter run directory"
+        )
+    return f"ipc://{path}"
 
 
 def _scheduler_for(config: DeploymentConfig, worker: WorkerSpec | None) -> SchedulerConfig:
@@ -164,6 +186,14 @@ def plan_deployment(
     endpoints: list[EndpointConfig] = []
     machine = machine or MachineDescription.from_platform(platform)
     placed = _worker_specs(config, platform, machine)
+    replicated = config.coordinator.replicas > 1
+    if replicated:  # each worker binds its publisher; every coordinator replica connects
+        placed = [
+            (name, replace(spec, kv_events_endpoint=_ipc_endpoint(run_dir, name)), where)
+            if spec.kv_events_port is not None
+            else (name, spec, where)
+            for name, spec, where in placed
+        ]
     workers = [(name, spec) for name, spec, _ in placed]
     prefill_addresses = [f"{host}:{s.port}" for _, s in workers if s.role == "prefill"]
 
@@ -190,8 +220,7 @@ def plan_deployment(
                     role="prefill",
                     address=f"{host}:{spec.port}",
                     url=f"http://{host}:{spec.port}",
-                    kv_events=f"tcp://{host}:{spec.kv_events_port}",
-                    kv_events_replay=_replay_address(host, spec),
+                    **_kv_events_source(host, spec),
                 )
             )
 
@@ -234,33 +263,34 @@ def plan_deployment(
                 role="decode",
                 address=f"{host}:{spec.port}",
                 url=f"http://{host}:{sidecar_port}",
-                kv_events=f"tcp://{host}:{spec.kv_events_port}",
-                kv_events_replay=_replay_address(host, spec),
+                **_kv_events_source(host, spec),
             )
         )
 
     # The section's edge settings (API keys, admission, body limit, draining) carry the names of
     # CoordinatorConfig's fields, so they pass through as they are.
-    edge = config.coordinator.model_dump(exclude={"port", "scheduler"})
+    launch_only = config.coordinator.LAUNCH_ONLY
+    edge = config.coordinator.model_dump(exclude={"port", "scheduler", *launch_only})
     coordinator = CoordinatorConfig(
         host=host,
         port=config.coordinator.port,
         models=[config.model.name],
         endpoints=endpoints,
         scheduler=_scheduler_for(config, workers[0][1] if workers else None),
+        reuse_port=replicated,
         **edge,
     )
     coordinator_path = run_dir / "coordinator.yaml"
-    parts.append(
-        PartSpec(
-            "coordinator",
-            "coordinator",
-            [*python, "coordinator", "--config", str(coordinator_path)],
-            {"PYTHONUNBUFFERED": "1"},
-            host,
-            config.coordinator.port,
+    command = [*python, "coordinator", "--config", str(coordinator_path)]
+    env = {"PYTHONUNBUFFERED": "1"}
+    if not replicated:
+        parts.append(
+            PartSpec("coordinator", "coordinator", command, env, host, config.coordinator.port)
         )
-    )
+    # A replica's part is checked on its own port: the shared one answers for any replica.
+    for k, own_port in enumerate(config.coordinator.replica_ports):
+        argv = [*command, "--replica-port", str(own_port)]
+        parts.append(PartSpec(f"coordinator-{k}", "coordinator", argv, env, host, own_port))
     return DeploymentPlan(
         parts,
         coordinator,

@@ -6,7 +6,8 @@ The P/D essentials every worker gets:
   * ``VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`` so the decode side can fetch the prefill's NIXL metadata;
   * ``--kv-events-config`` publishing block events over ZMQ with topic ``kv@HOST:PORT@MODEL``
     (vLLM connects to ``tcp://HOST:PORT``, where the coordinator's subscriber listens: nothing
-    is bound on a public interface);
+    is bound on a public interface; with several coordinator replicas vLLM binds an ``ipc://``
+    path, or ``tcp://*:PORT`` across nodes, and every replica connects);
   * a block size the platform accepts (a multiple of 32 on CPU);
   * the UCX transport chosen by :mod:`pd_runtime.worker.transport`;
   * on CPU, a poll timeout for NIXL's UCX progress thread (see :mod:`pd_runtime.worker.vllm_plugin`),
@@ -64,6 +65,10 @@ class WorkerSpec:
     # Where the coordinator's subscriber listens (vLLM connects there); default: ``host``. On a
     # multi-node cluster it is the coordinator's node, while ``host`` stays this worker's own.
     kv_events_host: str | None = None
+    # The PUB socket's endpoint as it is, instead of tcp://kv_events_host:kv_events_port: an
+    # ``ipc://`` path, which vLLM binds, so that several coordinator replicas on this machine
+    # connect to one publisher that listens on no network interface.
+    kv_events_endpoint: str | None = None
     block_size: int | None = None
     max_model_len: int | None = None
     enforce_eager: bool = True
@@ -140,7 +145,8 @@ def build_worker_command(
         kv_events = {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
-            "endpoint": f"tcp://{spec.kv_events_host or spec.host}:{spec.kv_events_port}",
+            "endpoint": spec.kv_events_endpoint
+            or f"tcp://{spec.kv_events_host or spec.host}:{spec.kv_events_port}",
             "topic": kv_events_topic(spec.host, spec.port, spec.name_for_clients),
         }
         if spec.kv_events_replay_port is not None:

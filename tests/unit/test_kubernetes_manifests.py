@@ -122,6 +122,7 @@ def test_every_object_is_valid_against_the_kubernetes_schemas(target: str) -> No
     kinds = sorted(o["kind"] for o in objects)
     expected = {"Namespace": 1, "ServiceAccount": 3, "Role": 1, "RoleBinding": 1}
     expected |= {"ConfigMap": 2, "Deployment": 3, "Service": 1, "NetworkPolicy": 4}
+    expected |= {"PodDisruptionBudget": 1}
     assert {k: kinds.count(k) for k in set(kinds)} == expected
     for version in VERSIONS:
         for obj in objects:
@@ -201,6 +202,20 @@ def test_references_resolve_and_selectors_match(target: str) -> None:
         port_of(container(coordinator, "coordinator"), target_port)
         == coordinator_config(objects).port
     )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_coordinator_runs_replicated_behind_its_service(target: str) -> None:
+    objects = render(target)
+    coordinator = by_kind(objects, "Deployment")["pd-coordinator"]
+    assert coordinator["spec"]["replicas"] >= 2  # no single gateway process
+    labels = coordinator["spec"]["template"]["metadata"]["labels"]
+    budget = by_kind(objects, "PodDisruptionBudget")["pd-coordinator"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["maxUnavailable"] < coordinator["spec"]["replicas"]
+    # Replicas connect to the workers' KV-event sockets (the workers bind them).
+    config = coordinator_config(objects)
+    assert config.discovery.type == "kubernetes" and not config.reuse_port
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -129,6 +129,24 @@ def test_relocated_plan_binds_each_part_on_its_node_and_points_kv_events_at_the_
     assert [w.host for w in plan.workers] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
+def test_relocated_replicas_connect_to_publishers_bound_on_the_workers_nodes(
+    tmp_path: Path,
+) -> None:
+    config = deployment().model_copy(deep=True)
+    config = parse_config(
+        DeploymentConfig,
+        {**config.model_dump(), "coordinator": {**config.coordinator.model_dump(), "replicas": 2}},
+    )
+    plan = relocate_plan(cpu_plan(tmp_path, config), HOSTS, "10.0.0.9")
+    parts = {p.name: p for p in plan.parts}
+    events = json.loads(flag(parts["decode-1"].argv, "--kv-events-config"))
+    assert events["endpoint"] == "tcp://*:5711"  # no local ipc path across nodes
+    decode1 = next(e for e in plan.coordinator.endpoints if e.name == "decode-1")
+    assert (decode1.kv_events, decode1.kv_events_bind) == ("tcp://10.0.0.3:5711", False)
+    assert {parts[f"coordinator-{k}"].host for k in range(2)} == {"10.0.0.9"}
+    assert plan.coordinator.reuse_port
+
+
 def test_relocated_coordinator_endpoints_come_from_the_placement(tmp_path: Path) -> None:
     coordinator = relocate_plan(cpu_plan(tmp_path), HOSTS, "10.0.0.9").coordinator
     assert [

@@ -87,4 +87,49 @@ def test_every_coordinator_section_setting_is_a_coordinator_config_field() -> No
     from pd_runtime.config.coordinator import CoordinatorConfig
     from pd_runtime.config.deployment import CoordinatorSection
 
-    assert set(CoordinatorSection.model_fields) <= set(CoordinatorConfig.model_fields)
+    passed = set(CoordinatorSection.model_fields) - CoordinatorSection.LAUNCH_ONLY
+    assert passed <= set(CoordinatorConfig.model_fields)
+    assert set(CoordinatorSection.model_fields) >= CoordinatorSection.LAUNCH_ONLY
+
+
+def test_coordinator_replicas_share_the_port_and_connect_to_bound_publishers(
+    tmp_path: Path,
+) -> None:
+    plan = plan_deployment(config(coordinator__replicas=2), tmp_path, Platform("cpu", 0, (0, 1)))
+    coordinators = plan.by_kind("coordinator")
+    assert [(p.name, p.port) for p in coordinators] == [
+        ("coordinator-0", 8001),
+        ("coordinator-1", 8002),
+    ]
+    assert [flag(p.argv, "--replica-port") for p in coordinators] == ["8001", "8002"]
+    assert plan.coordinator.reuse_port and plan.coordinator.port == 8000
+    assert plan.gateway_url == "http://127.0.0.1:8000"
+    socket = f"ipc://{tmp_path.resolve()}/kv-events-decode-1.sock"
+    worker = next(p for p in plan.parts if p.name == "decode-1")
+    assert json.loads(flag(worker.argv, "--kv-events-config"))["endpoint"] == socket
+    decode1 = next(e for e in plan.coordinator.endpoints if e.name == "decode-1")
+    assert (decode1.kv_events, decode1.kv_events_bind) == (socket, False)
+    assert decode1.kv_events_replay == "tcp://127.0.0.1:5761"
+
+
+def test_one_coordinator_keeps_its_name_port_and_bound_subscriber(tmp_path: Path) -> None:
+    plan = plan_deployment(config(), tmp_path, Platform("cpu", 0, (0, 1)))
+    assert [(p.name, p.port) for p in plan.by_kind("coordinator")] == [("coordinator", 8000)]
+    assert not plan.coordinator.reuse_port
+    assert all(e.kv_events_bind for e in plan.coordinator.endpoints)
+
+
+def test_replica_ports_are_claimed_like_every_other_port() -> None:
+    with pytest.raises(
+        ConfigError, match=r"coordinator\.replica_port: port 8300 collides with sidecar"
+    ):
+        config(coordinator__replicas=2, coordinator__replica_port=8299)
+    assert config(
+        coordinator__replicas=3, coordinator__replica_port=9000
+    ).coordinator.replica_ports == [9000, 9001, 9002]
+
+
+def test_a_too_long_run_directory_for_the_event_sockets_is_refused(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 90)
+    with pytest.raises(ConfigError, match="longer than a unix socket allows"):
+        plan_deployment(config(coordinator__replicas=2), deep, Platform("cpu", 0, (0, 1)))
