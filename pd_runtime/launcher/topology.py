@@ -167,6 +167,7 @@ def _scheduler_for(config: DeploymentConfig, worker: WorkerSpec | None) -> Sched
     params = {
         "tokenizer": str(model.resolve()) if model.exists() else config.model.path,
         "block_size": worker.effective_block_size,
+        "replicas": config.coordinator.replicas,
         **scheduler.params,
     }
     return scheduler.model_copy(update={"params": params})

@@ -45,7 +45,7 @@ from pd_runtime.scheduling.scorers.predicted_latency import PredictedLatencyScor
 from pd_runtime.scheduling.scraper import MetricsScraper
 from pd_runtime.scheduling.tokenize import PromptTokenizer
 
-__all__ = ["DEFAULT_PROFILES", "KVAwareParams", "KVAwareScheduler"]
+__all__ = ["DEFAULT_PROFILES", "REPLICATED_PROFILES", "KVAwareParams", "KVAwareScheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,24 @@ DEFAULT_PROFILES: dict[str, ProfileConfig] = {
             {"type": "queue-depth", "weight": 1},
         ),
     ),
+}
+
+
+def _replicated(profile: ProfileConfig) -> ProfileConfig:
+    """The same profile for a coordinator with replicas: no cold-spreader (its recent-homes count
+    is one replica's own), ties broken by the prompt's first block (the same choice everywhere)."""
+    return profile.model_copy(
+        update={
+            "scorers": [s for s in profile.scorers if s.type != "cold-spreader"],
+            "picker": PluginSpec.model_validate({"type": "max-score", "tie_break": "prefix"}),
+        }
+    )
+
+
+#: The default profiles when ``replicas`` > 1: replicas do not see each other's in-flight claims
+#: (the pending overlay), so a new prefix's home must follow from the prompt, not from history.
+REPLICATED_PROFILES: dict[str, ProfileConfig] = {
+    name: _replicated(profile) for name, profile in DEFAULT_PROFILES.items()
 }
 
 
@@ -125,6 +143,12 @@ class KVAwareParams(BaseModel):
         "DEBUG; 0: none at INFO",
     )
     profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: dict(DEFAULT_PROFILES))
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description="coordinator replicas sharing the traffic (the launcher sets it from "
+        "coordinator.replicas); above 1 the profiles not given here are REPLICATED_PROFILES",
+    )
 
 
 def _breakdown(runs: Sequence[ProfileResult], top_k: int | None) -> dict[str, dict[str, float]]:
@@ -165,7 +189,8 @@ class KVAwareScheduler(Scheduler):
         unknown = set(p.profiles) - {"decode", "prefill"}
         if unknown:
             raise ConfigError(f"scheduler.params.profiles: unknown profiles {sorted(unknown)}")
-        profiles = {**DEFAULT_PROFILES, **p.profiles}
+        defaults = DEFAULT_PROFILES if p.replicas == 1 else REPLICATED_PROFILES
+        profiles = {**defaults, **(p.profiles if "profiles" in p.model_fields_set else {})}
         self.states = {e.address: EndpointState(e) for e in self.endpoints}
         self.decode_states = [s for s in self.states.values() if s.role == "decode"]
         self.prefill_states = [s for s in self.states.values() if s.role == "prefill"]

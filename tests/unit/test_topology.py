@@ -103,6 +103,7 @@ def test_coordinator_replicas_share_the_port_and_connect_to_bound_publishers(
     ]
     assert [flag(p.argv, "--replica-port") for p in coordinators] == ["8001", "8002"]
     assert plan.coordinator.reuse_port and plan.coordinator.port == 8000
+    assert plan.coordinator.scheduler.params["replicas"] == 2  # the replicated profiles
     assert plan.gateway_url == "http://127.0.0.1:8000"
     socket = f"ipc://{tmp_path.resolve()}/kv-events-decode-1.sock"
     worker = next(p for p in plan.parts if p.name == "decode-1")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -167,3 +170,37 @@ def test_random_picker_ignores_scores_and_picks_only_candidates() -> None:
     assert min(counts.values()) > 50
     only = [state(B)]
     assert {RandomPicker().pick(ctx, only, {B: 0.0}).address for _ in range(20)} == {B}
+
+
+def test_max_score_prefix_tie_break_is_the_same_in_every_process_and_spreads_prompts() -> None:
+    from pd_runtime.scheduling.pickers.max_score import rendezvous_rank
+
+    endpoints = [state(A), state(B), state(C)]
+    totals = {A: 1.0, B: 1.0, C: 0.2}
+    picker = MaxScorePicker(tie_break="prefix")
+    picks = {}
+    for first in range(200):
+        ctx = context(PROMPT, seed=first)  # another seed: the rng must not matter
+        ctx.block_keys = [first, 7, 8]
+        picked = picker.pick(ctx, endpoints, totals).address
+        again = MaxScorePicker(tie_break="prefix").pick(ctx, endpoints[::-1], totals).address
+        assert picked == again  # neither the instance nor the order of endpoints decides
+        picks[first] = picked
+    counts = Counter(picks.values())
+    assert set(counts) == {A, B} and 70 < counts[A] < 130  # spread across prompts, never C
+    # Stable across processes (replicas): not Python's str hash, which each process salts.
+    code = f"from pd_runtime.scheduling.pickers.max_score import rendezvous_rank as r; print(r(1, {A!r}).hex())"
+    for seed in ("1", "2"):
+        other = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert other.stdout.strip() == rendezvous_rank(1, A).hex()
+
+
+def test_max_score_rejects_an_unknown_tie_break() -> None:
+    with pytest.raises(ValueError, match="tie_break"):
+        MaxScorePicker(tie_break="first")  # type: ignore[arg-type]

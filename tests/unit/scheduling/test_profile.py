@@ -60,7 +60,7 @@ def test_profile_from_yaml_shaped_dict() -> None:
 def test_default_picker_is_max_score_and_lists_default_empty() -> None:
     p = profile({})
     assert p.filters == [] and p.scorers == []
-    assert p.describe()["picker"] == {"type": "max-score"}
+    assert p.describe()["picker"] == {"type": "max-score", "tie_break": "random"}
 
 
 def test_plugin_spec_passes_every_other_key_as_a_parameter() -> None:
