@@ -12,6 +12,9 @@ port. Every proxy runs as a real process, started the way a deployment starts it
     coord rr               client -> coordinator (round-robin) -> stand-in
     coord kv-aware         client -> coordinator (kv-aware: tokenizes with tiny-qwen3) -> stand-in
     coord rr -> sidecar    client -> coordinator (round-robin) -> sidecar -> stand-in
+    coord kv-aware, 2 replicas
+                           client -> one of two coordinator processes (kv-aware) sharing one port
+                                     (``coordinator.replicas: 2``, SO_REUSEPORT) -> stand-in
     coord rr, direct_to_worker
                            client -> coordinator (round-robin, ``direct_to_worker``: the same
                                      endpoint as above, its sidecar skipped) -> stand-in
@@ -321,12 +324,18 @@ def ours(
         "coord-rr-sidecar": (b + 23, "round-robin", [d_sidecar], {}),
         "coord-kv-pd": (b + 24, "kv-aware", [d_sidecar, p_standin], {}),
     }
-    if not tag:  # an older tree may not know the setting
+    replicas: dict[str, int] = {}  # coordinator name -> its own port (shared port in coords)
+    if not tag:  # an older tree may not know the settings
         direct = {"direct_to_worker": True}
         coords["coord-rr-direct"] = (b + 25, "round-robin", [d_sidecar], direct)
+        shared = {"reuse_port": True}
+        for k in range(2):  # two replicas of coord kv-aware on one port
+            coords[f"coord-kv-r{k}"] = (b + 28, "kv-aware", [d_standin], shared)
+            replicas[f"coord-kv-r{k}"] = b + 26 + k
     for name, (port, policy, endpoints, extra) in coords.items():
         cfg = run_dir / f"{name}{tag}.yaml"
         cfg.write_text(coordinator_yaml(port, policy, endpoints, model, extra))
+        own = replicas.get(name)
         procs.append(
             Proc(
                 f"{name}{tag}",
@@ -339,8 +348,9 @@ def ours(
                     str(cfg),
                     "--log-level",
                     args.log_level,
+                    *(("--replica-port", str(own)) if own else ()),
                 ],
-                f"http://{host}:{port}/health",
+                f"http://{host}:{own or port}/health",
                 env=env,
             )
         )
@@ -372,6 +382,12 @@ def ours(
             [f"coord-kv{tag}", "standin"],
         ),
         PathSpec(
+            "coord kv-aware, 2 replicas",
+            f"http://{host}:{b + 28}{gen}",
+            "-> one of 2 coordinator processes on one port (kv-aware, SO_REUSEPORT) -> stand-in",
+            ["coord-kv-r0", "coord-kv-r1", "standin"],
+        ),
+        PathSpec(
             f"coord rr -> sidecar{tag}",
             f"http://{host}:{b + 23}{gen}",
             "-> coordinator (rr) -> sidecar -> stand-in",
@@ -391,7 +407,7 @@ def ours(
         ),
     ]
     if tag:
-        paths = [p for p in paths if "direct_to_worker" not in p.name]
+        paths = [p for p in paths if "direct_to_worker" not in p.name and "replicas" not in p.name]
     return procs, paths
 
 
