@@ -2,7 +2,8 @@
 the health of the decode endpoints' sidecars in the same round.
 
 Read: ``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``
-(0..1). Only their lines are parsed, on the event loop: picked out of the text by one regex scan
+(0..1), and on decode workers ``vllm:nixl_xfer_time_seconds`` ``_sum``/``_count`` (the KV pulls'
+time, from which the latency model learns the transfer cost per token). Only their lines are parsed, on the event loop: picked out of the text by one regex scan
 (~50 us for vLLM's ~450 lines) and parsed in ~0.1-0.2 ms, where parsing the whole text took ~7 ms
 (in a worker thread, which still holds the GIL). A text without any of them (not Prometheus, or
 not vLLM) is parsed whole in a worker thread, as before, so a broken answer still fails the round.
@@ -46,6 +47,10 @@ WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 GAUGES = (WAITING, RUNNING, KV_USAGE)
+#: The decode worker's KV pulls (cumulative): the latency model's transfer time per token.
+NIXL_SECONDS_SUM = "vllm:nixl_xfer_time_seconds_sum"
+NIXL_COUNT = "vllm:nixl_xfer_time_seconds_count"
+READ = (*GAUGES, NIXL_SECONDS_SUM, NIXL_COUNT)
 
 
 def sidecar_health_url(config: EndpointConfig) -> str | None:
@@ -161,7 +166,7 @@ class MetricsScraper:
             response = await self._client.get(state.config.metrics_url)
             response.raise_for_status()
             text = response.text
-            gauges = select_samples(text, GAUGES)
+            gauges = select_samples(text, READ)
             if gauges is not None:
                 values = parse_metrics(gauges)
             else:
@@ -171,6 +176,9 @@ class MetricsScraper:
         state.waiting = values.get(WAITING)
         state.running = values.get(RUNNING)
         state.kv_usage = values.get(KV_USAGE)
+        if state.role == "decode":
+            state.nixl_xfer_seconds_sum = values.get(NIXL_SECONDS_SUM)
+            state.nixl_xfer_count = values.get(NIXL_COUNT)
         state.scraped_at = time.time()
         return None
 

@@ -138,3 +138,51 @@ def test_selecting_is_much_cheaper_than_the_whole_parse() -> None:
     whole = best(lambda: parse_metrics(text), 5)
     selected = best(lambda: parse_metrics(select_samples(text, GAUGES) or ""), 20)
     assert selected * 5 < whole, (selected, whole)
+
+
+def test_decode_workers_nixl_histogram_reaches_the_endpoint_state() -> None:
+    import asyncio
+
+    from prometheus_client import Histogram as PromHistogram
+
+    from pd_runtime.config.coordinator import EndpointConfig
+    from pd_runtime.scheduling.plugins import EndpointState
+    from pd_runtime.scheduling.scraper import MetricsScraper
+    from tests.servers import FakeEngine, serve
+
+    r = CollectorRegistry()
+    Gauge(WAITING, "g", registry=r).set(1)
+    Gauge(RUNNING, "g", registry=r).set(2)
+    Gauge(KV_USAGE, "g", registry=r).set(0.5)
+    pulls = PromHistogram("vllm:nixl_xfer_time_seconds", "h", registry=r, buckets=SECONDS)
+    for seconds in (0.01, 0.03):
+        pulls.observe(seconds)
+    text = generate_latest(r).decode()
+    app = FakeEngine("w").app()
+
+    @app.get("/metrics")
+    async def metrics() -> object:
+        from fastapi.responses import PlainTextResponse
+
+        return PlainTextResponse(text)
+
+    with serve(app) as url:
+        address = url.removeprefix("http://")
+        states = [
+            EndpointState(EndpointConfig(name=n, role=role, address=address, url=url))  # type: ignore[arg-type]
+            for n, role in (("decode-0", "decode"), ("prefill-0", "prefill"))
+        ]
+
+        async def once() -> None:
+            scraper = MetricsScraper(states)
+            await scraper.start()
+            try:
+                await scraper.scrape_once()
+            finally:
+                await scraper.stop()
+
+        asyncio.run(once())
+    decode, prefill = states
+    assert decode.nixl_xfer_count == 2 and decode.nixl_xfer_seconds_sum == pytest.approx(0.04)
+    assert (decode.waiting, decode.running, decode.kv_usage) == (1, 2, 0.5)
+    assert prefill.nixl_xfer_count is None  # a prefill worker's pulls are not its to learn
