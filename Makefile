@@ -19,9 +19,9 @@ test: $(STAMP) lint  ## lint, type-check, unit tests, end-to-end tests on real v
 test-unit: $(STAMP)  ## the fast tests only (no vLLM workers)
 	$(PY) -m pytest -p no:cacheprovider -ra -m "not e2e"
 
-BENCH_CONFIG ?= benchmarks/scenarios/local-cpu.yaml
+BENCH_CONFIG ?= pd_runtime/bench/configs/local-cpu.yaml
 bench: $(STAMP)  ## the scenario comparison (our fronts vs vllm-router) on real workers; see docs/benchmarks.md
-	$(PY) -m pip install --quiet -e '.[bench]'  # vllm-router, kept out of the test install
+	$(PY) -m pip install --quiet -e '.[bench]'  # vllm-router (kept out of the test install), matplotlib
 	flock /tmp/pd-runtime-vllm.lock $(PY) -m pd_runtime bench scenarios --config $(BENCH_CONFIG)
 
 lint: $(STAMP)

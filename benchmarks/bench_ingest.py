@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import describe_machine
-
 REPO = Path(__file__).resolve().parent.parent
 METRICS = (
     "decode_blocks_per_s",
@@ -193,7 +191,7 @@ def table(summary: list[dict[str, Any]], memory: dict[str, dict[str, float]]) ->
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    from pngplot import bar_chart
+    from pd_runtime.bench.plots import bar_chart
 
     groups = sorted({s["endpoints"] for s in summary})
     series = {}
@@ -218,6 +216,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
 
 def machine() -> dict[str, Any]:
+    from pd_runtime.bench.machine import describe_machine
+
     return describe_machine(extra_versions=("msgspec", "pyzmq"))
 
 

@@ -342,7 +342,7 @@ def memcpy_rows(capacity: int, layouts: list[str], sizes: list[int], args: Any) 
 
 
 def machine() -> dict[str, Any]:
-    from benchmarks.bench_proxy import machine as proxy_machine
+    from bench_proxy import machine as proxy_machine
 
     m = proxy_machine()
     m["ucx"] = "bundled with nixl-cu12 (libs in nixl_cu12.libs)"
@@ -429,7 +429,7 @@ def main() -> int:
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], md: str) -> None:
-    from benchmarks.pngplot import bar_chart
+    from pd_runtime.bench.plots import bar_chart
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

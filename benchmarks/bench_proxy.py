@@ -61,13 +61,15 @@ from typing import Any
 import aiohttp
 import psutil
 
-from benchmarks.machine import describe_machine
-
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # a script run from a checkout: that checkout's pd_runtime
     sys.path.insert(0, str(REPO))
 
-__all__ = ["Sample", "added_latency", "one_request", "percentile", "summarize"]
+from pd_runtime.bench.machine import describe_machine  # noqa: E402
+from pd_runtime.common.sse import DONE, SSEDecoder  # noqa: E402
+from pd_runtime.common.stats import percentile  # noqa: E402
+
+__all__ = ["Sample", "added_latency", "one_request", "summarize"]
 
 PY = sys.executable
 MODEL = "standin"
@@ -82,17 +84,6 @@ class Sample:
     ttft_s: float | None
     e2e_s: float
     tokens: int
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default): q in [0, 100]."""
-    if not values:
-        raise ValueError("no values")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def summarize(samples: Sequence[Sample], wall_s: float) -> dict[str, Any]:
@@ -124,7 +115,7 @@ def added_latency(path: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any
 async def one_request(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
 ) -> Sample:
-    """POST a streamed completion; TTFT at the first SSE line that carries a token."""
+    """POST a streamed completion; TTFT at the first SSE event that carries a token."""
     started = time.perf_counter()
     ttft = None
     tokens = 0
@@ -132,17 +123,17 @@ async def one_request(
     try:
         async with session.post(url, data=body, headers=headers) as r:
             ok = r.status == 200
-            async for line in r.content:
-                if not line.startswith(b"data: "):
-                    continue
-                if line.startswith(b"data: [DONE]"):
-                    done = True
-                    continue
-                if b'"error"' in line:
-                    ok = False
-                tokens += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - started
+            sse = SSEDecoder()
+            async for piece in r.content.iter_any():
+                for data in sse.feed(piece):
+                    if data == DONE:
+                        done = True
+                        continue
+                    if '"error"' in data:
+                        ok = False
+                    tokens += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
     except (TimeoutError, aiohttp.ClientError):
         ok = False
     return Sample(ok and done and tokens > 0, ttft, time.perf_counter() - started, tokens)
@@ -726,7 +717,7 @@ def main() -> int:
 
 
 def write(args: argparse.Namespace, results: dict[str, Any], md: str) -> None:
-    from benchmarks.pngplot import bar_chart
+    from pd_runtime.bench.plots import bar_chart
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

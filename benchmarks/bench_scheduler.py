@@ -58,7 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import describe_machine
 from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.kv_events import BlockStored, PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest, SchedulingResult
@@ -493,6 +492,8 @@ def calibration_us() -> float:
 
 
 def machine() -> dict[str, Any]:
+    from pd_runtime.bench.machine import describe_machine
+
     return describe_machine() | {"calibration_dictcomp_64_us": calibration_us()}
 
 
@@ -671,7 +672,7 @@ def main() -> None:
     print("\n" + md)
     print(f"total {time.perf_counter() - wall:.0f}s wall, {time.process_time() - start:.0f}s CPU")
     if args.out:
-        from pngplot import bar_chart
+        from pd_runtime.bench.plots import bar_chart
 
         args.out.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine(), "args": vars(args) | {"out": str(args.out)}, "runs": rows}

@@ -20,7 +20,6 @@ import asyncio
 import json
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pd_runtime.common.sse import DONE, SSEDecoder  # noqa: E402
+from pd_runtime.common.stats import percentile  # noqa: E402
 from pd_runtime.config import DeploymentConfig  # noqa: E402
 from pd_runtime.config.loader import load_config  # noqa: E402
 from pd_runtime.demo import DEMO_PROMPT  # noqa: E402
@@ -64,8 +65,10 @@ async def one(client: httpx.AsyncClient, gateway: str, body: dict[str, Any]) -> 
     try:
         if body["stream"]:
             async with client.stream("POST", f"{gateway}/v1/completions", json=body) as r:
-                text = "".join([line async for line in r.aiter_lines()])
-                ok = r.status_code == 200 and "data: [DONE]" in text and '"error"' not in text
+                sse = SSEDecoder()
+                events = [e async for piece in r.aiter_bytes() for e in sse.feed(piece)]
+                ok = r.status_code == 200 and events[-1:] == [DONE]
+                ok = ok and not any('"error"' in e for e in events)
                 status = "ok" if ok else f"http_{r.status_code}"
         else:
             r = await client.post(f"{gateway}/v1/completions", json=body)
@@ -131,10 +134,8 @@ async def soak(args: argparse.Namespace, gateway: str, model: str, pids: dict[st
         "lost": lost,
         "outcomes": outcomes,
         "throughput_rps": round(total / wall, 2),
-        "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
-        "latency_p99_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3)
-        if latencies
-        else None,
+        "latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
+        "latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
         "memory": memory,
         "samples": samples,
     }
@@ -161,8 +162,7 @@ def write(out: Path, result: dict[str, Any], machine: dict[str, Any]) -> None:
             f"{m['max_mib']} | {m['growth_after_warmup_mib']} |"
         )
     (out / "soak.md").write_text("\n".join(lines) + "\n")
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from pngplot import bar_chart
+    from pd_runtime.bench.plots import bar_chart
 
     samples = result["samples"]
     step = max(1, len(samples) // 12)

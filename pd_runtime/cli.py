@@ -9,7 +9,7 @@ pd-runtime plan --config FILE    where each part would run (GPUs, cores, ports, 
 pd-runtime demo                  bring it up, walk through what it does, shut down
 pd-runtime status                each part of a running `up`: state, health, restarts
 pd-runtime warmup ...            warm workers and check (prefill, decode) pairs (a startup probe)
-pd-runtime bench ...             benchmark an OpenAI-compatible server (code in benchmarks/)
+pd-runtime bench ...             benchmark an OpenAI-compatible server (code in pd_runtime/bench/)
 """
 
 from __future__ import annotations
@@ -297,16 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_bench(argv: list[str]) -> int:
-    """The harness lives in the ``benchmarks`` package (installed beside pd_runtime by the
-    editable install); imported lazily so the serving processes never load it."""
-    import importlib
+    """The harness (``pd_runtime.bench``) is imported here, not at the top of this module, so the
+    serving processes never load it."""
+    from pd_runtime.bench.cli import main as bench_main
 
-    try:
-        harness = importlib.import_module("benchmarks.harness.cli")
-    except ImportError as exc:
-        print(f"pd-runtime bench: the benchmarks package is not importable: {exc}", file=sys.stderr)
-        return 2
-    return int(harness.main(argv))
+    return bench_main(argv)
 
 
 def _run_model(args: argparse.Namespace) -> int:

@@ -67,6 +67,7 @@ from pd_runtime.common.http import (
     parse_json_body,
     read_body,
 )
+from pd_runtime.common.sse import DONE, SSEDecoder
 from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
@@ -150,9 +151,12 @@ class _AnswerClock:
     """Times one forwarded answer for the scheduler: ``first_chunk`` when its first body bytes
     arrive (with the TTFT when it is a successful SSE stream) and, when such a stream ends well,
     ``stream_end`` with the seconds per SSE event after the first chunk (one event per token, as
-    vLLM streams; ``[DONE]`` not counted). Per chunk: a clock read and two byte counts."""
+    vLLM streams; ``[DONE]`` not counted). Per chunk: a clock read and one pass of the SSE
+    parser (events split across chunks are counted once, when they complete)."""
 
-    __slots__ = ("events", "first", "last", "request", "result", "scheduler", "sent", "streamed")
+    __slots__ = (
+        "events", "first", "last", "request", "result", "scheduler", "sent", "sse", "streamed",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -170,9 +174,15 @@ class _AnswerClock:
         self.first: float | None = None
         self.last = 0.0
         self.events = 0
+        self.sse = SSEDecoder() if streamed else None
 
     def chunk(self, data: bytes) -> None:
         now = time.perf_counter()
+        # The first chunk's events are not counted (the time per event runs from it), but a
+        # partial event in it must reach the parser.
+        events = 0
+        if self.sse is not None:
+            events = sum(1 for d in self.sse.feed(data) if d != DONE)
         if self.first is None:
             self.first = self.last = now
             ttft = now - self.sent if self.streamed else None
@@ -180,7 +190,7 @@ class _AnswerClock:
             return
         if self.streamed:
             self.last = now
-            self.events += data.count(b"data:") - data.count(b"data: [DONE]")
+            self.events += events
 
     def end(self, status: int) -> None:
         if self.first is None or not self.streamed or status != 200 or self.events <= 0:

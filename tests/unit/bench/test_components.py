@@ -12,10 +12,11 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from bench_nixl import fill_pattern, nixl_pair, slots_for  # benchmarks/ (see conftest.py)
+from bench_proxy import Sample, added_latency, one_request, summarize
+from standin_openai import StandIn, start
 
-from benchmarks.bench_nixl import fill_pattern, nixl_pair, slots_for
-from benchmarks.bench_proxy import Sample, added_latency, one_request, percentile, summarize
-from benchmarks.standin_openai import StandIn, start
+from pd_runtime.common.stats import percentile
 
 __all__: list[str] = []
 
@@ -27,19 +28,6 @@ def _port() -> int:
 
 
 # ---- arithmetic ---------------------------------------------------------------------------------
-
-
-def test_percentile_interpolates_like_numpy() -> None:
-    values = [float(v) for v in range(100, 0, -1)]  # unsorted on purpose
-    assert percentile(values, 50) == pytest.approx(50.5)
-    assert percentile(values, 99) == pytest.approx(99.01)
-    assert percentile(values, 0) == 1.0
-    assert percentile(values, 100) == 100.0
-    for q in (1, 37.5, 90):
-        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-    assert percentile([7.0], 99) == 7.0
-    with pytest.raises(ValueError):
-        percentile([], 50)
 
 
 def test_summary_skips_failures_and_overhead_is_path_minus_direct() -> None:

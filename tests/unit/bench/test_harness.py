@@ -11,16 +11,16 @@ import statistics
 
 import pytest
 
-from benchmarks.harness.client import RequestRecord
-from benchmarks.harness.metrics import meets_slos, parse_slos, percentile, summarize
-from benchmarks.harness.runner import (
+from pd_runtime.bench.client import RequestRecord
+from pd_runtime.bench.metrics import meets_slos, parse_slos, summarize
+from pd_runtime.bench.runner import (
     BenchConfig,
     build_conversations,
     poisson_schedule,
     run_bench,
 )
-from benchmarks.harness.textgen import TextGen
-from benchmarks.harness.workload import WORKLOADS, make_workload
+from pd_runtime.bench.textgen import TextGen
+from pd_runtime.bench.workload import WORKLOADS, make_workload
 from tests.servers import FakeEngine, serve
 
 
@@ -104,16 +104,6 @@ def test_goodput_counts_only_requests_meeting_every_slo() -> None:
     assert summarize(records, 2.0, {})["goodput_rps"] == 2.0
     with pytest.raises(ValueError):
         parse_slos(["latency=3"])
-
-
-def test_percentiles_interpolate_like_numpy() -> None:
-    import numpy as np
-
-    rng = random.Random(3)
-    xs = [rng.random() for _ in range(101)]
-    for q in (50, 90, 99):
-        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
-    assert percentile([], 50) is None
 
 
 def test_poisson_schedule_is_reproducible_with_the_right_mean_rate() -> None:

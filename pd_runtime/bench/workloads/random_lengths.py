@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from benchmarks.harness.textgen import TextGen
-from benchmarks.harness.workload import Conversation, Turn, Workload, jitter
+from pd_runtime.bench.textgen import TextGen
+from pd_runtime.bench.workload import Conversation, Turn, Workload, jitter
 
 __all__ = ["RandomLengths"]
 

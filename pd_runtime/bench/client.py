@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from pd_runtime.common.sse import DONE, SSEDecoder
+
 __all__ = ["RequestRecord", "send"]
 
 
@@ -82,31 +84,32 @@ async def send(
                 record.error = f"http_{response.status_code}: {detail}"
                 return record
             done = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
+            sse = SSEDecoder()
+            async for piece in response.aiter_bytes():
+                for data in sse.feed(piece):
+                    if data == DONE:
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        record.error = f"stream_error: {str(chunk['error'])[:200]}"
+                        return record
+                    now = time.perf_counter()
+                    text = _chunk_text(chunk)
+                    if chunk.get("choices"):
+                        chunks += 1
+                        if record.ttft_s is None:
+                            record.ttft_s = now - started
+                        else:
+                            record.itl_s.append(now - last)
+                        last = now
+                        record.text += text
+                    usage = chunk.get("usage")
+                    if usage:
+                        record.prompt_tokens = usage.get("prompt_tokens")
+                        record.output_tokens = int(usage.get("completion_tokens") or 0)
+                if done:
                     break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    record.error = f"stream_error: {str(chunk['error'])[:200]}"
-                    return record
-                now = time.perf_counter()
-                text = _chunk_text(chunk)
-                if chunk.get("choices"):
-                    chunks += 1
-                    if record.ttft_s is None:
-                        record.ttft_s = now - started
-                    else:
-                        record.itl_s.append(now - last)
-                    last = now
-                    record.text += text
-                usage = chunk.get("usage")
-                if usage:
-                    record.prompt_tokens = usage.get("prompt_tokens")
-                    record.output_tokens = int(usage.get("completion_tokens") or 0)
             if not done:
                 record.error = "stream ended without [DONE]"
                 return record

@@ -8,8 +8,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness.runner import RunResult
-from benchmarks.machine import describe_machine
+from pd_runtime.bench.machine import describe_machine
+from pd_runtime.bench.runner import RunResult
 
 __all__ = ["SUMMARY_KEYS", "machine_description", "markdown_table", "run_json", "write_json"]
 

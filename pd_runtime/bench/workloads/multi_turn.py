@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from benchmarks.harness.textgen import TextGen
-from benchmarks.harness.workload import Conversation, Turn, Workload
+from pd_runtime.bench.textgen import TextGen
+from pd_runtime.bench.workload import Conversation, Turn, Workload
 
 __all__ = ["MultiTurn"]
 

@@ -3,7 +3,7 @@
     pd-runtime bench --base-url http://127.0.0.1:8000 --model tiny-qwen3 \
         --workload shared-prefix --param groups=4 --num-requests 32 --rate 2 \
         --slo ttft_ms=500 --slo tpot_ms=50 --tokenizer .cache/models/tiny-qwen3 --out results/x
-    pd-runtime bench scenarios --config benchmarks/scenarios/local-cpu.yaml
+    pd-runtime bench scenarios [--config pd_runtime/bench/configs/local-cpu.yaml]
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.harness.metrics import parse_slos, summarize
-from benchmarks.harness.report import markdown_table, run_json, write_json
-from benchmarks.harness.runner import BenchConfig, build_conversations, run_bench
-from benchmarks.harness.textgen import TextGen
-from benchmarks.harness.workload import WORKLOADS, make_workload
+from pd_runtime.bench.metrics import parse_slos, summarize
+from pd_runtime.bench.report import markdown_table, run_json, write_json
+from pd_runtime.bench.runner import BenchConfig, build_conversations, run_bench
+from pd_runtime.bench.textgen import TextGen
+from pd_runtime.bench.workload import WORKLOADS, make_workload
 
 __all__ = ["build_parser", "main"]
 
@@ -75,7 +75,7 @@ def _kv(items: Sequence[str], what: str) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "scenarios":
-        from benchmarks.harness.scenarios import main as scenarios_main
+        from pd_runtime.bench.scenarios import main as scenarios_main
 
         return scenarios_main(argv[1:])
     args = build_parser().parse_args(argv)

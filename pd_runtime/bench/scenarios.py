@@ -1,6 +1,9 @@
 """The scenario comparison: one set of real workers, each front in turn, the same seeded workloads.
 
-    pd-runtime bench scenarios --config benchmarks/scenarios/local-cpu.yaml [--out DIR]
+    pd-runtime bench scenarios [--config FILE] [--out DIR]
+
+The default config is ``pd_runtime/bench/configs/local-cpu.yaml`` (package data: this machine's
+two cores; its tokenizer and run paths are relative to the directory the command runs in).
 
 Starts the deployment's workers and sidecars once (``LocalLauncher`` on the config's plan, without
 its coordinator), then for each front: start it, warm it up, and for each workload reset every
@@ -43,21 +46,23 @@ from typing import Any
 import httpx
 import yaml
 
-from benchmarks.harness.metrics import summarize
-from benchmarks.harness.report import (
+from pd_runtime.bench.metrics import summarize
+from pd_runtime.bench.report import (
     SUMMARY_KEYS,
     machine_description,
     markdown_table,
     run_json,
     write_json,
 )
-from benchmarks.harness.runner import BenchConfig, build_conversations, run_bench
-from benchmarks.harness.textgen import TextGen
-from benchmarks.harness.workload import make_workload
+from pd_runtime.bench.runner import BenchConfig, build_conversations, run_bench
+from pd_runtime.bench.textgen import TextGen
+from pd_runtime.bench.workload import make_workload
 
-__all__ = ["FRONTS", "main"]
+__all__ = ["DEFAULT_CONFIG", "FRONTS", "main"]
 
 ROUTER_VERSION = "0.1.17"
+#: The scenario comparison on our 2-core CPU machines (shipped as package data).
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "local-cpu.yaml"
 
 
 @dataclass
@@ -430,7 +435,7 @@ def _vllm_bench_serve(
 
 
 def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
-    from benchmarks.pngplot import line_chart
+    from pd_runtime.bench.plots import line_chart
 
     for workload in sorted({r["workload"] for r in rows if "@" not in r["workload"]}):
         series = {}
@@ -562,7 +567,7 @@ def run(config_path: Path, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pd-runtime bench scenarios", description=__doc__)
-    p.add_argument("--config", default="benchmarks/scenarios/local-cpu.yaml")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--out", help="default benchmarks/results/<date>-<config name>")
     p.add_argument("--fronts", help="comma-separated subset of the config's fronts")
     args = p.parse_args(argv)

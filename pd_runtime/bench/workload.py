@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from benchmarks.harness.textgen import TextGen
+from pd_runtime.bench.textgen import TextGen
 
 __all__ = ["WORKLOADS", "Conversation", "Turn", "Workload", "make_workload"]
 
@@ -75,7 +75,7 @@ class _Registry:
         except KeyError:
             known = ", ".join(self.names())
             raise KeyError(f"unknown workload {name!r}; choose one of: {known}") from None
-        return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), cls)
 
 
 WORKLOADS = _Registry()
@@ -85,7 +85,7 @@ for _name, _module in (
     ("multi-turn", "multi_turn:MultiTurn"),
     ("long-doc", "long_doc:LongDocQA"),
 ):
-    WORKLOADS.register(_name, f"benchmarks.harness.workloads.{_module}")
+    WORKLOADS.register(_name, f"pd_runtime.bench.workloads.{_module}")
 
 
 def _coerce(value: str, default: Any) -> Any:

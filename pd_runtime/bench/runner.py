@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks.harness.client import RequestRecord, send
-from benchmarks.harness.textgen import TextGen
-from benchmarks.harness.workload import Conversation, Workload
+from pd_runtime.bench.client import RequestRecord, send
+from pd_runtime.bench.textgen import TextGen
+from pd_runtime.bench.workload import Conversation, Workload
 
 __all__ = ["BenchConfig", "RunResult", "build_conversations", "poisson_schedule", "run_bench"]
 

@@ -1,6 +1,7 @@
 """From per-request records to the summary numbers (p50/p90/p99, throughput, goodput).
 
-Latency percentiles are over successful requests only (a failed request has no TTFT); errors are
+Latency percentiles (``pd_runtime.common.stats.percentile``: linear interpolation, numpy's
+default) are over successful requests only (a failed request has no TTFT); errors are
 counted beside them. Throughput and goodput divide by the run's wall time (first send to last
 answer). Goodput counts only successful requests that meet every SLO given (``ttft_ms``,
 ``tpot_ms``, ``itl_ms`` = the request's worst gap, ``e2e_ms``), as in DistServe / vLLM's
@@ -9,25 +10,15 @@ answer). Goodput counts only successful requests that meet every SLO given (``tt
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from benchmarks.harness.client import RequestRecord
+from pd_runtime.bench.client import RequestRecord
+from pd_runtime.common.stats import percentile
 
-__all__ = ["SLO_KEYS", "meets_slos", "parse_slos", "percentile", "summarize"]
+__all__ = ["SLO_KEYS", "meets_slos", "parse_slos", "summarize"]
 
 SLO_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default); None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def parse_slos(items: Sequence[str]) -> dict[str, float]:
@@ -58,8 +49,7 @@ def meets_slos(record: RequestRecord, slos: Mapping[str, float]) -> bool:
 
 
 def _ms(values: Sequence[float], q: float) -> float | None:
-    p = percentile(values, q)
-    return None if p is None else round(p * 1000, 3)
+    return round(percentile(values, q) * 1000, 3) if values else None
 
 
 def summarize(

@@ -1,1 +1,0 @@
-"""One module per workload; registered by name in ``benchmarks.harness.workload.WORKLOADS``."""
