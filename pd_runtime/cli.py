@@ -391,15 +391,16 @@ def _run_sidecar(args: argparse.Namespace) -> int:
 
 def _run_coordinator(args: argparse.Namespace) -> int:
     from pd_runtime.common.http import run_server
-    from pd_runtime.config import CoordinatorConfig, load_config
+    from pd_runtime.config import CoordinatorConfig
     from pd_runtime.coordinator.app import create_app
     from pd_runtime.logging_setup import setup_logging, stop_logging, uvicorn_log_config
+    from pd_runtime.registries import load_checked
 
     # Queued: the decision line and every other record are written by a listener thread, not
     # on the event loop; stop_logging writes what is left when the server has stopped.
     setup_logging(args.log_level, queued=True)
     try:
-        config = load_config(CoordinatorConfig, args.config)
+        config = load_checked(CoordinatorConfig, args.config)
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         config = config.model_copy(update=overrides)
         run_server(
@@ -417,15 +418,16 @@ def _run_coordinator(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from pd_runtime.config import DeploymentConfig, load_config
+    from pd_runtime.config import DeploymentConfig
     from pd_runtime.launcher.prepare import prepare_deployment
+    from pd_runtime.launcher.render import render_json, render_table
     from pd_runtime.placement import discover_machine, load_machine
-    from pd_runtime.placement.render import render_json, render_table
+    from pd_runtime.registries import load_checked
 
     if args.describe_machine:
         print(discover_machine().to_yaml(), end="")
         return 0
-    config = load_config(DeploymentConfig, args.config)
+    config = load_checked(DeploymentConfig, args.config)
     machine = load_machine(args.machine) if args.machine else None
     run_dir = Path(args.run_dir or f"runs/{config.name}")
     plan = prepare_deployment(config, run_dir, machine=machine, generate_model=False)
@@ -478,7 +480,7 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_warmup(args: argparse.Namespace) -> int:
-    from pd_runtime.config.coordinator import EndpointConfig
+    from pd_runtime.config.endpoint import EndpointConfig
     from pd_runtime.launcher.warmup import WarmupError, warm_up
 
     endpoints: list[EndpointConfig] = []
@@ -523,13 +525,14 @@ def _stop_on_signals() -> None:
 
 
 def _run_up(args: argparse.Namespace, demo: bool) -> int:
-    from pd_runtime.config import DeploymentConfig, load_config
+    from pd_runtime.config import DeploymentConfig
     from pd_runtime.config.launcher import RayLauncherConfig
     from pd_runtime.launcher.base import create_launcher
     from pd_runtime.logging_setup import setup_logging
+    from pd_runtime.registries import load_checked
 
     setup_logging("WARNING")
-    config = load_config(DeploymentConfig, args.config)
+    config = load_checked(DeploymentConfig, args.config)
     if getattr(args, "ray", None):
         ray = config.launcher if isinstance(config.launcher, RayLauncherConfig) else None
         ray = (ray or RayLauncherConfig()).model_copy(update={"address": args.ray})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -15,67 +15,22 @@ from pydantic import (
 )
 
 from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.config.endpoint import EndpointConfig
 
-__all__ = ["CoordinatorConfig", "EndpointConfig", "SchedulerConfig"]
+__all__ = ["CoordinatorConfig", "SchedulerConfig"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
-
-
-class EndpointConfig(BaseModel):
-    """One model server the coordinator may route to.
-
-    ``address`` (``HOST:PORT`` of the vLLM server) is the endpoint's identity: it keys the pod
-    scores, and for a prefill endpoint it is the value of the ``x-prefiller-host-port`` header.
-    ``url`` is where the coordinator sends requests: the sidecar for a decode endpoint.
-    """
-
-    model_config = _STRICT
-
-    name: str
-    role: Literal["prefill", "decode"]
-    address: str = Field(pattern=r"^([^\s:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")  # [IPv6]:PORT too
-    url: str
-    kv_events: str | None = Field(
-        default=None, description="tcp://HOST:PORT the coordinator binds for this worker's events"
-    )
-    kv_events_replay: str | None = Field(
-        default=None, description="tcp://HOST:PORT of the worker's replay socket (vLLM binds it)"
-    )
-    kv_events_bind: bool = Field(
-        default=True,
-        description="True: the coordinator binds kv_events and the worker connects to it (local "
-        "launcher); False: the worker binds (tcp://*:PORT) and the coordinator connects to "
-        "kv_events (Kubernetes, where the coordinator cannot bind another pod's address)",
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.address}/metrics"
 
 
 class SchedulerConfig(BaseModel):
     model_config = _STRICT
 
-    policy: str = "round-robin"
+    policy: str = Field(
+        default="round-robin",
+        description="a name from pd_runtime.scheduling.registry.SCHEDULERS (checked by "
+        "pd_runtime.registries at start-up)",
+    )
     params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        from pd_runtime.scheduling.registry import SCHEDULERS
-
-        if value not in SCHEDULERS:
-            raise ValueError(
-                f"unknown policy {value!r}; choose one of: {', '.join(SCHEDULERS.names())}"
-            )
-        return value
 
 
 class CoordinatorConfig(BaseModel):

@@ -67,7 +67,8 @@ from pd_runtime.common.http import (
     parse_json_body,
     read_body,
 )
-from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
+from pd_runtime.config.coordinator import CoordinatorConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
 from pd_runtime.coordinator.metrics import CoordinatorMetrics

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig, SchedulerConfig
+from pd_runtime.config.coordinator import CoordinatorConfig, SchedulerConfig
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.placement.machine import MachineDescription
 from pd_runtime.placement.placer import WorkerPlacement, WorkerRequest, place_workers
 from pd_runtime.platform import Platform

@@ -36,7 +36,7 @@ import httpx
 
 from pd_runtime.common.http import PREFILLER_HEADER, REQUEST_ID_HEADER
 from pd_runtime.common.prom import parse_metrics
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import LaunchError
 
 __all__ = ["NIXL_TRANSFERS", "WarmupError", "pair_prompt", "warm_pair", "warm_up", "warm_worker"]

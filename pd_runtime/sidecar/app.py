@@ -69,8 +69,8 @@ from pd_runtime.common.http import (
     send_streaming,
     upstream_timeout,
 )
-from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import ForbiddenError, ServingError
 from pd_runtime.sidecar.deadline import DeadlinePolicy, PrefillDeadlines, prompt_size

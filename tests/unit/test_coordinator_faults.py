@@ -18,7 +18,7 @@ import uvicorn
 
 from pd_runtime.common.http import DrainingServer
 from pd_runtime.config import CoordinatorConfig
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.app import create_app
 from pd_runtime.errors import NoEndpointError
 from pd_runtime.scheduling.base import SchedulingRequest

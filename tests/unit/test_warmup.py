@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from pd_runtime.cli import main as cli_main
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.launcher.warmup import WarmupError, warm_up
 from tests.servers import serve
 
