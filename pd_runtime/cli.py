@@ -348,7 +348,7 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
-    from pd_runtime.common.http import run_server
+    from pd_runtime.common.server import run_server
     from pd_runtime.config.discovery import DiscoveryConfig
     from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
     from pd_runtime.sidecar.app import SidecarSettings, create_app
@@ -390,7 +390,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
-    from pd_runtime.common.http import run_server
+    from pd_runtime.common.server import run_server
     from pd_runtime.config import CoordinatorConfig
     from pd_runtime.coordinator.app import create_app
     from pd_runtime.logging_setup import setup_logging, stop_logging, uvicorn_log_config

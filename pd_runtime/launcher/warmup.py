@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from pd_runtime.common.http import PREFILLER_HEADER, REQUEST_ID_HEADER
+from pd_runtime.common.headers import PREFILLER_HEADER, REQUEST_ID_HEADER
 from pd_runtime.common.prom import parse_metrics
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import LaunchError

@@ -53,20 +53,20 @@ from pd_runtime.common.asgi import (
     request_headers,
     send_upstream,
 )
-from pd_runtime.common.http import (
+from pd_runtime.common.body import parse_json_body
+from pd_runtime.common.headers import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
-    TRANSPORT_ERRORS,
-    Lifecycle,
-    UpstreamClient,
-    error_response,
     forward_headers,
-    install_error_handlers,
+)
+from pd_runtime.common.openai_errors import error_response, install_error_handlers
+from pd_runtime.common.server import Lifecycle
+from pd_runtime.common.streaming import open_upstream, send_streaming
+from pd_runtime.common.upstream import (
+    TRANSPORT_ERRORS,
+    UpstreamClient,
     make_client,
-    open_upstream,
-    parse_json_body,
-    send_streaming,
     upstream_timeout,
 )
 from pd_runtime.config.discovery import DiscoveryConfig

@@ -161,7 +161,7 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pd_runtime import cli
-    from pd_runtime.common import http
+    from pd_runtime.common import server
     from pd_runtime.config import DeploymentConfig
     from pd_runtime.config.loader import parse_config
     from pd_runtime.launcher.topology import plan_deployment
@@ -181,7 +181,7 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
     argv = plan.by_kind("sidecar")[0].argv
     assert argv[1:3] == ["-m", "pd_runtime"]
     started: list[FastAPI] = []
-    monkeypatch.setattr(http, "run_server", lambda app, **_: started.append(app))
+    monkeypatch.setattr(server, "run_server", lambda app, **_: started.append(app))
     monkeypatch.setattr("pd_runtime.logging_setup.setup_logging", lambda *_: None)
     assert cli.main(argv[3:]) == 0
     settings = started[0].state.settings
