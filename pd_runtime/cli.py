@@ -42,6 +42,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
+    from pd_runtime.platform import PLATFORM_CHOICES
+
     p = sub.add_parser(
         "worker",
         help="start vLLM's OpenAI server as a P/D worker",
@@ -63,7 +65,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--block-size", type=int, help="default: 32 on CPU, 16 on GPU")
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--platform", choices=PLATFORM_CHOICES, default="auto")
     p.add_argument("--cpu-cores", help="CPU: cores to pin to (VLLM_CPU_OMP_THREADS_BIND)")
     p.add_argument("--kv-cache-gib", type=float, help="CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--gpus", help="GPU: CUDA_VISIBLE_DEVICES")
@@ -85,6 +87,12 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_sidecar(sub: argparse._SubParsersAction) -> None:
+    from pd_runtime.common.flags import add_flags
+    from pd_runtime.config.discovery import DiscoveryConfig
+    from pd_runtime.config.sidecar import SidecarTuning
+    from pd_runtime.discovery.registry import DISCOVERY
+    from pd_runtime.sidecar.connectors.base import CONNECTORS
+
     p = sub.add_parser("sidecar", help="start the P/D proxy in front of one decode worker")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -100,83 +108,18 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--discover-prefillers",
-        choices=["kubernetes"],
+        choices=[name for name in DISCOVERY.names() if name != "static"],
         help="also trust the ready prefill pods found by label in --namespace (kept current)",
     )
     p.add_argument("--namespace", help="with --discover-prefillers (default: the pod's own)")
     p.add_argument(
         "--selector",
-        default="app.kubernetes.io/part-of=pd-runtime",
+        default=DiscoveryConfig.model_fields["label_selector"].default,
         help="with --discover-prefillers: the worker pods' label selector",
     )
-
-    def seconds(text: str) -> float:
-        value = float(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-        return value
-
-    def factor(text: str) -> float:
-        value = float(text)
-        if not value >= 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
-        return value
-
-    p.add_argument(
-        "--prefill-timeout",
-        type=seconds,
-        default=120.0,
-        metavar="SECONDS",
-        help="per read of the prefill call, and the most its total deadline can be (default 120)",
-    )
-    p.add_argument(
-        "--prefill-deadline-floor",
-        type=seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help="the shortest total deadline of a prefill call (default 5); past its deadline the "
-        "call is cancelled (the prefill worker aborts it) and the decode worker prefills locally. "
-        "Set it to --prefill-timeout to give every call the whole timeout",
-    )
-    p.add_argument(
-        "--prefill-deadline-factor",
-        type=factor,
-        default=4.0,
-        metavar="N",
-        help="a prefill call's deadline is N times its predicted time + 1 s, at least the floor, "
-        "at most --prefill-timeout (default 4); the prediction is learned per prefill worker from "
-        "the time per prompt token of the prefills this sidecar sent it",
-    )
-    p.add_argument(
-        "--prefill-deadline-cold",
-        type=seconds,
-        default=15.0,
-        metavar="SECONDS",
-        help="the shortest deadline while a prefill worker has not yet answered this sidecar "
-        "(default 15: first requests include one-time warm-up); raise it for a model whose "
-        "prefills take longer",
-    )
-    p.add_argument("--decode-timeout", type=float, default=600.0)
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, seconds in-flight requests may run before they are cut",
-    )
-    p.add_argument(
-        "--drain-delay",
-        type=float,
-        default=0.0,
-        help="on SIGTERM, seconds to keep listening with /health at 503 before the port closes",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="close a connection that has not sent a complete request head this long after it "
-        "opened or after its next request's first byte (default 10; against slowloris)",
-    )
+    # The tuning flags come from the typed settings (one default each, shared with the
+    # deployment's sidecar section); the launcher writes them with flags.to_argv.
+    add_flags(p, SidecarTuning, choices={"connector": CONNECTORS.names()})
     p.add_argument("--log-level", default="info")
 
 
@@ -348,8 +291,10 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
+    from pd_runtime.common.flags import from_args
     from pd_runtime.common.server import run_server
     from pd_runtime.config.discovery import DiscoveryConfig
+    from pd_runtime.config.sidecar import SidecarTuning
     from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
     from pd_runtime.sidecar.app import SidecarSettings, create_app
 
@@ -368,14 +313,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         ),
         host=args.host,
         port=args.port,
-        prefill_timeout_s=args.prefill_timeout,
-        prefill_deadline_floor_s=args.prefill_deadline_floor,
-        prefill_deadline_factor=args.prefill_deadline_factor,
-        prefill_deadline_cold_s=args.prefill_deadline_cold,
-        decode_timeout_s=args.decode_timeout,
-        drain_timeout_s=args.drain_timeout,
-        drain_delay_s=args.drain_delay,
-        header_timeout_s=args.header_timeout,
+        **from_args(args, SidecarTuning),
     )
     run_server(
         create_app(settings),

@@ -1,12 +1,13 @@
 """Where configuration names meet the registries: checked once, when an entry point starts.
 
 The config models (:mod:`pd_runtime.config`) sit below the packages that own the name-keyed
-registries (scheduling policies, discovery sources), so a pydantic validator cannot ask those
+registries (scheduling policies, discovery sources, the sidecar's KV connectors), so a pydantic validator cannot ask those
 registries without an import cycle. Instead every entry point loads its YAML through
 :func:`load_checked`, which parses the model and then checks each registry-backed field here::
 
     scheduler.policy   -> pd_runtime.scheduling.registry.SCHEDULERS
     discovery.type     -> pd_runtime.discovery.registry.DISCOVERY
+    sidecar.connector  -> pd_runtime.sidecar.connectors.CONNECTORS
 
 An unknown name is a :class:`~pd_runtime.errors.ConfigError` naming the field and listing what is
 registered, before anything starts. The CLI's ``choices=`` come from the same registries.
@@ -26,6 +27,7 @@ from pd_runtime.config.loader import load_config
 from pd_runtime.discovery.registry import DISCOVERY
 from pd_runtime.errors import ConfigError
 from pd_runtime.scheduling.registry import SCHEDULERS
+from pd_runtime.sidecar.connectors.base import CONNECTORS
 
 __all__ = ["check_names", "load_checked", "named_fields"]
 
@@ -40,7 +42,10 @@ def named_fields(config: BaseModel) -> list[tuple[str, str, Registry[Any]]]:
             ("discovery.type", config.discovery.type, DISCOVERY),
         ]
     if isinstance(config, DeploymentConfig):
-        return [("coordinator.scheduler.policy", config.coordinator.scheduler.policy, SCHEDULERS)]
+        return [
+            ("coordinator.scheduler.policy", config.coordinator.scheduler.policy, SCHEDULERS),
+            ("sidecar.connector", config.sidecar.connector, CONNECTORS),
+        ]
     return []
 
 

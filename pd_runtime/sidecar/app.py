@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -41,6 +40,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import Field, field_validator
 from starlette.types import Receive, Scope, Send
 
 from pd_runtime.common.asgi import (
@@ -69,6 +69,7 @@ from pd_runtime.common.upstream import (
 )
 from pd_runtime.config.discovery import DiscoveryConfig
 from pd_runtime.config.endpoint import EndpointConfig
+from pd_runtime.config.sidecar import SidecarTuning
 from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import ForbiddenError, ServingError
 from pd_runtime.sidecar.connectors.base import CONNECTORS
@@ -82,53 +83,30 @@ logger = logging.getLogger("pd_runtime.sidecar")
 _DROP = frozenset({PREFILLER_HEADER})
 
 
-@dataclass(frozen=True)
-class SidecarSettings:
-    decode_url: str
-    allowed_prefillers: frozenset[str]
-    host: str = "127.0.0.1"
-    port: int = 8300
-    #: Per read of the prefill call, and the most its total deadline can be.
-    prefill_timeout_s: float = 120.0
-    #: The prefill call's total deadline (see :mod:`pd_runtime.sidecar.deadline`): at least
-    #: ``prefill_deadline_floor_s``, else ``prefill_deadline_factor`` * the predicted prefill time
-    #: + 1 s; at least ``prefill_deadline_cold_s`` while the prefiller has no completed prefill.
-    prefill_deadline_floor_s: float = 5.0
-    prefill_deadline_factor: float = 4.0
-    prefill_deadline_cold_s: float = 15.0
-    decode_timeout_s: float = 600.0
-    connect_timeout_s: float = 5.0
-    #: On SIGTERM, how long in-flight requests may run before they are cut.
-    drain_timeout_s: float = 30.0
-    #: On SIGTERM, how long to keep listening (``/health`` 503) before the port closes.
-    drain_delay_s: float = 0.0
-    #: Close a connection that has not sent a complete request head this long after it opened
-    #: (or after its next request's first byte): no slowloris holds connections open.
-    header_timeout_s: float = 10.0
-    #: Also trust the prefill endpoints this discovery finds (Kubernetes: ready pods labelled
-    #: role prefill), kept current while serving; ``allowed_prefillers`` stay trusted too.
-    prefiller_discovery: DiscoveryConfig | None = None
-    #: The KV-transfer protocol spoken with the workers (a name from ``CONNECTORS``).
-    connector: str = "nixl"
+class SidecarSettings(SidecarTuning):
+    """One sidecar process: the shared tuning (:class:`~pd_runtime.config.sidecar.SidecarTuning`,
+    where every default lives) plus where it listens, what it fronts and whom it trusts."""
 
-    def __post_init__(self) -> None:
-        for name in (
-            "prefill_timeout_s",
-            "prefill_deadline_floor_s",
-            "prefill_deadline_cold_s",
-            "header_timeout_s",
-        ):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
-        if self.connector not in CONNECTORS:
+    decode_url: str = Field(description="the local decode worker, e.g. http://127.0.0.1:8200")
+    allowed_prefillers: frozenset[str] = Field(
+        description="HOST:PORT of the prefill endpoints this sidecar may forward to; no others"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8300, ge=1, le=65535)
+    prefiller_discovery: DiscoveryConfig | None = Field(
+        default=None,
+        description="also trust the prefill endpoints this discovery finds (Kubernetes: ready "
+        "pods labelled role prefill), kept current while serving; allowed_prefillers stay too",
+    )
+
+    @field_validator("connector")
+    @classmethod
+    def _known_connector(cls, value: str) -> str:
+        if value not in CONNECTORS:
             raise ValueError(
-                f"connector: unknown {CONNECTORS.kind} {self.connector!r}; choose one of: "
-                f"{', '.join(CONNECTORS.names())}"
+                f"unknown {CONNECTORS.kind} {value!r}; choose one of: {', '.join(CONNECTORS.names())}"
             )
-        if not self.prefill_deadline_factor >= 1:
-            raise ValueError(
-                f"prefill_deadline_factor must be >= 1, not {self.prefill_deadline_factor!r}"
-            )
+        return value
 
     def deadline_policy(self) -> DeadlinePolicy:
         return DeadlinePolicy(

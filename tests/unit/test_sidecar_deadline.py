@@ -192,9 +192,9 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
     assert settings.header_timeout_s == 7
     defaults = cli.build_parser().parse_args(["sidecar", "--port", "1", "--decode-url", "x"])
     assert (
-        defaults.prefill_deadline_floor,
+        defaults.prefill_deadline_floor_s,
         defaults.prefill_deadline_factor,
-        defaults.prefill_deadline_cold,
+        defaults.prefill_deadline_cold_s,
     ) == (5.0, 4.0, 15.0)
 
 
