@@ -17,7 +17,7 @@ from pydantic import (
 from pd_runtime.config.discovery import DiscoveryConfig
 from pd_runtime.config.endpoint import EndpointConfig
 
-__all__ = ["CoordinatorConfig", "SchedulerConfig"]
+__all__ = ["CoordinatorConfig", "CoordinatorEdge", "SchedulerConfig"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,43 +33,13 @@ class SchedulerConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class CoordinatorConfig(BaseModel):
+class CoordinatorEdge(BaseModel):
+    """The coordinator's edge settings (draining, admission, body limit, API keys from the
+    environment): the same fields, with their one default, in a coordinator's own config and in a
+    deployment's ``coordinator:`` section, which the launcher passes through as they are."""
+
     model_config = _STRICT
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    models: list[str] = Field(min_length=1, description="served model names clients may ask for")
-    endpoints: list[EndpointConfig]
-    scheduler: SchedulerConfig = SchedulerConfig()
-    discovery: DiscoveryConfig = Field(
-        default_factory=DiscoveryConfig,
-        description="where endpoints come from: 'static' (the endpoints above) or 'kubernetes' "
-        "(worker pods by label, added and removed while serving; the endpoints above stay)",
-    )
-    request_timeout_s: float = Field(
-        default=600.0,
-        gt=0,
-        description="longest wait for any read from a decode sidecar (seconds): for the whole "
-        "answer of a non-streaming request, between chunks of a streamed one",
-    )
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    first_byte_timeout_s: float = Field(
-        default=180.0,
-        gt=0,
-        description="streamed requests: longest wait for the decode sidecar's response headers "
-        "(its prefill hop included) before the attempt is failed over to another endpoint. Keep "
-        "it above the sidecars' prefill timeout (120 s by default), so that a slow prefill falls "
-        "back to local decoding instead. Non-streaming requests answer only when done, so "
-        "request_timeout_s bounds them",
-    )
-    max_attempts: int = Field(
-        default=3,
-        ge=1,
-        description="decode endpoints tried per request: when forwarding fails before any byte "
-        "reached the client (connect error, reset, timeout, or a 502/503/504 from the sidecar), "
-        "the endpoint is reported to the scheduler and the request is scheduled again on another "
-        "one. 1: no failover. A stream that breaks midway is never retried",
-    )
     drain_timeout_s: float = Field(
         default=30.0,
         gt=0,
@@ -104,19 +74,6 @@ class CoordinatorConfig(BaseModel):
         description="largest request body accepted (bytes; default 10 MiB); a larger one is "
         "refused with 413, from its Content-Length or as soon as the streamed bytes pass it",
     )
-    max_tokens_limit: int = Field(
-        default=2**24,
-        ge=1,
-        description="largest max_tokens / max_completion_tokens accepted before a request is "
-        "scheduled (400 above it). The default (16,777,216) is above any context window served "
-        "today and only stops absurd values; vLLM still checks against the real context length",
-    )
-    api_keys: list[SecretStr] = Field(
-        default_factory=list,
-        description="API keys accepted as 'Authorization: Bearer KEY'; empty (and no "
-        "api_keys_env): no authentication. When on, every path but /health and /metrics needs a "
-        "key (401 otherwise). Keys are compared in constant time and never logged",
-    )
     api_keys_env: str | None = Field(
         default=None,
         description="name of an environment variable holding comma-separated API keys, added to "
@@ -141,6 +98,56 @@ class CoordinatorConfig(BaseModel):
         gt=0,
         description="longest wait in the admission queue before a 429 (Retry-After is this, "
         "rounded up to whole seconds)",
+    )
+
+
+class CoordinatorConfig(CoordinatorEdge):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    models: list[str] = Field(min_length=1, description="served model names clients may ask for")
+    endpoints: list[EndpointConfig]
+    scheduler: SchedulerConfig = SchedulerConfig()
+    discovery: DiscoveryConfig = Field(
+        default_factory=DiscoveryConfig,
+        description="where endpoints come from: 'static' (the endpoints above) or 'kubernetes' "
+        "(worker pods by label, added and removed while serving; the endpoints above stay)",
+    )
+    request_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest wait for any read from a decode sidecar (seconds): for the whole "
+        "answer of a non-streaming request, between chunks of a streamed one",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_byte_timeout_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="streamed requests: longest wait for the decode sidecar's response headers "
+        "(its prefill hop included) before the attempt is failed over to another endpoint. Keep "
+        "it above the sidecars' prefill timeout (120 s by default), so that a slow prefill falls "
+        "back to local decoding instead. Non-streaming requests answer only when done, so "
+        "request_timeout_s bounds them",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="decode endpoints tried per request: when forwarding fails before any byte "
+        "reached the client (connect error, reset, timeout, or a 502/503/504 from the sidecar), "
+        "the endpoint is reported to the scheduler and the request is scheduled again on another "
+        "one. 1: no failover. A stream that breaks midway is never retried",
+    )
+    max_tokens_limit: int = Field(
+        default=2**24,
+        ge=1,
+        description="largest max_tokens / max_completion_tokens accepted before a request is "
+        "scheduled (400 above it). The default (16,777,216) is above any context window served "
+        "today and only stops absurd values; vLLM still checks against the real context length",
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys accepted as 'Authorization: Bearer KEY'; empty (and no "
+        "api_keys_env): no authentication. When on, every path but /health and /metrics needs a "
+        "key (401 otherwise). Keys are compared in constant time and never logged",
     )
 
     @field_validator("api_keys")

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pd_runtime.config.coordinator import SchedulerConfig
+from pd_runtime.config.coordinator import CoordinatorEdge, SchedulerConfig
 from pd_runtime.config.launcher import LauncherConfig, LocalLauncherConfig, RestartConfig
 from pd_runtime.config.sidecar import SidecarTuning
 from pd_runtime.platform import PlatformChoice
@@ -122,27 +122,12 @@ class SidecarConfig(SidecarTuning):
     port: int = Port
 
 
-class CoordinatorSection(BaseModel):
-    """The deployment's coordinator; the edge settings mean what they mean in CoordinatorConfig."""
-
-    model_config = _STRICT
+class CoordinatorSection(CoordinatorEdge):
+    """The deployment's coordinator: where it listens, its scheduler, and the edge settings of
+    :class:`~pd_runtime.config.coordinator.CoordinatorEdge` (the same fields as its own config)."""
 
     port: int = Port
     scheduler: SchedulerConfig = SchedulerConfig()
-    api_keys_env: str | None = Field(
-        default=None, description="environment variable with comma-separated API keys"
-    )
-    max_in_flight: int = Field(default=1024, ge=1)
-    max_queued: int = Field(default=256, ge=0)
-    queue_timeout_s: float = Field(default=5.0, gt=0)
-    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
-    drain_timeout_s: float = Field(default=30.0, gt=0)
-    drain_delay_s: float = Field(default=0.0, ge=0)
-    header_timeout_s: float = Field(default=10.0, gt=0)
-    direct_to_worker: bool = Field(
-        default=False,
-        description="requests served without prefill skip the sidecar and go to the worker",
-    )
 
 
 class DeploymentConfig(BaseModel):

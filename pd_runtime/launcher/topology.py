@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from pd_runtime.common.flags import to_argv
-from pd_runtime.config.coordinator import CoordinatorConfig, SchedulerConfig
+from pd_runtime.config.coordinator import CoordinatorConfig, CoordinatorEdge, SchedulerConfig
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.config.sidecar import SidecarTuning
@@ -227,9 +227,9 @@ def plan_deployment(
             )
         )
 
-    # The section's edge settings (API keys, admission, body limit, draining) carry the names of
-    # CoordinatorConfig's fields, so they pass through as they are.
-    edge = config.coordinator.model_dump(exclude={"port", "scheduler"})
+    # The section's edge settings (API keys, admission, body limit, draining) are
+    # CoordinatorConfig's own fields (both are a CoordinatorEdge), so they pass through as they are.
+    edge = config.coordinator.model_dump(include=set(CoordinatorEdge.model_fields))
     coordinator = CoordinatorConfig(
         host=host,
         port=config.coordinator.port,
