@@ -378,7 +378,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import time
 
     from pd_runtime.config import DeploymentConfig, load_config
-    from pd_runtime.launcher.status import STATUS_FILE
+    from pd_runtime.launcher.status import STATUS_FILE, render_status
 
     if args.run_dir is None:
         args.run_dir = f"runs/{load_config(DeploymentConfig, args.config).name}"
@@ -390,60 +390,19 @@ def _run_status(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(status, indent=2))
-    age = time.time() - float(status["updated"])
-    stale = age > 10
-    print(
-        f"gateway {status['gateway']}  (up pid {status['pid']}, updated {age:.0f}s ago"
-        + (": STALE, `up` is not running" if stale else "")
-        + ")"
-    )
-    rows = [("PART", "KIND", "STATE", "HEALTHY", "PID", "RESTARTS", "LAST EXIT", "URL")]
-    for part in status["parts"]:
-        rows.append(
-            (
-                part["name"],
-                part["kind"],
-                part["state"],
-                "yes" if part["healthy"] else "no",
-                str(part["pid"] or "-"),
-                f"{part['restarts']} ({part['recent_restarts']} recent)",
-                "-" if part["last_exit"] is None else str(part["last_exit"]),
-                part["url"],
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 1 if stale or any(p["state"] == "crash-looping" for p in status["parts"]) else 0
+    table, healthy = render_status(status, time.time())
+    print(table)
+    return 0 if healthy else 1
 
 
 def _run_warmup(args: argparse.Namespace) -> int:
-    from pd_runtime.config.endpoint import EndpointConfig
-    from pd_runtime.launcher.warmup import WarmupError, warm_up
+    from pd_runtime.launcher.warmup import WarmupError, probe_targets, warm_up
 
-    endpoints: list[EndpointConfig] = []
-    for i, url in enumerate(args.worker):
-        address = url.split("://", 1)[-1].rstrip("/")
-        endpoints.append(
-            EndpointConfig(name=f"worker-{i}", role="decode", address=address, url=url)
-        )
-    pairs = []
-    for i, spec in enumerate(args.pair):
-        try:
-            prefill, decode, sidecar = spec.split(",")
-        except ValueError:
-            print(f"pd-runtime: error: --pair {spec!r}: want PREFILL,DECODE,SIDECAR_URL")
-            return 2
-        pairs.append(
-            EndpointConfig(
-                name=f"prefill-{i}", role="prefill", address=prefill, url=f"http://{prefill}"
-            )
-        )
-        pairs.append(EndpointConfig(name=f"decode-{i}", role="decode", address=decode, url=sidecar))
+    endpoints, pairs = probe_targets(args.worker, args.pair)
     progress = lambda m: print(f"[warmup] {m}", flush=True)  # noqa: E731
     try:
         warm_up(endpoints, args.model, pairs=False, timeout_s=args.timeout, progress=progress)
-        for prefill, decode in zip(pairs[::2], pairs[1::2], strict=True):
+        for prefill, decode in pairs:
             warm_up([prefill, decode], args.model, timeout_s=args.timeout, progress=progress)
     except WarmupError as exc:
         print(f"[warmup] FAILED: {exc}", file=sys.stderr)
