@@ -43,6 +43,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     from pd_runtime.platform import PLATFORM_CHOICES
+    from pd_runtime.worker.command import KV_ROLES
 
     p = sub.add_parser(
         "worker",
@@ -50,7 +51,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         description="Start vLLM's OpenAI server with NIXL KV transfer, KV events and UCX transport "
         "set for its role. Arguments after '--' go to vLLM unchanged.",
     )
-    p.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    p.add_argument("--role", choices=list(KV_ROLES), required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--served-model-name")
     p.add_argument("--host", default="127.0.0.1")
