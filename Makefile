@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check pd_runtime tests benchmarks
 	$(PY) -m ruff format --check pd_runtime tests benchmarks
 	$(PY) -m mypy pd_runtime
+	$(VENV)/bin/lint-imports  # the layers and no cycles: [tool.importlinter] in pyproject.toml
 
 venv: $(STAMP)
 

@@ -42,13 +42,16 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
+    from pd_runtime.platform import PLATFORM_CHOICES
+    from pd_runtime.worker.command import KV_ROLES
+
     p = sub.add_parser(
         "worker",
         help="start vLLM's OpenAI server as a P/D worker",
         description="Start vLLM's OpenAI server with NIXL KV transfer, KV events and UCX transport "
         "set for its role. Arguments after '--' go to vLLM unchanged.",
     )
-    p.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    p.add_argument("--role", choices=list(KV_ROLES), required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--served-model-name")
     p.add_argument("--host", default="127.0.0.1")
@@ -63,7 +66,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--block-size", type=int, help="default: 32 on CPU, 16 on GPU")
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--platform", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--platform", choices=PLATFORM_CHOICES, default="auto")
     p.add_argument("--cpu-cores", help="CPU: cores to pin to (VLLM_CPU_OMP_THREADS_BIND)")
     p.add_argument("--kv-cache-gib", type=float, help="CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--gpus", help="GPU: CUDA_VISIBLE_DEVICES")
@@ -85,6 +88,12 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_sidecar(sub: argparse._SubParsersAction) -> None:
+    from pd_runtime.common.flags import add_flags
+    from pd_runtime.config.discovery import DiscoveryConfig
+    from pd_runtime.config.sidecar import SidecarTuning
+    from pd_runtime.discovery.registry import DISCOVERY
+    from pd_runtime.sidecar.connectors.base import CONNECTORS
+
     p = sub.add_parser("sidecar", help="start the P/D proxy in front of one decode worker")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -100,83 +109,18 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--discover-prefillers",
-        choices=["kubernetes"],
+        choices=[name for name in DISCOVERY.names() if name != "static"],
         help="also trust the ready prefill pods found by label in --namespace (kept current)",
     )
     p.add_argument("--namespace", help="with --discover-prefillers (default: the pod's own)")
     p.add_argument(
         "--selector",
-        default="app.kubernetes.io/part-of=pd-runtime",
+        default=DiscoveryConfig.model_fields["label_selector"].default,
         help="with --discover-prefillers: the worker pods' label selector",
     )
-
-    def seconds(text: str) -> float:
-        value = float(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-        return value
-
-    def factor(text: str) -> float:
-        value = float(text)
-        if not value >= 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
-        return value
-
-    p.add_argument(
-        "--prefill-timeout",
-        type=seconds,
-        default=120.0,
-        metavar="SECONDS",
-        help="per read of the prefill call, and the most its total deadline can be (default 120)",
-    )
-    p.add_argument(
-        "--prefill-deadline-floor",
-        type=seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help="the shortest total deadline of a prefill call (default 5); past its deadline the "
-        "call is cancelled (the prefill worker aborts it) and the decode worker prefills locally. "
-        "Set it to --prefill-timeout to give every call the whole timeout",
-    )
-    p.add_argument(
-        "--prefill-deadline-factor",
-        type=factor,
-        default=4.0,
-        metavar="N",
-        help="a prefill call's deadline is N times its predicted time + 1 s, at least the floor, "
-        "at most --prefill-timeout (default 4); the prediction is learned per prefill worker from "
-        "the time per prompt token of the prefills this sidecar sent it",
-    )
-    p.add_argument(
-        "--prefill-deadline-cold",
-        type=seconds,
-        default=15.0,
-        metavar="SECONDS",
-        help="the shortest deadline while a prefill worker has not yet answered this sidecar "
-        "(default 15: first requests include one-time warm-up); raise it for a model whose "
-        "prefills take longer",
-    )
-    p.add_argument("--decode-timeout", type=float, default=600.0)
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, seconds in-flight requests may run before they are cut",
-    )
-    p.add_argument(
-        "--drain-delay",
-        type=float,
-        default=0.0,
-        help="on SIGTERM, seconds to keep listening with /health at 503 before the port closes",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="close a connection that has not sent a complete request head this long after it "
-        "opened or after its next request's first byte (default 10; against slowloris)",
-    )
+    # The tuning flags come from the typed settings (one default each, shared with the
+    # deployment's sidecar section); the launcher writes them with flags.to_argv.
+    add_flags(p, SidecarTuning, choices={"connector": CONNECTORS.names()})
     p.add_argument("--log-level", default="info")
 
 
@@ -349,8 +293,10 @@ def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
-    from pd_runtime.common.http import run_server
+    from pd_runtime.common.flags import from_args
+    from pd_runtime.common.server import run_server
     from pd_runtime.config.discovery import DiscoveryConfig
+    from pd_runtime.config.sidecar import SidecarTuning
     from pd_runtime.logging_setup import setup_logging, uvicorn_log_config
     from pd_runtime.sidecar.app import SidecarSettings, create_app
 
@@ -369,14 +315,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
         ),
         host=args.host,
         port=args.port,
-        prefill_timeout_s=args.prefill_timeout,
-        prefill_deadline_floor_s=args.prefill_deadline_floor,
-        prefill_deadline_factor=args.prefill_deadline_factor,
-        prefill_deadline_cold_s=args.prefill_deadline_cold,
-        decode_timeout_s=args.decode_timeout,
-        drain_timeout_s=args.drain_timeout,
-        drain_delay_s=args.drain_delay,
-        header_timeout_s=args.header_timeout,
+        **from_args(args, SidecarTuning),
     )
     run_server(
         create_app(settings),
@@ -391,16 +330,17 @@ def _run_sidecar(args: argparse.Namespace) -> int:
 
 
 def _run_coordinator(args: argparse.Namespace) -> int:
-    from pd_runtime.common.http import run_server
-    from pd_runtime.config import CoordinatorConfig, load_config
+    from pd_runtime.common.server import run_server
+    from pd_runtime.config import CoordinatorConfig
     from pd_runtime.coordinator.app import create_app
     from pd_runtime.logging_setup import setup_logging, stop_logging, uvicorn_log_config
+    from pd_runtime.registries import load_checked
 
     # Queued: the decision line and every other record are written by a listener thread, not
     # on the event loop; stop_logging writes what is left when the server has stopped.
     setup_logging(args.log_level, queued=True)
     try:
-        config = load_config(CoordinatorConfig, args.config)
+        config = load_checked(CoordinatorConfig, args.config)
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         config = config.model_copy(update=overrides)
         run_server(
@@ -420,15 +360,16 @@ def _run_coordinator(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from pd_runtime.config import DeploymentConfig, load_config
+    from pd_runtime.config import DeploymentConfig
     from pd_runtime.launcher.prepare import prepare_deployment
+    from pd_runtime.launcher.render import render_json, render_table
     from pd_runtime.placement import discover_machine, load_machine
-    from pd_runtime.placement.render import render_json, render_table
+    from pd_runtime.registries import load_checked
 
     if args.describe_machine:
         print(discover_machine().to_yaml(), end="")
         return 0
-    config = load_config(DeploymentConfig, args.config)
+    config = load_checked(DeploymentConfig, args.config)
     machine = load_machine(args.machine) if args.machine else None
     run_dir = Path(args.run_dir or f"runs/{config.name}")
     plan = prepare_deployment(config, run_dir, machine=machine, generate_model=False)
@@ -441,7 +382,7 @@ def _run_status(args: argparse.Namespace) -> int:
     import time
 
     from pd_runtime.config import DeploymentConfig, load_config
-    from pd_runtime.launcher.status import STATUS_FILE
+    from pd_runtime.launcher.status import STATUS_FILE, render_status
 
     if args.run_dir is None:
         args.run_dir = f"runs/{load_config(DeploymentConfig, args.config).name}"
@@ -453,60 +394,19 @@ def _run_status(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(status, indent=2))
-    age = time.time() - float(status["updated"])
-    stale = age > 10
-    print(
-        f"gateway {status['gateway']}  (up pid {status['pid']}, updated {age:.0f}s ago"
-        + (": STALE, `up` is not running" if stale else "")
-        + ")"
-    )
-    rows = [("PART", "KIND", "STATE", "HEALTHY", "PID", "RESTARTS", "LAST EXIT", "URL")]
-    for part in status["parts"]:
-        rows.append(
-            (
-                part["name"],
-                part["kind"],
-                part["state"],
-                "yes" if part["healthy"] else "no",
-                str(part["pid"] or "-"),
-                f"{part['restarts']} ({part['recent_restarts']} recent)",
-                "-" if part["last_exit"] is None else str(part["last_exit"]),
-                part["url"],
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    return 1 if stale or any(p["state"] == "crash-looping" for p in status["parts"]) else 0
+    table, healthy = render_status(status, time.time())
+    print(table)
+    return 0 if healthy else 1
 
 
 def _run_warmup(args: argparse.Namespace) -> int:
-    from pd_runtime.config.coordinator import EndpointConfig
-    from pd_runtime.launcher.warmup import WarmupError, warm_up
+    from pd_runtime.launcher.warmup import WarmupError, probe_targets, warm_up
 
-    endpoints: list[EndpointConfig] = []
-    for i, url in enumerate(args.worker):
-        address = url.split("://", 1)[-1].rstrip("/")
-        endpoints.append(
-            EndpointConfig(name=f"worker-{i}", role="decode", address=address, url=url)
-        )
-    pairs = []
-    for i, spec in enumerate(args.pair):
-        try:
-            prefill, decode, sidecar = spec.split(",")
-        except ValueError:
-            print(f"pd-runtime: error: --pair {spec!r}: want PREFILL,DECODE,SIDECAR_URL")
-            return 2
-        pairs.append(
-            EndpointConfig(
-                name=f"prefill-{i}", role="prefill", address=prefill, url=f"http://{prefill}"
-            )
-        )
-        pairs.append(EndpointConfig(name=f"decode-{i}", role="decode", address=decode, url=sidecar))
+    endpoints, pairs = probe_targets(args.worker, args.pair)
     progress = lambda m: print(f"[warmup] {m}", flush=True)  # noqa: E731
     try:
         warm_up(endpoints, args.model, pairs=False, timeout_s=args.timeout, progress=progress)
-        for prefill, decode in zip(pairs[::2], pairs[1::2], strict=True):
+        for prefill, decode in pairs:
             warm_up([prefill, decode], args.model, timeout_s=args.timeout, progress=progress)
     except WarmupError as exc:
         print(f"[warmup] FAILED: {exc}", file=sys.stderr)
@@ -526,13 +426,14 @@ def _stop_on_signals() -> None:
 
 
 def _run_up(args: argparse.Namespace, demo: bool) -> int:
-    from pd_runtime.config import DeploymentConfig, load_config
+    from pd_runtime.config import DeploymentConfig
     from pd_runtime.config.launcher import RayLauncherConfig
     from pd_runtime.launcher.base import create_launcher
     from pd_runtime.logging_setup import setup_logging
+    from pd_runtime.registries import load_checked
 
     setup_logging("WARNING")
-    config = load_config(DeploymentConfig, args.config)
+    config = load_checked(DeploymentConfig, args.config)
     if getattr(args, "ray", None):
         ray = config.launcher if isinstance(config.launcher, RayLauncherConfig) else None
         ray = (ray or RayLauncherConfig()).model_copy(update={"address": args.ray})

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-__all__ = ["Platform", "detect_platform", "resolve_platform"]
+__all__ = ["PLATFORM_CHOICES", "Platform", "PlatformChoice", "detect_platform", "resolve_platform"]
 
 PlatformName = Literal["cpu", "cuda"]
+#: What a config or flag may ask for: a platform, or "auto" (detect it).
+PlatformChoice = Literal["auto", "cpu", "cuda"]
+PLATFORM_CHOICES: tuple[str, ...] = get_args(PlatformChoice)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,6 @@ def detect_platform() -> Platform:
 
 
 def resolve_platform(requested: str) -> PlatformName:
-    if requested in ("cpu", "cuda"):
+    if requested in get_args(PlatformName):
         return requested  # type: ignore[return-value]
     return detect_platform().name

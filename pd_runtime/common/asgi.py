@@ -9,8 +9,8 @@ are plain Starlette routes too, so another method on them is a 405. What a handl
 
 * :func:`request_headers`: the request's headers decoded once (names lowercased by the server,
   values latin-1, a repeated header's last value as ``dict(request.headers)`` gave);
-* :func:`receive_body`: the body, with the same 413/400 rules as :func:`~pd_runtime.common.http.read_body`;
-* ``common.http.parse_json_body`` / :data:`encode_json`: msgspec, once per body, re-encoded only when
+* :func:`receive_body`: the body, with the same 413/400 rules as :func:`~pd_runtime.common.body.read_body`;
+* ``common.body.parse_json_body`` / :data:`encode_json`: msgspec, once per body, re-encoded only when
   a hop changes it;
 * :class:`ClientWatch`: ONE task per request that waits for the client's ``http.disconnect`` and
   then cancels the request's own task, so whatever it awaits (the upstream call's headers, the
@@ -23,18 +23,15 @@ are plain Starlette routes too, so another method on them is a 405. What a handl
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import msgspec
 
-from pd_runtime.common.http import (
-    TRANSPORT_ERRORS,
-    UpstreamResponse,
-    logger,
-    refuse_declared_length,
-    response_headers,
-)
+from pd_runtime.common.body import refuse_declared_length
+from pd_runtime.common.headers import response_headers
+from pd_runtime.common.upstream import TRANSPORT_ERRORS, UpstreamResponse
 from pd_runtime.errors import BadRequestError, PayloadTooLargeError, UpstreamError
 
 __all__ = [
@@ -46,6 +43,8 @@ __all__ = [
     "request_headers",
     "send_upstream",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Where a layer that already decoded the headers (the coordinator's gateway middleware) leaves
 #: them in the ASGI scope, so the handler does not decode them again.
@@ -136,7 +135,7 @@ async def send_upstream(
     on_chunk: Callable[[bytes], None] | None = None,
 ) -> None:
     """Stream an open upstream response back unchanged (status, headers, bytes), as
-    :func:`~pd_runtime.common.http.stream_back` does, without a ``StreamingResponse``. The upstream
+    :func:`~pd_runtime.common.streaming.stream_back` does, without a ``StreamingResponse``. The upstream
     response is closed when the stream ends, breaks or is cancelled (the client left), then
     ``on_close(upstream status)`` runs; ``on_chunk`` sees each chunk before it is passed on."""
     try:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig, SchedulerConfig
+from pd_runtime.config.coordinator import CoordinatorConfig, SchedulerConfig
 from pd_runtime.config.deployment import (
     DeploymentConfig,
     EngineConfig,
@@ -15,6 +15,7 @@ from pd_runtime.config.deployment import (
     TransportConfig,
     WorkerGroupConfig,
 )
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.config.loader import dump_yaml, load_config
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -15,74 +15,101 @@ from pydantic import (
 )
 
 from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.config.endpoint import EndpointConfig
 
-__all__ = ["CoordinatorConfig", "EndpointConfig", "SchedulerConfig"]
+__all__ = ["CoordinatorConfig", "CoordinatorEdge", "SchedulerConfig"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
-
-
-class EndpointConfig(BaseModel):
-    """One model server the coordinator may route to.
-
-    ``address`` (``HOST:PORT`` of the vLLM server) is the endpoint's identity: it keys the pod
-    scores, and for a prefill endpoint it is the value of the ``x-prefiller-host-port`` header.
-    ``url`` is where the coordinator sends requests: the sidecar for a decode endpoint.
-    """
-
-    model_config = _STRICT
-
-    name: str
-    role: Literal["prefill", "decode"]
-    address: str = Field(pattern=r"^([^\s:/\[\]]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}$")  # [IPv6]:PORT too
-    url: str
-    kv_events: str | None = Field(
-        default=None, description="tcp://HOST:PORT the coordinator binds for this worker's events"
-    )
-    kv_events_replay: str | None = Field(
-        default=None, description="tcp://HOST:PORT of the worker's replay socket (vLLM binds it)"
-    )
-    kv_events_bind: bool = Field(
-        default=True,
-        description="True: the coordinator binds kv_events and the worker connects to it (local "
-        "launcher); False: the worker binds (tcp://*:PORT) and the coordinator connects to "
-        "kv_events (Kubernetes, where the coordinator cannot bind another pod's address)",
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.address}/metrics"
 
 
 class SchedulerConfig(BaseModel):
     model_config = _STRICT
 
-    policy: str = "round-robin"
+    policy: str = Field(
+        default="round-robin",
+        description="a name from pd_runtime.scheduling.registry.SCHEDULERS (checked by "
+        "pd_runtime.registries at start-up)",
+    )
     params: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        from pd_runtime.scheduling.registry import SCHEDULERS
 
-        if value not in SCHEDULERS:
-            raise ValueError(
-                f"unknown policy {value!r}; choose one of: {', '.join(SCHEDULERS.names())}"
-            )
-        return value
+class CoordinatorEdge(BaseModel):
+    """The coordinator's edge settings (draining, admission, body limit, API keys from the
+    environment): the same fields, with their one default, in a coordinator's own config and in a
+    deployment's ``coordinator:`` section, which the launcher passes through as they are."""
 
-
-class CoordinatorConfig(BaseModel):
     model_config = _STRICT
 
+    drain_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="on SIGTERM: /health answers 503 draining, new connections are refused, and "
+        "in-flight requests get this long to finish before they are cut",
+    )
+    drain_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="on SIGTERM, keep listening this long first, answering /health and new "
+        "requests with 503 draining, so load balancers and readiness probes see the coordinator "
+        "leave before its port closes (e.g. a few readiness periods on Kubernetes)",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a client connection that has not sent a complete request head this long "
+        "after it opened (or after the first byte of its next request) is closed, with 408 if "
+        "it had started one (slowloris); the body and the response are not bound by it",
+    )
+    direct_to_worker: bool = Field(
+        default=False,
+        description="a request the scheduler serves directly (no prefill) goes from the "
+        "coordinator straight to the decode worker at the endpoint's address, skipping its "
+        "sidecar's hop (a client-sent kv_transfer_params is dropped here, as the sidecar does); "
+        "disaggregated requests still go through the sidecar. Only where the coordinator can "
+        "reach the workers' own ports (not where the sidecar is the pod's only entry)",
+    )
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1,
+        description="largest request body accepted (bytes; default 10 MiB); a larger one is "
+        "refused with 413, from its Content-Length or as soon as the streamed bytes pass it",
+    )
+    api_keys_env: str | None = Field(
+        default=None,
+        description="name of an environment variable holding comma-separated API keys, added to "
+        "api_keys (keeps keys out of the YAML); the coordinator refuses to start if it is unset "
+        "or empty",
+    )
+    max_in_flight: int = Field(
+        default=1024,
+        ge=1,
+        description="generation requests the coordinator forwards at once (admission control); "
+        "more wait in a queue of max_queued",
+    )
+    max_queued: int = Field(
+        default=256,
+        ge=0,
+        description="generation requests that may wait for an in-flight slot; when the queue is "
+        "full an arriving request displaces the newest queued one of lower x-request-priority, "
+        "or is refused with 429 and Retry-After. 0: no queue, refuse at once",
+    )
+    queue_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="longest wait in the admission queue before a 429 (Retry-After is this, "
+        "rounded up to whole seconds)",
+    )
+
+
+class CoordinatorConfig(CoordinatorEdge):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    reuse_port: bool = Field(
+        default=False,
+        description="open the port with SO_REUSEPORT, so that several coordinator processes "
+        "(replicas) share it and the kernel spreads new connections across them (the launcher "
+        "sets it from the deployment's coordinator.replicas)",
+    )
     models: list[str] = Field(min_length=1, description="served model names clients may ask for")
     endpoints: list[EndpointConfig]
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -115,45 +142,6 @@ class CoordinatorConfig(BaseModel):
         "the endpoint is reported to the scheduler and the request is scheduled again on another "
         "one. 1: no failover. A stream that breaks midway is never retried",
     )
-    drain_timeout_s: float = Field(
-        default=30.0,
-        gt=0,
-        description="on SIGTERM: /health answers 503 draining, new connections are refused, and "
-        "in-flight requests get this long to finish before they are cut",
-    )
-    drain_delay_s: float = Field(
-        default=0.0,
-        ge=0,
-        description="on SIGTERM, keep listening this long first, answering /health and new "
-        "requests with 503 draining, so load balancers and readiness probes see the coordinator "
-        "leave before its port closes (e.g. a few readiness periods on Kubernetes)",
-    )
-    header_timeout_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="a client connection that has not sent a complete request head this long "
-        "after it opened (or after the first byte of its next request) is closed, with 408 if "
-        "it had started one (slowloris); the body and the response are not bound by it",
-    )
-    reuse_port: bool = Field(
-        default=False,
-        description="open the port with SO_REUSEPORT, so that several coordinator processes "
-        "(replicas) share it and the kernel spreads new connections across them",
-    )
-    direct_to_worker: bool = Field(
-        default=False,
-        description="a request the scheduler serves directly (no prefill) goes from the "
-        "coordinator straight to the decode worker at the endpoint's address, skipping its "
-        "sidecar's hop (a client-sent kv_transfer_params is dropped here, as the sidecar does); "
-        "disaggregated requests still go through the sidecar. Only where the coordinator can "
-        "reach the workers' own ports (not where the sidecar is the pod's only entry)",
-    )
-    max_body_bytes: int = Field(
-        default=10 * 1024 * 1024,
-        ge=1,
-        description="largest request body accepted (bytes; default 10 MiB); a larger one is "
-        "refused with 413, from its Content-Length or as soon as the streamed bytes pass it",
-    )
     max_tokens_limit: int = Field(
         default=2**24,
         ge=1,
@@ -166,31 +154,6 @@ class CoordinatorConfig(BaseModel):
         description="API keys accepted as 'Authorization: Bearer KEY'; empty (and no "
         "api_keys_env): no authentication. When on, every path but /health and /metrics needs a "
         "key (401 otherwise). Keys are compared in constant time and never logged",
-    )
-    api_keys_env: str | None = Field(
-        default=None,
-        description="name of an environment variable holding comma-separated API keys, added to "
-        "api_keys (keeps keys out of the YAML); the coordinator refuses to start if it is unset "
-        "or empty",
-    )
-    max_in_flight: int = Field(
-        default=1024,
-        ge=1,
-        description="generation requests the coordinator forwards at once (admission control); "
-        "more wait in a queue of max_queued",
-    )
-    max_queued: int = Field(
-        default=256,
-        ge=0,
-        description="generation requests that may wait for an in-flight slot; when the queue is "
-        "full an arriving request displaces the newest queued one of lower x-request-priority, "
-        "or is refused with 429 and Retry-After. 0: no queue, refuse at once",
-    )
-    queue_timeout_s: float = Field(
-        default=5.0,
-        gt=0,
-        description="longest wait in the admission queue before a 429 (Retry-After is this, "
-        "rounded up to whole seconds)",
     )
 
     @field_validator("api_keys")

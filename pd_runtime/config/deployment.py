@@ -15,12 +15,14 @@ Every port must be unique; validation names the two fields that collide.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pd_runtime.config.coordinator import SchedulerConfig
+from pd_runtime.config.coordinator import CoordinatorEdge, SchedulerConfig
 from pd_runtime.config.launcher import LauncherConfig, LocalLauncherConfig, RestartConfig
+from pd_runtime.config.sidecar import SidecarTuning
+from pd_runtime.platform import PlatformChoice
 
 __all__ = [
     "DeploymentConfig",
@@ -72,7 +74,7 @@ class EngineConfig(BaseModel):
 class TransportConfig(BaseModel):
     model_config = _STRICT
 
-    platform: Literal["auto", "cpu", "cuda"] = "auto"
+    platform: PlatformChoice = "auto"
     ucx_tls: str | None = Field(default=None, description="override UCX_TLS; default: auto-detect")
     ucx_net_devices: str | None = None
     nixl_num_threads: int | None = Field(
@@ -114,63 +116,19 @@ class WorkerGroupConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-class SidecarConfig(BaseModel):
-    model_config = _STRICT
+class SidecarConfig(SidecarTuning):
+    """Every sidecar's settings (:class:`~pd_runtime.config.sidecar.SidecarTuning`) and the first
+    sidecar's port (sidecar-i listens on ``port + i``)."""
 
     port: int = Port
-    prefill_timeout_s: float = Field(
-        default=120.0,
-        gt=0,
-        description="per read of the prefill call, and the most its total deadline can be",
-    )
-    prefill_deadline_floor_s: float = Field(
-        default=5.0,
-        gt=0,
-        description="the shortest total deadline of a prefill call; past its deadline the call "
-        "is cancelled and the decode worker prefills locally",
-    )
-    prefill_deadline_factor: float = Field(
-        default=4.0,
-        ge=1,
-        description="a prefill call's deadline is this many times its predicted time (learned "
-        "per prefill worker from the prefills the sidecar sends) + 1 s, at least the floor and "
-        "at most prefill_timeout_s",
-    )
-    prefill_deadline_cold_s: float = Field(
-        default=15.0,
-        gt=0,
-        description="the shortest deadline while a prefill worker has not yet answered this "
-        "sidecar (its first requests include one-time warm-up)",
-    )
-    decode_timeout_s: float = Field(default=600.0, gt=0)
-    drain_timeout_s: float = Field(default=30.0, gt=0)
-    drain_delay_s: float = Field(default=0.0, ge=0)
-    header_timeout_s: float = Field(default=10.0, gt=0)
 
 
-class CoordinatorSection(BaseModel):
-    """The deployment's coordinator; the edge settings mean what they mean in CoordinatorConfig."""
-
-    model_config = _STRICT
-    #: How the launcher runs the coordinator, not how a coordinator behaves: not passed through.
-    LAUNCH_ONLY: ClassVar[frozenset[str]] = frozenset({"replicas", "replica_port"})
+class CoordinatorSection(CoordinatorEdge):
+    """The deployment's coordinator: where it listens, its scheduler, and the edge settings of
+    :class:`~pd_runtime.config.coordinator.CoordinatorEdge` (the same fields as its own config)."""
 
     port: int = Port
     scheduler: SchedulerConfig = SchedulerConfig()
-    api_keys_env: str | None = Field(
-        default=None, description="environment variable with comma-separated API keys"
-    )
-    max_in_flight: int = Field(default=1024, ge=1)
-    max_queued: int = Field(default=256, ge=0)
-    queue_timeout_s: float = Field(default=5.0, gt=0)
-    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
-    drain_timeout_s: float = Field(default=30.0, gt=0)
-    drain_delay_s: float = Field(default=0.0, ge=0)
-    header_timeout_s: float = Field(default=10.0, gt=0)
-    direct_to_worker: bool = Field(
-        default=False,
-        description="requests served without prefill skip the sidecar and go to the worker",
-    )
     replicas: int = Field(
         default=1,
         ge=1,

@@ -8,7 +8,7 @@ maps to an endpoint), and the endpoints in ``coordinator.endpoints``, if any, st
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["DiscoveryConfig"]
 
@@ -16,7 +16,11 @@ __all__ = ["DiscoveryConfig"]
 class DiscoveryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: str = Field(default="static", description="a name from pd_runtime.discovery.DISCOVERY")
+    type: str = Field(
+        default="static",
+        description="a name from pd_runtime.discovery.registry.DISCOVERY (checked by "
+        "pd_runtime.registries at start-up)",
+    )
     namespace: str | None = Field(
         default=None,
         description="kubernetes: the namespace watched; default: the pod's own (the service "
@@ -81,17 +85,6 @@ class DiscoveryConfig(BaseModel):
     )
     backoff_initial_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
-
-    @field_validator("type")
-    @classmethod
-    def _known_type(cls, value: str) -> str:
-        from pd_runtime.discovery.registry import DISCOVERY
-
-        if value not in DISCOVERY:
-            raise ValueError(
-                f"unknown discovery type {value!r}; choose one of: {', '.join(DISCOVERY.names())}"
-            )
-        return value
 
     @property
     def dynamic(self) -> bool:

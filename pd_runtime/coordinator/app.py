@@ -50,25 +50,26 @@ from pd_runtime.common.asgi import (
     request_headers,
     send_upstream,
 )
-from pd_runtime.common.http import (
+from pd_runtime.common.body import parse_json_body, read_body
+from pd_runtime.common.headers import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
+    forward_headers,
+)
+from pd_runtime.common.openai_errors import error_response, install_error_handlers
+from pd_runtime.common.server import Lifecycle
+from pd_runtime.common.sse import DONE, SSEDecoder
+from pd_runtime.common.streaming import open_upstream
+from pd_runtime.common.upstream import (
     TRANSPORT_ERRORS,
-    Lifecycle,
     UpstreamClient,
     UpstreamResponse,
-    error_response,
     failure_kind,
-    forward_headers,
-    install_error_handlers,
     make_client,
-    open_upstream,
-    parse_json_body,
-    read_body,
 )
-from pd_runtime.common.sse import DONE, SSEDecoder
-from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
+from pd_runtime.config.coordinator import CoordinatorConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
 from pd_runtime.coordinator.metrics import CoordinatorMetrics

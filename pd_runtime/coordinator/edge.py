@@ -38,7 +38,8 @@ from collections.abc import Mapping
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pd_runtime.common.asgi import request_headers
-from pd_runtime.common.http import GENERATION_PATHS, error_response
+from pd_runtime.common.headers import GENERATION_PATHS
+from pd_runtime.common.openai_errors import error_response
 from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.metrics import CoordinatorMetrics

@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.discovery.base import Discovery, EndpointsCallback
 from pd_runtime.errors import ConfigError
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 from pd_runtime.common.registry import Registry
 
 if TYPE_CHECKING:
-    from pd_runtime.config.coordinator import EndpointConfig
     from pd_runtime.config.discovery import DiscoveryConfig
+    from pd_runtime.config.endpoint import EndpointConfig
     from pd_runtime.discovery.base import Discovery
 
 __all__ = ["DISCOVERY", "create_discovery"]

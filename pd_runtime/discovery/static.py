@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.discovery.base import Discovery, EndpointsCallback
 
 __all__ = ["StaticDiscovery"]

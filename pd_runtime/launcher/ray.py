@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig
+from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.config.deployment import DeploymentConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.config.launcher import RayLauncherConfig
 from pd_runtime.config.loader import dump_yaml
 from pd_runtime.errors import ConfigError, LaunchError

@@ -19,7 +19,7 @@ from pd_runtime.config.launcher import RestartConfig
 from pd_runtime.launcher.supervisor import PartStatus
 from pd_runtime.launcher.topology import PartSpec
 
-__all__ = ["STATUS_FILE", "status_row", "write_status_file"]
+__all__ = ["STATUS_FILE", "render_status", "status_row", "write_status_file"]
 
 STATUS_FILE = "status.json"
 
@@ -54,3 +54,34 @@ def write_status_file(
     tmp.write_text(json.dumps(status, indent=2))
     tmp.replace(path)
     return status
+
+
+def render_status(status: dict[str, Any], now: float) -> tuple[str, bool]:
+    """The table ``pd-runtime status`` prints, and whether all is well: False when ``up`` stopped
+    writing the file (more than 10 s old) or a part crash-loops."""
+    age = now - float(status["updated"])
+    stale = age > 10
+    lines = [
+        f"gateway {status['gateway']}  (up pid {status['pid']}, updated {age:.0f}s ago"
+        + (": STALE, `up` is not running" if stale else "")
+        + ")"
+    ]
+    rows = [("PART", "KIND", "STATE", "HEALTHY", "PID", "RESTARTS", "LAST EXIT", "URL")]
+    for part in status["parts"]:
+        rows.append(
+            (
+                part["name"],
+                part["kind"],
+                part["state"],
+                "yes" if part["healthy"] else "no",
+                str(part["pid"] or "-"),
+                f"{part['restarts']} ({part['recent_restarts']} recent)",
+                "-" if part["last_exit"] is None else str(part["last_exit"]),
+                part["url"],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    looping = any(p["state"] == "crash-looping" for p in status["parts"])
+    return "\n".join(lines), not (stale or looping)

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pd_runtime.config.coordinator import CoordinatorConfig, EndpointConfig, SchedulerConfig
+from pd_runtime.common.flags import to_argv
+from pd_runtime.config.coordinator import CoordinatorConfig, CoordinatorEdge, SchedulerConfig
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
+from pd_runtime.config.endpoint import EndpointConfig
+from pd_runtime.config.sidecar import SidecarTuning
 from pd_runtime.errors import ConfigError
 from pd_runtime.placement.machine import MachineDescription
 from pd_runtime.placement.placer import WorkerPlacement, WorkerRequest, place_workers
@@ -236,22 +239,7 @@ def plan_deployment(
             str(sidecar_port),
             "--decode-url",
             f"http://{host}:{spec.port}",
-            "--prefill-timeout",
-            str(config.sidecar.prefill_timeout_s),
-            "--prefill-deadline-floor",
-            str(config.sidecar.prefill_deadline_floor_s),
-            "--prefill-deadline-factor",
-            str(config.sidecar.prefill_deadline_factor),
-            "--prefill-deadline-cold",
-            str(config.sidecar.prefill_deadline_cold_s),
-            "--decode-timeout",
-            str(config.sidecar.decode_timeout_s),
-            "--drain-timeout",
-            str(config.sidecar.drain_timeout_s),
-            "--drain-delay",
-            str(config.sidecar.drain_delay_s),
-            "--header-timeout",
-            str(config.sidecar.header_timeout_s),
+            *to_argv(config.sidecar, SidecarTuning),
         ]
         for address in prefill_addresses:
             argv += ["--prefiller", address]
@@ -268,10 +256,9 @@ def plan_deployment(
             )
         )
 
-    # The section's edge settings (API keys, admission, body limit, draining) carry the names of
-    # CoordinatorConfig's fields, so they pass through as they are.
-    launch_only = config.coordinator.LAUNCH_ONLY
-    edge = config.coordinator.model_dump(exclude={"port", "scheduler", *launch_only})
+    # The section's edge settings (API keys, admission, body limit, draining) are
+    # CoordinatorConfig's own fields (both are a CoordinatorEdge), so they pass through as they are.
+    edge = config.coordinator.model_dump(include=set(CoordinatorEdge.model_fields))
     coordinator = CoordinatorConfig(
         host=host,
         port=config.coordinator.port,

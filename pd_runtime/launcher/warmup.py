@@ -34,12 +34,20 @@ from dataclasses import dataclass
 
 import httpx
 
-from pd_runtime.common.http import PREFILLER_HEADER, REQUEST_ID_HEADER
+from pd_runtime.common.headers import PREFILLER_HEADER, REQUEST_ID_HEADER
 from pd_runtime.common.prom import parse_metrics
-from pd_runtime.config.coordinator import EndpointConfig
-from pd_runtime.errors import LaunchError
+from pd_runtime.config.endpoint import EndpointConfig
+from pd_runtime.errors import ConfigError, LaunchError
 
-__all__ = ["NIXL_TRANSFERS", "WarmupError", "pair_prompt", "warm_pair", "warm_up", "warm_worker"]
+__all__ = [
+    "NIXL_TRANSFERS",
+    "WarmupError",
+    "pair_prompt",
+    "probe_targets",
+    "warm_pair",
+    "warm_up",
+    "warm_worker",
+]
 
 NIXL_TRANSFERS = "vllm:nixl_xfer_time_seconds_count"
 NIXL_FAILED = "vllm:nixl_num_failed_transfers_total"
@@ -235,3 +243,35 @@ def warm_up(
                         f"pair {prefill.name} -> {decode.name}: KV moved over NIXL, output equals "
                         f"colocated ({seconds:.1f}s)"
                     )
+
+
+def probe_targets(
+    worker_urls: Sequence[str], pair_specs: Sequence[str]
+) -> tuple[list[EndpointConfig], list[tuple[EndpointConfig, EndpointConfig]]]:
+    """What ``pd-runtime warmup`` checks: workers by URL, warmed directly, and pairs written
+    ``PREFILL_HOST:PORT,DECODE_HOST:PORT,SIDECAR_URL``, checked through the decode's sidecar.
+    Raises :class:`~pd_runtime.errors.ConfigError` for a pair not written so."""
+    workers = [
+        EndpointConfig(
+            name=f"worker-{i}",
+            role="decode",
+            address=url.split("://", 1)[-1].rstrip("/"),
+            url=url,
+        )
+        for i, url in enumerate(worker_urls)
+    ]
+    pairs = []
+    for i, spec in enumerate(pair_specs):
+        try:
+            prefill, decode, sidecar = spec.split(",")
+        except ValueError:
+            raise ConfigError(f"--pair {spec!r}: want PREFILL,DECODE,SIDECAR_URL") from None
+        pairs.append(
+            (
+                EndpointConfig(
+                    name=f"prefill-{i}", role="prefill", address=prefill, url=f"http://{prefill}"
+                ),
+                EndpointConfig(name=f"decode-{i}", role="decode", address=decode, url=sidecar),
+            )
+        )
+    return workers, pairs

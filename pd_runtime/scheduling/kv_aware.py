@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import ConfigError, NoEndpointError
 from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.kv_events.manager import KVEventsManager

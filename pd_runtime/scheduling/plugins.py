@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pd_runtime.common.registry import Registry
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.latency import LatencyModel
 

@@ -10,7 +10,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import NoEndpointError
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from pd_runtime.common.prom import parse_metrics, select_samples
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.scheduling.plugins import EndpointState
 
 __all__ = ["MetricsScraper", "sidecar_health_url"]

@@ -4,9 +4,10 @@ Per request on /v1/completions and /v1/chat/completions:
   1. No ``x-prefiller-host-port`` header: forward to the local decode worker (transparent proxy).
   2. With the header: refuse (403) unless the prefiller is one this sidecar was configured to trust;
      the sidecar is never an open relay.
-  3. Send the prefill request (see :mod:`pd_runtime.sidecar.rewrite`) and read its
-     ``kv_transfer_params``.
-  4. Send the client's request with those params to the decode worker and stream its answer back
+  3. The prefill hop, as the configured KV connector speaks it (one module per protocol under
+     :mod:`pd_runtime.sidecar.connectors`; ``nixl``: a one-token prefill whose answer's
+     ``kv_transfer_params`` the decode worker pulls the KV with), over :mod:`pd_runtime.sidecar.prefill`.
+  4. Send the connector's decode request to the decode worker and stream its answer back
      exactly as the client asked (SSE or JSON).
 If the prefill fails, the decode worker prefills locally (counted and logged as a fallback), so the
 client still gets its answer. Every other path is proxied to the decode worker unchanged.
@@ -28,12 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
-import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
@@ -43,6 +40,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import Field, field_validator
 from starlette.types import Receive, Scope, Send
 
 from pd_runtime.common.asgi import (
@@ -53,32 +51,30 @@ from pd_runtime.common.asgi import (
     request_headers,
     send_upstream,
 )
-from pd_runtime.common.http import (
+from pd_runtime.common.body import parse_json_body
+from pd_runtime.common.headers import (
     GENERATION_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
-    TRANSPORT_ERRORS,
-    Lifecycle,
-    UpstreamClient,
-    error_response,
     forward_headers,
-    install_error_handlers,
+)
+from pd_runtime.common.openai_errors import error_response, install_error_handlers
+from pd_runtime.common.server import Lifecycle
+from pd_runtime.common.streaming import open_upstream, send_streaming
+from pd_runtime.common.upstream import (
+    TRANSPORT_ERRORS,
+    UpstreamClient,
     make_client,
-    open_upstream,
-    parse_json_body,
-    send_streaming,
     upstream_timeout,
 )
-from pd_runtime.config.coordinator import EndpointConfig
 from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.config.endpoint import EndpointConfig
+from pd_runtime.config.sidecar import SidecarTuning
 from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import ForbiddenError, ServingError
-from pd_runtime.sidecar.deadline import DeadlinePolicy, PrefillDeadlines, prompt_size
-from pd_runtime.sidecar.rewrite import (
-    build_decode_request,
-    build_prefill_request,
-    strip_client_transfer_params,
-)
+from pd_runtime.sidecar.connectors.base import CONNECTORS
+from pd_runtime.sidecar.deadline import DeadlinePolicy, PrefillDeadlines
+from pd_runtime.sidecar.prefill import PrefillHop
 
 __all__ = ["SidecarSettings", "create_app"]
 
@@ -87,55 +83,30 @@ logger = logging.getLogger("pd_runtime.sidecar")
 _DROP = frozenset({PREFILLER_HEADER})
 
 
-class _Probe(msgspec.Struct):
-    """The one top-level key the sidecar must see in a body it forwards unchanged."""
+class SidecarSettings(SidecarTuning):
+    """One sidecar process: the shared tuning (:class:`~pd_runtime.config.sidecar.SidecarTuning`,
+    where every default lives) plus where it listens, what it fronts and whom it trusts."""
 
-    kv_transfer_params: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
-
-
-_decode_probe = msgspec.json.Decoder(_Probe).decode
-
-
-@dataclass(frozen=True)
-class SidecarSettings:
-    decode_url: str
-    allowed_prefillers: frozenset[str]
+    decode_url: str = Field(description="the local decode worker, e.g. http://127.0.0.1:8200")
+    allowed_prefillers: frozenset[str] = Field(
+        description="HOST:PORT of the prefill endpoints this sidecar may forward to; no others"
+    )
     host: str = "127.0.0.1"
-    port: int = 8300
-    #: Per read of the prefill call, and the most its total deadline can be.
-    prefill_timeout_s: float = 120.0
-    #: The prefill call's total deadline (see :mod:`pd_runtime.sidecar.deadline`): at least
-    #: ``prefill_deadline_floor_s``, else ``prefill_deadline_factor`` * the predicted prefill time
-    #: + 1 s; at least ``prefill_deadline_cold_s`` while the prefiller has no completed prefill.
-    prefill_deadline_floor_s: float = 5.0
-    prefill_deadline_factor: float = 4.0
-    prefill_deadline_cold_s: float = 15.0
-    decode_timeout_s: float = 600.0
-    connect_timeout_s: float = 5.0
-    #: On SIGTERM, how long in-flight requests may run before they are cut.
-    drain_timeout_s: float = 30.0
-    #: On SIGTERM, how long to keep listening (``/health`` 503) before the port closes.
-    drain_delay_s: float = 0.0
-    #: Close a connection that has not sent a complete request head this long after it opened
-    #: (or after its next request's first byte): no slowloris holds connections open.
-    header_timeout_s: float = 10.0
-    #: Also trust the prefill endpoints this discovery finds (Kubernetes: ready pods labelled
-    #: role prefill), kept current while serving; ``allowed_prefillers`` stay trusted too.
-    prefiller_discovery: DiscoveryConfig | None = None
+    port: int = Field(default=8300, ge=1, le=65535)
+    prefiller_discovery: DiscoveryConfig | None = Field(
+        default=None,
+        description="also trust the prefill endpoints this discovery finds (Kubernetes: ready "
+        "pods labelled role prefill), kept current while serving; allowed_prefillers stay too",
+    )
 
-    def __post_init__(self) -> None:
-        for name in (
-            "prefill_timeout_s",
-            "prefill_deadline_floor_s",
-            "prefill_deadline_cold_s",
-            "header_timeout_s",
-        ):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
-        if not self.prefill_deadline_factor >= 1:
+    @field_validator("connector")
+    @classmethod
+    def _known_connector(cls, value: str) -> str:
+        if value not in CONNECTORS:
             raise ValueError(
-                f"prefill_deadline_factor must be >= 1, not {self.prefill_deadline_factor!r}"
+                f"unknown {CONNECTORS.kind} {value!r}; choose one of: {', '.join(CONNECTORS.names())}"
             )
+        return value
 
     def deadline_policy(self) -> DeadlinePolicy:
         return DeadlinePolicy(
@@ -219,85 +190,16 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     app.state.lifecycle = lifecycle
     decode_url = settings.decode_url.rstrip("/")
 
-    async def prefill(
-        client: UpstreamClient,
-        prefiller: str,
-        path: str,
-        body: dict[str, Any],
-        headers: dict[str, str],
-    ) -> dict[str, Any] | None:
-        """Step 3: returns the prefiller's kv_transfer_params, or None to decode locally."""
-        size = prompt_size(body)
-        deadline = deadlines.deadline(prefiller, size)
-        metrics.prefill_deadline_seconds.observe(deadline.seconds)
-        timer = asyncio.timeout(deadline.seconds)
-        started = time.perf_counter()
-        try:
-            # If the client leaves meanwhile (the request's ClientWatch cancels this task), or
-            # the deadline passes, the prefill call is cancelled and its connection closed, so
-            # the prefill worker aborts the request too.
-            async with timer:
-                response = await client.fetch(
-                    "POST",
-                    f"http://{prefiller}{path}",
-                    content=encode_json(build_prefill_request(body)),
-                    headers=headers,
-                    timeout=upstream_timeout(
-                        settings.prefill_timeout_s, settings.connect_timeout_s
-                    ),
-                )
-        except TRANSPORT_ERRORS as exc:
-            if timer.expired():
-                metrics.prefill_deadline_exceeded.inc()
-                logger.warning(
-                    "prefill on %s passed its %.1fs deadline (%s; predicted %.2fs for ~%d "
-                    "tokens); cancelled it, decoding locally",
-                    prefiller,
-                    deadline.seconds,
-                    "no prefill from it yet" if deadline.cold else "learned rate",
-                    deadline.predicted_s,
-                    deadline.tokens,
-                )
-            else:
-                logger.warning("prefill on %s failed (%r); decoding locally", prefiller, exc)
-            return None
-        finally:
-            elapsed = time.perf_counter() - started
-            metrics.prefill_seconds.observe(elapsed)
-        if response.status_code != 200:
-            logger.warning(
-                "prefill on %s answered %d (%s); decoding locally",
-                prefiller,
-                response.status_code,
-                response.text[:200],
-            )
-            return None
-        try:
-            answer = msgspec.json.decode(response.content)
-        except (ValueError, RecursionError):  # not JSON, or not UTF-8
-            answer = None
-        if not isinstance(answer, dict):
-            answer = {}
-        prompt_tokens, cached_tokens = _prompt_usage(answer.get("usage"))
-        deadlines.observe(prefiller, size, elapsed, prompt_tokens, cached_tokens)
-        params = answer.get("kv_transfer_params")
-        if not params:
-            logger.warning(
-                "prefill on %s returned no kv_transfer_params; decoding locally", prefiller
-            )
-        return params or None
-
-    def direct_content(raw_body: bytes) -> bytes:
-        """Direct mode: the bytes for the decode worker. msgspec checks the body is a JSON object
-        and looks for a top-level ``kv_transfer_params`` without building Python objects for the
-        rest; without one (the usual case) the body goes on exactly as received."""
-        try:
-            probe = _decode_probe(raw_body)
-        except (ValueError, RecursionError):
-            probe = None  # parse_json_body below says why in the OpenAI shape
-        if probe is not None and probe.kv_transfer_params is msgspec.UNSET:
-            return raw_body
-        return encode_json(strip_client_transfer_params(parse_json_body(raw_body)))
+    connector = CONNECTORS.create(settings.connector)
+    hop = PrefillHop(
+        lambda: state["client"],
+        deadlines,
+        read_timeout_s=settings.prefill_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        seconds=metrics.prefill_seconds,
+        deadline_seconds=metrics.prefill_deadline_seconds,
+        deadline_exceeded=metrics.prefill_deadline_exceeded,
+    )
 
     async def generate(scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/completions and /v1/chat/completions, as plain ASGI (see ``common.asgi``)."""
@@ -311,7 +213,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             client = state["client"]
             raw_body = await receive_body(receive, request_headers_)
             if not prefiller:
-                content = direct_content(raw_body)
+                content = connector.direct_content(raw_body)
             else:
                 body = parse_json_body(raw_body)
                 if prefiller not in trusted["prefillers"]:
@@ -326,10 +228,13 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             # decode call or the stream in progress is cancelled and its connection closed.
             watch = ClientWatch(receive)
             if prefiller:
-                params = await prefill(client, prefiller, path, body, headers)
-                metrics.requests.labels("disaggregated" if params else "fallback").inc()
-                decode_body = build_decode_request(body, params)
+                result = await connector.disaggregate(
+                    body,
+                    lambda prefill_body: hop.call(prefiller, path, body, prefill_body, headers),
+                )
+                metrics.requests.labels("disaggregated" if result.transferred else "fallback").inc()
                 # Unchanged (prefill failed, no client transfer params): the bytes as received.
+                decode_body = result.decode_body
                 content = raw_body if decode_body is body else encode_json(decode_body)
             else:
                 metrics.requests.labels("direct").inc()
@@ -384,16 +289,3 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             return error_response(exc)
 
     return app
-
-
-def _prompt_usage(usage: Any) -> tuple[int | None, int]:
-    """``usage.prompt_tokens`` of a prefill answer (None if missing) and its cached tokens."""
-
-    def count(value: Any) -> int | None:
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    if not isinstance(usage, dict):
-        return None, 0
-    details = usage.get("prompt_tokens_details")
-    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else None
-    return count(usage.get("prompt_tokens")), cached or 0

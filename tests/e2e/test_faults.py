@@ -26,7 +26,7 @@ import pytest
 
 from pd_runtime.common.prom import scrape_metrics
 from pd_runtime.demo import DEMO_PROMPT
-from pd_runtime.sidecar.rewrite import build_prefill_request
+from pd_runtime.sidecar.connectors.nixl import build_prefill_request
 from tests.e2e.conftest import KV_LEASE_S, Deployment
 
 NIXL = "vllm:nixl_xfer_time_seconds_count"

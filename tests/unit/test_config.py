@@ -8,6 +8,7 @@ import yaml
 from pd_runtime.config import CoordinatorConfig, DeploymentConfig, load_config
 from pd_runtime.config.loader import parse_config
 from pd_runtime.errors import ConfigError
+from pd_runtime.registries import check_names
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "configs" / "local-cpu.yaml"
@@ -57,7 +58,8 @@ def test_bad_config_names_the_field(mutate, field: str) -> None:
     data = local_data()
     mutate(data)
     with pytest.raises(ConfigError) as excinfo:
-        parse_config(DeploymentConfig, data, "test.yaml")
+        # What an entry point does: parse, then check the registry-backed names.
+        check_names(parse_config(DeploymentConfig, data, "test.yaml"), "test.yaml")
     message = str(excinfo.value)
     assert "test.yaml" in message
     assert field in message, message
@@ -67,7 +69,7 @@ def test_unknown_policy_lists_the_known_ones() -> None:
     data = local_data()
     data["coordinator"]["scheduler"]["policy"] = "psychic"
     with pytest.raises(ConfigError, match="round-robin"):
-        parse_config(DeploymentConfig, data)
+        check_names(parse_config(DeploymentConfig, data))
 
 
 def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:

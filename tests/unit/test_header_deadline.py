@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from pd_runtime import cli
-from pd_runtime.common import http
+from pd_runtime.common import server as common_server
 from pd_runtime.common.header_deadline import header_deadline_protocol
 from tests.servers import free_port
 
@@ -168,11 +168,13 @@ def test_a_bad_timeout_or_parser_is_refused() -> None:
 
 def test_run_server_serves_with_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     configs: list[uvicorn.Config] = []
-    monkeypatch.setattr(http.DrainingServer, "run", lambda self: configs.append(self.config))
+    monkeypatch.setattr(
+        common_server.DrainingServer, "run", lambda self: configs.append(self.config)
+    )
     app = FastAPI()
-    app.state.lifecycle = http.Lifecycle()
-    http.run_server(app, host="127.0.0.1", port=1, drain_timeout_s=1, header_timeout_s=3)
-    http.run_server(app, host="127.0.0.1", port=1, drain_timeout_s=1)
+    app.state.lifecycle = common_server.Lifecycle()
+    common_server.run_server(app, host="127.0.0.1", port=1, drain_timeout_s=1, header_timeout_s=3)
+    common_server.run_server(app, host="127.0.0.1", port=1, drain_timeout_s=1)
     assert getattr(configs[0].http, "header_timeout_s", None) == 3
     assert configs[1].http == "auto"
 
@@ -181,7 +183,9 @@ def test_header_timeout_reaches_the_sidecar_and_the_coordinator(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(http, "run_server", lambda app, **kw: calls.append({"app": app, **kw}))
+    monkeypatch.setattr(
+        common_server, "run_server", lambda app, **kw: calls.append({"app": app, **kw})
+    )
     monkeypatch.setattr("pd_runtime.logging_setup.setup_logging", lambda *_, **__: None)
     sidecar = ["sidecar", "--port", "1", "--decode-url", "http://127.0.0.1:2"]
     assert cli.main([*sidecar, "--header-timeout", "7"]) == 0

@@ -161,7 +161,7 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pd_runtime import cli
-    from pd_runtime.common import http
+    from pd_runtime.common import server
     from pd_runtime.config import DeploymentConfig
     from pd_runtime.config.loader import parse_config
     from pd_runtime.launcher.topology import plan_deployment
@@ -181,7 +181,7 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
     argv = plan.by_kind("sidecar")[0].argv
     assert argv[1:3] == ["-m", "pd_runtime"]
     started: list[FastAPI] = []
-    monkeypatch.setattr(http, "run_server", lambda app, **_: started.append(app))
+    monkeypatch.setattr(server, "run_server", lambda app, **_: started.append(app))
     monkeypatch.setattr("pd_runtime.logging_setup.setup_logging", lambda *_: None)
     assert cli.main(argv[3:]) == 0
     settings = started[0].state.settings
@@ -192,9 +192,9 @@ def test_deployment_settings_reach_the_sidecar_through_its_command_line(
     assert settings.header_timeout_s == 7
     defaults = cli.build_parser().parse_args(["sidecar", "--port", "1", "--decode-url", "x"])
     assert (
-        defaults.prefill_deadline_floor,
+        defaults.prefill_deadline_floor_s,
         defaults.prefill_deadline_factor,
-        defaults.prefill_deadline_cold,
+        defaults.prefill_deadline_cold_s,
     ) == (5.0, 4.0, 15.0)
 
 

@@ -82,14 +82,21 @@ def test_drain_settings_reach_the_sidecars_and_the_coordinator(tmp_path: Path) -
     assert (plan.coordinator.drain_delay_s, plan.coordinator.drain_timeout_s) == (6, 9)
 
 
-def test_every_coordinator_section_setting_is_a_coordinator_config_field() -> None:
-    # plan_deployment passes the section's edge settings through by name.
-    from pd_runtime.config.coordinator import CoordinatorConfig
-    from pd_runtime.config.deployment import CoordinatorSection
+def test_the_edge_settings_pass_through_and_the_launch_settings_stay_behind(
+    tmp_path: Path,
+) -> None:
+    # plan_deployment passes the section's edge settings (a CoordinatorEdge) through by name; how
+    # the launcher runs the coordinator (replicas) is not a coordinator's own setting.
+    from pd_runtime.config.coordinator import CoordinatorConfig, CoordinatorEdge
 
-    passed = set(CoordinatorSection.model_fields) - CoordinatorSection.LAUNCH_ONLY
-    assert passed <= set(CoordinatorConfig.model_fields)
-    assert set(CoordinatorSection.model_fields) >= CoordinatorSection.LAUNCH_ONLY
+    plan = plan_deployment(
+        config(coordinator__replicas=2, coordinator__max_queued=7),
+        tmp_path,
+        Platform("cpu", 0, (0, 1)),
+    )
+    assert plan.coordinator.max_queued == 7
+    assert set(CoordinatorEdge.model_fields) <= set(CoordinatorConfig.model_fields)
+    assert not {"replicas", "replica_port"} & set(CoordinatorConfig.model_fields)
 
 
 def test_coordinator_replicas_share_the_port_and_connect_to_bound_publishers(

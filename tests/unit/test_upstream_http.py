@@ -1,4 +1,4 @@
-"""The upstream hop (``pd_runtime.common.http``, aiohttp underneath) keeps the proxy semantics the
+"""The upstream hop (``pd_runtime.common.upstream`` and ``.streaming``, aiohttp underneath) keeps the proxy semantics the
 coordinator and sidecar rely on: headers pass as the client sent them (nothing made up), redirects
 are passed back rather than followed, duplicate response headers are merged, a finished stream
 gives its connection back for reuse, and failures map to the kinds failover keys on. Upstreams
@@ -16,7 +16,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from pd_runtime.common.http import failure_kind, make_client, open_upstream, upstream_timeout
+from pd_runtime.common.streaming import open_upstream
+from pd_runtime.common.upstream import failure_kind, make_client, upstream_timeout
 from pd_runtime.errors import UpstreamError
 from pd_runtime.sidecar.app import SidecarSettings, create_app
 from tests.servers import free_port, serve, until

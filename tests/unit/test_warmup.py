@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from pd_runtime.cli import main as cli_main
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.launcher.warmup import WarmupError, warm_up
 from tests.servers import serve
 
@@ -158,3 +158,22 @@ def test_the_warmup_command_checks_a_pair_and_exits_1_naming_a_broken_one(
     out, err = capsys.readouterr()
     assert "KV moved over NIXL, output equals colocated" in out
     assert "FAILED: pair check prefill-0 -> decode-0: disaggregated output differs" in err
+
+
+def test_probe_targets_reads_workers_and_pairs_from_the_flags() -> None:
+    from pd_runtime.errors import ConfigError
+    from pd_runtime.launcher.warmup import probe_targets
+
+    workers, pairs = probe_targets(
+        ["http://10.0.0.1:8100/"], ["10.0.0.2:8100,10.0.0.3:8200,http://10.0.0.3:8300"]
+    )
+    assert [(w.address, w.url) for w in workers] == [("10.0.0.1:8100", "http://10.0.0.1:8100")]
+    (prefill, decode) = pairs[0]
+    assert (prefill.role, prefill.address, prefill.url) == (
+        "prefill",
+        "10.0.0.2:8100",
+        "http://10.0.0.2:8100",
+    )
+    assert (decode.address, decode.url) == ("10.0.0.3:8200", "http://10.0.0.3:8300")
+    with pytest.raises(ConfigError, match="want PREFILL,DECODE,SIDECAR_URL"):
+        probe_targets([], ["10.0.0.2:8100"])

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pd_runtime.config import CoordinatorConfig
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.app import create_app
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler

@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient
 
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.config.discovery import DiscoveryConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.discovery import create_discovery
 from pd_runtime.discovery.kubernetes import KubernetesDiscovery, endpoint_from_pod
+from pd_runtime.errors import ConfigError
+from pd_runtime.registries import check_names
 from tests.fake_kube_api import FakeKubeAPI, make_pod
 from tests.servers import serve, until
 
@@ -125,13 +128,14 @@ def test_annotations_override_container_ports_and_ipv6_is_bracketed() -> None:
     assert endpoint.kv_events is None and endpoint.kv_events_replay == "tcp://[fd00::5]:5558"
 
 
-def test_the_registry_knows_both_types_and_the_config_refuses_others() -> None:
+def test_the_registry_knows_both_types_and_the_start_up_check_refuses_others() -> None:
     assert type(create_discovery(DiscoveryConfig(type="kubernetes", namespace="x"))).__name__ == (
         "KubernetesDiscovery"
     )
     assert type(create_discovery(DiscoveryConfig())).__name__ == "StaticDiscovery"
-    with pytest.raises(ValueError, match="choose one of: kubernetes, static"):
-        DiscoveryConfig(type="consul")
+    config = CoordinatorConfig(models=["m"], endpoints=[], discovery=DiscoveryConfig(type="consul"))
+    with pytest.raises(ConfigError, match=r"discovery.type: .*choose one of: kubernetes, static"):
+        check_names(config)
 
 
 # ---- list + watch ----------------------------------------------------------------------------

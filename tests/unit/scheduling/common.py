@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.plugins import EndpointState, RequestContext

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pd_runtime.config import CoordinatorConfig
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.app import create_app, pod_scores_line
 from pd_runtime.demo import pod_score_lines
 from pd_runtime.errors import ConfigError

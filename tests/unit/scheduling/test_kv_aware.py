@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import ConfigError, NoEndpointError
 from pd_runtime.kv_events.events import AllBlocksCleared, BlockRemoved, BlockStored
 from pd_runtime.kv_events.index import PrefixIndex

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.scheduling.plugins import EndpointState
 from pd_runtime.scheduling.scraper import MetricsScraper, sidecar_health_url
 from tests.servers import free_port, serve

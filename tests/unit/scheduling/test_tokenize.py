@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pd_runtime.config.coordinator import EndpointConfig
+from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler

@@ -1,4 +1,4 @@
-"""How the sidecar rewrites one client request into the prefill and decode requests (NIXL protocol).
+"""The NIXL protocol (vLLM's ``NixlConnector``): one client request becomes a prefill and a decode one.
 
     client body ──┬──▶ prefill body: max_tokens=1 (and max_completion_tokens=1 if present), n=1,
                   │    stream=false, no stream_options, kv_transfer_params = "please keep the KV
@@ -18,14 +18,24 @@ prompt, tools) are shared with the client's body, never mutated, and only serial
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import msgspec
+
+from pd_runtime.common.asgi import encode_json
+from pd_runtime.common.body import parse_json_body
+from pd_runtime.sidecar.connectors.base import Connector, Disaggregated, PrefillCall
 
 __all__ = [
     "REMOTE_DECODE_REQUEST",
+    "NixlConnector",
     "build_decode_request",
     "build_prefill_request",
     "strip_client_transfer_params",
 ]
+
+logger = logging.getLogger("pd_runtime.sidecar")
 
 #: What a prefill worker needs to hear to keep the blocks for a remote decoder (vLLM NixlConnector).
 REMOTE_DECODE_REQUEST: dict[str, Any] = {
@@ -71,3 +81,38 @@ def build_decode_request(
     if kv_transfer_params:
         decode = {**decode, "kv_transfer_params": kv_transfer_params}
     return decode
+
+
+class _Probe(msgspec.Struct):
+    """The one top-level key the sidecar must see in a body it forwards unchanged."""
+
+    kv_transfer_params: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_decode_probe = msgspec.json.Decoder(_Probe).decode
+
+
+class NixlConnector(Connector):
+    """Prefill first (one token, KV kept for a remote decoder), then decode with the prefill
+    worker's ``kv_transfer_params``: the decode worker pulls the blocks over NIXL."""
+
+    name = "nixl"
+
+    def direct_content(self, raw_body: bytes) -> bytes:
+        # msgspec checks the body is a JSON object and looks for a top-level kv_transfer_params
+        # without building Python objects for the rest; without one (the usual case) the body
+        # goes on exactly as received.
+        try:
+            probe = _decode_probe(raw_body)
+        except (ValueError, RecursionError):
+            probe = None  # parse_json_body below says why in the OpenAI shape
+        if probe is not None and probe.kv_transfer_params is msgspec.UNSET:
+            return raw_body
+        return encode_json(strip_client_transfer_params(parse_json_body(raw_body)))
+
+    async def disaggregate(self, body: dict[str, Any], prefill: PrefillCall) -> Disaggregated:
+        answer = await prefill(build_prefill_request(body))
+        params = answer.get("kv_transfer_params") if answer is not None else None
+        if answer is not None and not params:
+            logger.warning("prefill returned no kv_transfer_params; decoding locally")
+        return Disaggregated(build_decode_request(body, params or None), bool(params))
