@@ -87,6 +87,13 @@ class KVAwareParams(BaseModel):
     tokenizer: str | None = Field(
         default=None, description="tokenizer name or path; none: no prefix matching"
     )
+    tokenizer_cache_tokens: int = Field(
+        default=4_000_000,
+        ge=0,
+        description="token ids of rendered chat segments (the text between special tokens: a "
+        "system prompt, earlier turns) kept for reuse, 4 bytes each plus the segment's text; "
+        "0: encode every prompt whole",
+    )
     block_size: int = Field(default=32, ge=1, description="the engines' KV block size")
     pd_threshold_tokens: int = Field(default=256, ge=0)
     pd_decider: Literal["threshold", "predicted"] = Field(
@@ -187,7 +194,11 @@ class KVAwareScheduler(Scheduler):
         self.index = PrefixIndex()
         self.events = KVEventsManager(self.index)
         self.pending = PendingPrefixes(p.pending_ttl_s, bit_of=self.index.endpoint_bit)
-        self.tokenizer = PromptTokenizer(p.tokenizer) if p.tokenizer else None
+        self.tokenizer = (
+            PromptTokenizer(p.tokenizer, cache_tokens=p.tokenizer_cache_tokens)
+            if p.tokenizer
+            else None
+        )
         self.scraper = MetricsScraper(
             list(self.states.values()),
             interval_s=p.scrape_interval_s,
@@ -489,6 +500,7 @@ class KVAwareScheduler(Scheduler):
             "tokenizer": {
                 "name": self.params.tokenizer,
                 "loaded": bool(self.tokenizer and self.tokenizer.loaded),
+                **(self.tokenizer.describe() if self.tokenizer else {}),
             },
             "block_size": self.params.block_size,
             "pd_threshold_tokens": self.params.pd_threshold_tokens,
