@@ -16,8 +16,9 @@ system prompt with a new document, 15% are cold (new system prompt, new document
 Steady state: the pool prompts are tokenized once by the scheduler's tokenizer (the coordinator
 routed them, so it has seen them; ``--cold-tokenizer`` skips this), and before measuring, warm-up
 decisions (random tokens, no tokenizer) fill the pending overlay and the load counters as an
-arrival rate of ``--rate`` requests/s per decode endpoint would: a simulated clock advances 1/rate per decision, so the overlay holds ``pending_ttl_s`` x
-rate requests' keys, as in production. ``--in-flight`` requests per decode endpoint stay in
+arrival rate of ``--rate`` requests/s per decode endpoint would: a simulated clock advances
+1/rate per decision, so the overlay holds ``pending_ttl_s`` x rate requests' keys, as in
+production. ``--in-flight`` requests per decode endpoint stay in
 flight (the oldest is released after each decision). Scraped metrics are set once, at random.
 The scheduler's background tasks (subscribers, scraper) are not started.
 

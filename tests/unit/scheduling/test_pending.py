@@ -206,3 +206,56 @@ def test_random_claims_match_the_reference(seed: int, clock: Clock) -> None:
             want = sum(bits[e] for e, t in per.items() if t > clock.now)
             assert masks.pop(key, 0) == want
         assert not masks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_spans_over_the_index_equal_a_brute_force_walk(seed: int, clock: Clock) -> None:
+    """The scheduler's walk (index masks + claim spans) against the definition: an endpoint
+    holds a leading block if the index or one of its live claims has it, stopping at its first
+    miss; the index has holes (removed middle blocks), claims overlap and diverge."""
+    import random
+
+    from pd_runtime.kv_events.events import BlockRemoved, BlockStored
+
+    rng = random.Random(seed)
+    index = PrefixIndex()
+    pending = PendingPrefixes(ttl_s=3.0, clock=clock, bit_of=index.endpoint_bit)
+    endpoints = [f"10.0.1.{i}:8000" for i in range(7)]
+    prompts = [[rng.randrange(40) for _ in range(10 * BS)]]
+    for _ in range(6):
+        base = rng.choice(prompts)
+        prompts.append(
+            base[: rng.randrange(len(base))] + [rng.randrange(40) for _ in range(6 * BS)]
+        )
+    chains = [PrefixIndex.block_keys(p, BS) for p in prompts]
+    for _ in range(250):
+        clock.now += rng.choice((0.0, 0.2, 1.0))
+        e = rng.choice(endpoints)
+        pick = rng.randrange(len(prompts))
+        tokens, chain = prompts[pick], chains[pick]
+        op = rng.random()
+        hashes = [f"{e}/{k}".encode() for k in chain]
+        if op < 0.3:
+            n = rng.randint(1, len(chain))
+            index.apply(e, BlockStored(hashes[:n], None, tokens[: n * BS], BS))
+        elif op < 0.4:
+            index.apply(e, BlockRemoved([rng.choice(hashes)]))
+        elif op < 0.8:
+            lo = rng.randrange(len(chain))
+            pending.add(e, chain[lo : rng.randint(lo + 1, len(chain))])
+        query = rng.choice(chains)
+        claimed = pending.live_masks()
+        want: dict[str, int] = {}
+        for endpoint in endpoints:
+            if endpoint not in index.endpoints() and endpoint not in pending._bits:
+                continue
+            bit = index.endpoint_bit(endpoint)
+            n = 0
+            for key in query:
+                if not (index._any.get(key, 0) | claimed.get(key, 0)) & bit:
+                    break
+                n += 1
+            if n:
+                want[endpoint] = n
+        assert index.match(query, spans=pending.spans(query)) == want
+        assert index.match(query, overlay=claimed) == want
