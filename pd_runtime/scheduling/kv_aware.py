@@ -16,7 +16,6 @@ Background: one ZMQ subscriber per endpoint feeding the index, and the metrics s
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 from collections.abc import Sequence
@@ -147,7 +146,8 @@ def _breakdown(runs: Sequence[ProfileResult], top_k: int | None) -> dict[str, di
                 breakdown.setdefault(scorer, {}).update(values)
             breakdown.setdefault("total", {}).update(totals)
             continue
-        keep = heapq.nlargest(top_k, totals, key=totals.__getitem__)
+        # = heapq.nlargest(top_k, ...) (documented as this sort), but the sort runs in C
+        keep = sorted(totals, key=totals.__getitem__, reverse=True)[:top_k]
         if run.picked.address not in keep:
             keep.append(run.picked.address)
         for scorer, values in run.scores.items():
@@ -334,11 +334,16 @@ class KVAwareScheduler(Scheduler):
 
         runs = (decode_run, prefill_run) if prefill_run else (decode_run,)
         blocks = len(ctx.block_keys)
+        cached = ctx.cached_blocks  # only endpoints with n > 0 blocks
+        # round() of a float is slow (a decimal conversion): once per distinct n, not per endpoint
+        rounded = {n: round(n / blocks, 4) for n in set(cached.values())} if blocks else {}
         scores = (
-            {a: round(n / blocks, 4) for a, n in ctx.cached_blocks.items() if n > 0}
+            dict(zip(cached, map(rounded.__getitem__, cached.values()), strict=True))
             if blocks
             else {}
         )
+        if 0 in rounded:  # not from the index's walk, which reports only n > 0; keep the rule
+            scores = {a: v for a, v in scores.items() if cached[a] > 0}
         return SchedulingResult(
             decode=decode.config,
             prefill=prefill.config if prefill else None,

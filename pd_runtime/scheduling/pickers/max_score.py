@@ -7,9 +7,18 @@ scores to the same endpoint; a random one spreads them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import ge
 from typing import Any
 
-from pd_runtime.scheduling.plugins import PICKERS, EndpointState, Picker, RequestContext, register
+from pd_runtime.scheduling.plugins import (
+    PICKERS,
+    EndpointState,
+    Picker,
+    RequestContext,
+    addresses,
+    register,
+)
 
 
 @register(PICKERS, "max-score")
@@ -21,6 +30,7 @@ class MaxScorePicker(Picker):
     def pick(
         self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: dict[str, float]
     ) -> EndpointState:
-        best = max(totals[e.address] for e in endpoints)
-        top = [e for e in endpoints if totals[e.address] >= best - self.tolerance]
+        values = list(map(totals.__getitem__, addresses(endpoints)))
+        best = max(values)
+        top = list(compress(endpoints, map(ge, values, repeat(best - self.tolerance))))
         return top[0] if len(top) == 1 else ctx.rng.choice(top)
