@@ -28,7 +28,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import compress, count
-from operator import ne
 
 from pd_runtime.kv_events.index import leading_blocks
 
@@ -109,7 +108,8 @@ class PendingPrefixes:
 
     def spans(self, keys: Sequence[int]) -> list[Span]:
         """The live claims over ``keys``, as ``(start, end, bit)`` position ranges (expired
-        claims purged first). One lookup per key in the small dict of claim heads, in C."""
+        claims purged first). One lookup per key in the small dict of claim heads, in C, and
+        for each claim found one comparison (or a bisection where the chains part)."""
         self._expire(self._clock())
         heads = self._heads
         if not heads:
@@ -120,9 +120,20 @@ class PendingPrefixes:
             for claim in heads[keys[i]]:
                 ck = claim.keys
                 m = min(len(ck), n - i)
-                tail = keys[i : i + m]
-                # Where the two chains part (usually they do not, within the claim).
-                length = next(compress(count(), map(ne, ck, tail)), m)
+                # Where the two chains part: keys are chained, so they agree up to some point
+                # and differ from there on. Usually the last shared position agrees (the whole
+                # claim, or the whole rest of the prompt, is covered): one comparison.
+                if ck[m - 1] == keys[i + m - 1]:
+                    length = m
+                else:  # bisect for the first position that differs
+                    lo, hi = 1, m - 1  # ck[0] == keys[i] (the head), ck[m - 1] differs
+                    while lo <= hi:
+                        mid = (lo + hi) // 2
+                        if ck[mid] == keys[i + mid]:
+                            lo = mid + 1
+                        else:
+                            hi = mid - 1
+                    length = lo
                 out.append((i, i + length, claim.bit))
         return out
 
