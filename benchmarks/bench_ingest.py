@@ -98,7 +98,9 @@ def export(ref: str, into: Path) -> Path:
 
 
 def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": f"{path}{os.pathsep}{REPO / 'benchmarks'}"}
+    # REPO last: the worker imports benchmarks.machine; pd_runtime still comes from ``path``.
+    pythonpath = os.pathsep.join(map(str, (path, REPO / "benchmarks", REPO)))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--blocks", str(args.blocks)]
     cmd += ["--memory-blocks", str(args.memory_blocks), "--endpoints"]
     cmd += [str(e) for e in args.endpoints]

@@ -52,16 +52,43 @@ def leading_blocks(
     masks: Mapping[BlockKey, int],
     endpoint_of_bit: Mapping[int, str],
     overlay: Mapping[BlockKey, int] | None = None,
+    spans: Sequence[tuple[int, int, int]] | None = None,
 ) -> dict[str, int]:
-    """How many leading ``keys`` each endpoint holds, from per-key endpoint bitmasks (``overlay``
-    ORed in): one dict lookup and one integer AND per block, stopping when every endpoint has
-    missed. Shared by the index and the scheduler's pending overlay."""
+    """How many leading ``keys`` each endpoint holds, from per-key endpoint bitmasks: one dict
+    lookup and one integer AND per block, stopping when every endpoint has missed.
+
+    Two ways to add holders the masks do not know (the scheduler's pending overlay): ``overlay``
+    (key -> bits, ORed in per key: a second lookup per block) and ``spans`` (``(start, end,
+    bit)``: positions ``[start, end)`` of ``keys`` held by ``bit``; no lookup at all, the bits
+    are switched on and off as the walk passes the spans' ends)."""
     extra = overlay or {}
+    # spans as position events: +bit where a span starts, -bit where it ends (counted per bit,
+    # since spans of one endpoint may overlap).
+    events = sorted(e for s, t, b in spans if t > s for e in ((s, b), (t, -b))) if spans else []
+    n_events = len(events)
+    at = events[0][0] if events else -1
+    j = pend = 0
+    live: dict[int, int] = {}
     result: dict[str, int] = {}
     alive = 0
     i = 0
     for i, key in enumerate(keys):
-        here = masks.get(key, 0) | extra.get(key, 0) if extra else masks.get(key, 0)
+        if i == at:
+            while j < n_events and events[j][0] == i:
+                b = events[j][1]
+                j += 1
+                if b > 0:
+                    live[b] = live.get(b, 0) + 1
+                    pend |= b
+                elif live[-b] > 1:
+                    live[-b] -= 1
+                else:
+                    del live[-b]
+                    pend &= b - 1  # ~(-b) == b - 1 for b < 0: clear the bit
+            at = events[j][0] if j < n_events else -1
+        here = masks.get(key, 0) | pend
+        if extra:
+            here |= extra.get(key, 0)
         if i == 0:
             alive = here
         elif here & alive != alive:
@@ -146,18 +173,20 @@ class PrefixIndex:
         *,
         media: Collection[str] | None = None,
         overlay: Mapping[BlockKey, int] | None = None,
+        spans: Sequence[tuple[int, int, int]] | None = None,
     ) -> dict[str, int]:
         """Leading blocks of ``keys`` each endpoint holds, stopping at its first miss.
 
         Only endpoints with at least one block appear. ``media`` restricts which tiers count
         (default: any). ``overlay`` adds holders the index does not know yet (key -> endpoint
-        bits from :meth:`endpoint_bit`; see the scheduler's pending overlay); any-tier only.
+        bits from :meth:`endpoint_bit`), ``spans`` the same as position ranges of ``keys``
+        (``(start, end, bit)``; see the scheduler's pending overlay); any-tier only.
         Cost: one dict lookup and one integer AND per block until every endpoint has missed.
         """
         if media is None:
-            return self._match_any(keys, overlay)
-        if overlay is not None:
-            raise ValueError("overlay is only supported when matching any medium")
+            return leading_blocks(keys, self._any, self._endpoint_of_bit, overlay, spans)
+        if overlay is not None or spans:
+            raise ValueError("overlay and spans are only supported when matching any medium")
         mask = self._mask(media)
         holders = self._holders
         result: dict[str, int] = {}
@@ -185,12 +214,6 @@ class PrefixIndex:
     def endpoint_bit(self, endpoint: str) -> int:
         """The endpoint's bit in :meth:`match`'s ``overlay`` masks (allocated on first use)."""
         return self._bit_of(endpoint)
-
-    def _match_any(
-        self, keys: Sequence[BlockKey], overlay: Mapping[BlockKey, int] | None = None
-    ) -> dict[str, int]:
-        """``match`` over every tier: one dict lookup and one integer AND per block."""
-        return leading_blocks(keys, self._any, self._endpoint_of_bit, overlay)
 
     def size(self) -> int:
         """Distinct keys held by at least one endpoint."""

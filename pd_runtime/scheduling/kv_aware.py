@@ -16,7 +16,6 @@ Background: one ZMQ subscriber per endpoint feeding the index, and the metrics s
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 from collections.abc import Sequence
@@ -105,6 +104,13 @@ class KVAwareParams(BaseModel):
     tokenizer: str | None = Field(
         default=None, description="tokenizer name or path; none: no prefix matching"
     )
+    tokenizer_cache_tokens: int = Field(
+        default=4_000_000,
+        ge=0,
+        description="token ids of rendered chat segments (the text between special tokens: a "
+        "system prompt, earlier turns) kept for reuse, 4 bytes each plus the segment's text; "
+        "0: encode every prompt whole",
+    )
     block_size: int = Field(default=32, ge=1, description="the engines' KV block size")
     pd_threshold_tokens: int = Field(default=256, ge=0)
     pd_decider: Literal["threshold", "predicted"] = Field(
@@ -164,7 +170,8 @@ def _breakdown(runs: Sequence[ProfileResult], top_k: int | None) -> dict[str, di
                 breakdown.setdefault(scorer, {}).update(values)
             breakdown.setdefault("total", {}).update(totals)
             continue
-        keep = heapq.nlargest(top_k, totals, key=totals.__getitem__)
+        # = heapq.nlargest(top_k, ...) (documented as this sort), but the sort runs in C
+        keep = sorted(totals, key=totals.__getitem__, reverse=True)[:top_k]
         if run.picked.address not in keep:
             keep.append(run.picked.address)
         for scorer, values in run.scores.items():
@@ -212,7 +219,11 @@ class KVAwareScheduler(Scheduler):
         self.index = PrefixIndex()
         self.events = KVEventsManager(self.index)
         self.pending = PendingPrefixes(p.pending_ttl_s, bit_of=self.index.endpoint_bit)
-        self.tokenizer = PromptTokenizer(p.tokenizer) if p.tokenizer else None
+        self.tokenizer = (
+            PromptTokenizer(p.tokenizer, cache_tokens=p.tokenizer_cache_tokens)
+            if p.tokenizer
+            else None
+        )
         self.scraper = MetricsScraper(
             list(self.states.values()),
             interval_s=p.scrape_interval_s,
@@ -310,7 +321,7 @@ class KVAwareScheduler(Scheduler):
         # One walk over the index with the pending claims laid over it: a block counts as held
         # if the engine reported it or a request that will store it was just routed there.
         cached = (
-            self.index.match(keys, overlay=self.pending.live_masks() if len(self.pending) else None)
+            self.index.match(keys, spans=self.pending.spans(keys) if self.pending else None)
             if keys
             else {}
         )
@@ -348,11 +359,16 @@ class KVAwareScheduler(Scheduler):
 
         runs = (decode_run, prefill_run) if prefill_run else (decode_run,)
         blocks = len(ctx.block_keys)
+        cached = ctx.cached_blocks  # only endpoints with n > 0 blocks
+        # round() of a float is slow (a decimal conversion): once per distinct n, not per endpoint
+        rounded = {n: round(n / blocks, 4) for n in set(cached.values())} if blocks else {}
         scores = (
-            {a: round(n / blocks, 4) for a, n in ctx.cached_blocks.items() if n > 0}
+            dict(zip(cached, map(rounded.__getitem__, cached.values()), strict=True))
             if blocks
             else {}
         )
+        if 0 in rounded:  # not from the index's walk, which reports only n > 0; keep the rule
+            scores = {a: v for a, v in scores.items() if cached[a] > 0}
         return SchedulingResult(
             decode=decode.config,
             prefill=prefill.config if prefill else None,
@@ -489,7 +505,7 @@ class KVAwareScheduler(Scheduler):
             "blocks": len(keys),
             "block_size": self.params.block_size,
             "indexed": self.index.match(keys) if keys else {},
-            "expected": self.index.match(keys, overlay=self.pending.live_masks()) if keys else {},
+            "expected": self.index.match(keys, spans=self.pending.spans(keys)) if keys else {},
         }
 
     def debug_state(self) -> dict[str, Any]:
@@ -514,6 +530,7 @@ class KVAwareScheduler(Scheduler):
             "tokenizer": {
                 "name": self.params.tokenizer,
                 "loaded": bool(self.tokenizer and self.tokenizer.loaded),
+                **(self.tokenizer.describe() if self.tokenizer else {}),
             },
             "block_size": self.params.block_size,
             "pd_threshold_tokens": self.params.pd_threshold_tokens,

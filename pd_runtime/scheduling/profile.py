@@ -29,6 +29,7 @@ from pd_runtime.scheduling.plugins import (
     Picker,
     RequestContext,
     Scorer,
+    addresses,
     load_builtin_plugins,
 )
 
@@ -96,7 +97,7 @@ class SchedulingProfile:
                 raise NoEndpointError(f"no {self.role} endpoint can take the request ({f.name})")
         if not survivors:
             raise NoEndpointError(f"no {self.role} endpoint is configured")
-        totals = dict.fromkeys([e.address for e in survivors], 0.0)
+        totals = dict.fromkeys(addresses(survivors), 0.0)
         scores: dict[str, dict[str, float]] = {}
         for scorer, weight in self._weighted:
             s = scorer.score(ctx, survivors)

@@ -10,15 +10,123 @@ Loading ``transformers`` and the tokenizer takes seconds, so it happens once in 
 scheduler awaits it in a thread at start-up). Tokenizing runs on a single dedicated thread: it
 keeps CPU work off the event loop, and Hugging Face fast tokenizers are not safe to share between
 threads that encode at the same time.
+
+Chat prompts share long heads (a system prompt, earlier turns), so the rendered text is encoded
+per *segment* and segments are cached (:class:`SegmentEncoder`)::
+
+    <|im_start|>system\nYou are ...<|im_end|>\n<|im_start|>user\nSummarise ...<|im_end|>\n...
+    |  added  ||      segment (cached)      ||added|seg|  added  ||   segment (new)   |
+
+A fast tokenizer cuts its input at added tokens before it normalizes or pre-tokenizes anything, so
+the text between two added tokens is encoded on its own: ``encode(A + S + B) == encode(A) +
+[id(S)] + encode(B)`` for an added token ``S``, as long as ``S`` matches on the raw text and eats
+no neighbouring whitespace (``normalized``, ``lstrip``, ``rstrip`` and ``single_word`` all false:
+anything else switches the cache off) and no special tokens are added around the whole text
+(``add_special_tokens`` false, the chat default). The first prompts are encoded both ways and the
+cache switches itself off, with a warning, if they ever differ.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+from array import array
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["PromptTokenizer", "chat_messages"]
+__all__ = ["PromptTokenizer", "SegmentEncoder", "chat_messages"]
+
+log = logging.getLogger(__name__)
+
+
+class SegmentEncoder:
+    """``encode(text)`` (no special tokens added) as the concatenation of the encodings of the
+    pieces between added tokens, with the pieces' token ids kept in an LRU bounded by
+    ``max_tokens`` (4 bytes a token). ``enabled`` is False when the tokenizer's added tokens do
+    not allow the split (see the module docstring); ``encode`` then returns None.
+
+    ``verify_first``: the first prompts are also encoded whole and compared; a difference
+    disables the encoder (the caller falls back to the whole encode) and is logged.
+    """
+
+    def __init__(self, tokenizer: Any, *, max_tokens: int = 1_000_000, verify_first: int = 16):
+        self._tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self._verify = verify_first
+        self._cache: OrderedDict[str, array[int]] = OrderedDict()
+        self._tokens = 0
+        self.hits = 0
+        self.misses = 0
+        self._backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._ids = {t.content: i for i, t in added.items()}
+        self.enabled = bool(
+            self._backend is not None
+            and self._ids
+            and not any(
+                t.normalized or t.lstrip or t.rstrip or t.single_word for t in added.values()
+            )
+        )
+        # Longest first: the tokenizer matches added tokens leftmost-longest.
+        alternatives = sorted(self._ids, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")").split
+
+    def encode(self, text: str) -> list[int] | None:
+        if not self.enabled:
+            return None
+        out: list[int] = []
+        ids, cache = self._ids, self._cache
+        pieces = self._split(text)
+        # split with one group: text, token, text, token, ..., text
+        for i, piece in enumerate(pieces):
+            if i & 1:
+                out.append(ids[piece])
+                continue
+            if not piece:
+                continue
+            cached = cache.get(piece)
+            if cached is not None:
+                cache.move_to_end(piece)
+                self.hits += 1
+                out.extend(cached)
+                continue
+            self.misses += 1
+            encoded = self._backend.encode(piece, add_special_tokens=False).ids
+            out.extend(encoded)
+            self._put(piece, array("I", encoded))
+        if self._verify > 0:
+            self._verify -= 1
+            whole = list(self._tokenizer.encode(text, add_special_tokens=False))
+            if whole != out:
+                self.enabled = False
+                self._cache.clear()
+                log.warning(
+                    "tokenizer: per-segment encoding differs from the whole encode; "
+                    "the segment cache is off"
+                )
+                return whole
+        return out
+
+    def _put(self, piece: str, ids: array[int]) -> None:
+        if len(ids) > self.max_tokens:
+            return
+        cache = self._cache
+        cache[piece] = ids
+        self._tokens += len(ids)
+        while self._tokens > self.max_tokens:
+            _, old = cache.popitem(last=False)
+            self._tokens -= len(old)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "segments": len(self._cache),
+            "tokens": self._tokens,
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
 
 def chat_messages(messages: Any) -> list[dict[str, Any]] | None:
@@ -45,9 +153,11 @@ def chat_messages(messages: Any) -> list[dict[str, Any]] | None:
 
 
 class PromptTokenizer:
-    def __init__(self, name_or_path: str) -> None:
+    def __init__(self, name_or_path: str, *, cache_tokens: int = 4_000_000) -> None:
         self.name_or_path = name_or_path
+        self.cache_tokens = cache_tokens
         self._tokenizer: Any = None
+        self._segments: SegmentEncoder | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
 
     @property
@@ -59,6 +169,8 @@ class PromptTokenizer:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            if self.cache_tokens > 0:
+                self._segments = SegmentEncoder(self._tokenizer, max_tokens=self.cache_tokens)
 
     async def aload(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
@@ -104,7 +216,15 @@ class PromptTokenizer:
         except Exception:  # a template that rejects these messages: vLLM will say why
             return None
         add_special = bool(body.get("add_special_tokens", False))
+        if not add_special and self._segments is not None:
+            ids = self._segments.encode(text)
+            if ids is not None:
+                return ids
         return list(self._tokenizer.encode(text, add_special_tokens=add_special))
+
+    def describe(self) -> dict[str, Any]:
+        """The segment cache's state (None: off)."""
+        return {"segment_cache": self._segments.describe() if self._segments else None}
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

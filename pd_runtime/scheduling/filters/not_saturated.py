@@ -40,7 +40,15 @@ class NotSaturatedFilter(Filter):
         )
 
     def filter(self, ctx: RequestContext, endpoints: list[EndpointState]) -> list[EndpointState]:
-        return [e for e in endpoints if not self.saturated(e)]
+        mi, mw, mk = self.max_in_flight, self.max_waiting, self.max_kv_usage
+        if mi is None or mw is None or mk is None:
+            return [e for e in endpoints if not self.saturated(e)]
+        # saturated() inlined for the usual case (every limit set): no call per endpoint
+        return [
+            e
+            for e in endpoints
+            if not (e.in_flight_requests >= mi or (e.waiting or 0) > mw or (e.kv_usage or 0) > mk)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {

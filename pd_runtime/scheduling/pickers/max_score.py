@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import ge
 from typing import Any, Literal
 
-from pd_runtime.scheduling.plugins import PICKERS, EndpointState, Picker, RequestContext, register
+from pd_runtime.scheduling.plugins import (
+    PICKERS,
+    EndpointState,
+    Picker,
+    RequestContext,
+    addresses,
+    register,
+)
 
 __all__ = ["MaxScorePicker", "rendezvous_rank"]
 
@@ -44,8 +53,9 @@ class MaxScorePicker(Picker):
     def pick(
         self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: dict[str, float]
     ) -> EndpointState:
-        best = max(totals[e.address] for e in endpoints)
-        top = [e for e in endpoints if totals[e.address] >= best - self.tolerance]
+        values = list(map(totals.__getitem__, addresses(endpoints)))
+        best = max(values)
+        top = list(compress(endpoints, map(ge, values, repeat(best - self.tolerance))))
         if len(top) == 1:
             return top[0]
         if self.tie_break == "prefix" and ctx.block_keys:

@@ -13,6 +13,7 @@ holds is still cold for the choice of a decode worker.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 from pd_runtime.scheduling.plugins import (
@@ -20,6 +21,7 @@ from pd_runtime.scheduling.plugins import (
     EndpointState,
     RequestContext,
     Scorer,
+    addresses,
     min_max_inverse,
     register,
 )
@@ -38,15 +40,16 @@ class ColdSpreaderScorer(Scorer):
 
     @staticmethod
     def is_cold(ctx: RequestContext, endpoints: Sequence[EndpointState]) -> bool:
-        cached = ctx.cached_blocks
-        return not any(cached.get(e.address, 0) for e in endpoints)
+        return not any(map(ctx.cached_blocks.get, addresses(endpoints)))
 
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
-        cold = self.is_cold(ctx, endpoints)
+        addrs = addresses(endpoints)
+        cold = not any(map(ctx.cached_blocks.get, addrs))
         self._cold = (ctx, cold)
         if not cold:
-            return {e.address: 1.0 for e in endpoints}
-        return min_max_inverse({e.address: self._homes.get(e.address, 0.0) for e in endpoints})
+            return dict.fromkeys(addrs, 1.0)
+        homes = map(self._homes.get, addrs, repeat(0.0))
+        return min_max_inverse(dict(zip(addrs, homes, strict=True)))
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         last, self._cold = self._cold, None

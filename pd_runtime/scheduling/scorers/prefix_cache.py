@@ -9,15 +9,25 @@ partial block needs computing. A prompt shorter than one block scores 0 everywhe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
+from operator import truediv
 
-from pd_runtime.scheduling.plugins import SCORERS, EndpointState, RequestContext, Scorer, register
+from pd_runtime.scheduling.plugins import (
+    SCORERS,
+    EndpointState,
+    RequestContext,
+    Scorer,
+    addresses,
+    register,
+)
 
 
 @register(SCORERS, "prefix-cache")
 class PrefixCacheScorer(Scorer):
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
         total = len(ctx.block_keys)
+        addrs = addresses(endpoints)
         if not total:
-            return {e.address: 0.0 for e in endpoints}
-        cached = ctx.cached_blocks
-        return {e.address: cached.get(e.address, 0) / total for e in endpoints}
+            return dict.fromkeys(addrs, 0.0)
+        held = map(ctx.cached_blocks.get, addrs, repeat(0))
+        return dict(zip(addrs, map(truediv, held, repeat(total)), strict=True))  # held / total

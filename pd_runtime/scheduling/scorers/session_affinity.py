@@ -12,7 +12,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from pd_runtime.scheduling.plugins import SCORERS, EndpointState, RequestContext, Scorer, register
+from pd_runtime.scheduling.plugins import (
+    SCORERS,
+    EndpointState,
+    RequestContext,
+    Scorer,
+    addresses,
+    register,
+)
 
 
 @register(SCORERS, "session-affinity")
@@ -24,7 +31,10 @@ class SessionAffinityScorer(Scorer):
 
     def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
         last = self._where.get(ctx.session) if ctx.session else None
-        return {e.address: 1.0 if e.address == last else 0.0 for e in endpoints}
+        scores = dict.fromkeys(addresses(endpoints), 0.0)
+        if last in scores:
+            scores[last] = 1.0
+        return scores
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         if not ctx.session:

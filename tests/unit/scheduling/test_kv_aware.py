@@ -197,7 +197,7 @@ def test_pending_claims_extend_the_indexed_prefix_and_removals_win_at_once() -> 
     store(s, D1, PROMPT, 0, 2)
     s.release(request(), s.schedule(request()))  # routed to D1: claims blocks 2..4 for 5 s
     # D1 claims only the tail, blocks 2..4: blocks 0..1 are the index's.
-    assert sum(D1 in per for per in s.pending._holders.values()) == 3
+    assert s.pending.claimed(D1) == 3
     clock.now = 4.9
     # D1: indexed 0..1 + claimed 2..4; the prefiller that computed the prompt claims it all.
     assert s.schedule(request()).scores == {D1: 1.0, P0: 1.0}

@@ -223,3 +223,26 @@ def test_cold_spreader_judges_cold_among_its_own_candidates() -> None:
     assert scorer.score(on_prefill_only, endpoints) == {A: 0.0, B: 1.0}
     scorer.picked(on_prefill_only, endpoints[1])  # counted as a cold placement on B
     assert scorer.score(context(PROMPT), endpoints)[B] < 1.0
+
+
+# ---- memoized scrape-only scorers -----------------------------------------------------------
+
+
+def test_scrape_only_scorers_follow_every_change_of_signal_or_candidates() -> None:
+    """queue-depth and kv-cache-utilization reuse their last answer while the candidates and
+    the scraped signal are the same; any change (a scrape, a direct assignment, another
+    candidate list) is seen at once, and callers never share the cached dict."""
+    a, b, c = state(A, waiting=1.0, kv_usage=0.5), state(B, waiting=3.0), state(C, waiting=None)
+    queue, usage = QueueDepthScorer(), KVCacheUtilizationScorer()
+    ctx = context(PROMPT)
+    first = queue.score(ctx, [a, b, c])
+    assert first == {A: 2 / 3, B: 0.0, C: 1.0}
+    first[A] = 42.0  # the caller's copy
+    assert queue.score(ctx, [a, b, c]) == {A: 2 / 3, B: 0.0, C: 1.0}
+    b.waiting = 0.0
+    assert queue.score(ctx, [a, b, c]) == {A: 0.0, B: 1.0, C: 1.0}
+    assert queue.score(ctx, [a, c]) == {A: 0.0, C: 1.0}
+    assert usage.score(ctx, [a, b]) == {A: 0.5, B: 1.0}
+    b.kv_usage = 0.25
+    assert usage.score(ctx, [a, b]) == {A: 0.5, B: 0.75}
+    assert usage.score(ctx, [b, a]) == {B: 0.75, A: 0.5}

@@ -3,6 +3,7 @@ prompts against the tiny model's real tokenizer, the async path, and KVAwareSche
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,73 @@ async def test_prepare_fills_token_ids_and_block_keys(model_dir: Path, hf: Any) 
         assert result.reason == "no-prefill-endpoint"
     finally:
         await s.stop()
+
+
+# ---- SegmentEncoder: the per-segment cache gives the whole encode's ids -------------------
+
+_PIECES = [
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_", "|>", "<|", "\n", "\n\n", " ", "  ",
+    "system\n", "user\n", "The quick brown fox", " jumps", "over the lazy dog.", "'s", "'ll",
+    "123", "4567", "e\u0301", "\u0301", "café", "日本語のテキスト", "🙂", "\t", "a", "A",
+]  # fmt: skip
+
+
+def _random_text(rng: Any) -> str:
+    return "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 40)))
+
+
+def test_segment_encoder_equals_the_whole_encode_on_random_text(hf: Any) -> None:
+    import random
+
+    from pd_runtime.scheduling.tokenize import SegmentEncoder
+
+    rng = random.Random(0)
+    enc = SegmentEncoder(hf, max_tokens=200, verify_first=0)  # small: evictions happen too
+    assert enc.enabled
+    texts = [_random_text(rng) for _ in range(300)]
+    for text in texts + texts[::7]:  # the second pass hits the cache
+        assert enc.encode(text) == hf.encode(text, add_special_tokens=False), repr(text)
+    assert enc.hits and enc.misses
+    assert enc.describe()["tokens"] <= 200
+
+
+def test_chat_prompts_sharing_a_system_prompt_reuse_its_tokens(
+    tok: PromptTokenizer, hf: Any
+) -> None:
+    system = {"role": "system", "content": "You are terse. " * 50}
+    seg = tok._segments
+    assert seg is not None and seg.enabled
+    for i in range(20):
+        messages = [system, {"role": "user", "content": f"question {i}: " + "why? " * i}]
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before = seg.hits
+        assert tok.tokenize(CHAT, {"messages": messages}) == hf.encode(
+            text, add_special_tokens=False
+        )
+        if i:
+            assert seg.hits > before  # at least the system turn came from the cache
+
+
+def test_segment_encoder_turns_itself_off_on_a_difference(hf: Any) -> None:
+    from pd_runtime.scheduling.tokenize import SegmentEncoder
+
+    enc = SegmentEncoder(hf, verify_first=2)
+    enc._cache["hello"] = array("I", [1, 2, 3])  # a wrong cached entry
+    assert enc.encode("<|im_start|>hello") == hf.encode(
+        "<|im_start|>hello", add_special_tokens=False
+    )
+    assert not enc.enabled and enc.encode("x") is None
+
+
+def test_segment_encoder_is_off_when_added_tokens_strip_whitespace(hf: Any) -> None:
+    from types import SimpleNamespace
+
+    from pd_runtime.scheduling.tokenize import SegmentEncoder
+
+    stripping = SimpleNamespace(
+        content="<x>", normalized=False, lstrip=True, rstrip=False, single_word=False
+    )
+    fake = SimpleNamespace(
+        backend_tokenizer=hf.backend_tokenizer, added_tokens_decoder={5: stripping}
+    )
+    assert not SegmentEncoder(fake).enabled
