@@ -93,7 +93,9 @@ class Gateway:
 
 
 @contextmanager
-def gateway(policy: str = "kv-aware", **config: Any) -> Iterator[Gateway]:
+def gateway(
+    policy: str = "kv-aware", params: dict[str, Any] | None = None, **config: Any
+) -> Iterator[Gateway]:
     """A coordinator in front of two scraped fake decode engines and one prefill engine."""
     engines = {name: ScrapedEngine(name) for name in ("decode-a", "decode-b", "prefill-a")}
     with ExitStack() as outer:
@@ -115,6 +117,7 @@ def gateway(policy: str = "kv-aware", **config: Any) -> Iterator[Gateway]:
                 pd_threshold_tokens=16,
                 scrape_interval_s=0.1,
                 unhealthy_after_failures=2,
+                **(params or {}),
             )
         app = create_app(coordinator, scheduler)
         url = outer.enter_context(serve(app))
@@ -189,6 +192,17 @@ def test_a_stopped_engine_turns_unhealthy_in_the_state(kv_gateway: Gateway) -> N
 
     assert wait_for(lambda: healthy()["decode-b"] is False, 5, "decode-b down") < 5
     assert healthy() == {"decode-a": True, "decode-b": False, "prefill-a": True}
+
+
+def test_a_latency_learning_policy_shows_its_learned_model() -> None:
+    with gateway(params={"pd_decider": "predicted"}) as g:
+        g.send()
+        state = g.state()
+    learned = state["latency"]["learned"]
+    assert learned is not None  # pd_decider: predicted times the answers
+    # Each streamed answer's TTFT taught one line: the decode endpoint's, or the prefill
+    # endpoint's when it was disaggregated.
+    assert sum(m["ttft"]["n"] for m in learned.values()) == N // 3
 
 
 def test_round_robin_tracks_no_health_or_load() -> None:
