@@ -5,9 +5,12 @@ one script call, so from one render) and the same numbers computed from the coor
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.browser import wait_until
 
 _READ_PAGE = """
 const v = (el) => (!el || el.dataset.value === "" ? null : Number(el.dataset.value));
@@ -79,3 +82,18 @@ def comparable(page: dict[str, Any]) -> dict[str, Any]:
         if e["role"] == "decode" and e["decisions"]
     }
     return out
+
+
+def open_live(driver: Any, base_url: str, timeout_s: float = 10.0) -> None:
+    """Open the coordinator's dashboard and wait for its first render of the state."""
+    driver.get(f"{base_url}/dashboard")
+    wait_until(lambda: read_page(driver)["status"] == "live", timeout_s, "the first render")
+
+
+def wait_matching(driver: Any, metrics_text: Callable[[], str], timeout_s: float) -> float:
+    """Wait until the page shows what ``/metrics`` (``metrics_text()``) says; return seconds."""
+    return wait_until(
+        lambda: comparable(read_page(driver)) == from_metrics(metrics_text()),
+        timeout_s,
+        "the page to show what /metrics says",
+    )

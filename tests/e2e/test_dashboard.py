@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from pd_runtime.demo import DEMO_PROMPT
-from tests.browser import chromium, console_errors, wait_until
-from tests.dashboard_page import comparable, from_metrics, read_page
+from tests.browser import chromium, console_errors
+from tests.dashboard_page import open_live, read_page, wait_matching
 from tests.e2e.conftest import Deployment
 
 N = 6
@@ -26,20 +26,14 @@ pytestmark = pytest.mark.browser
 def test_dashboard_shows_the_gateways_metrics_after_real_requests(
     deployment: Deployment, tmp_path: Path
 ) -> None:
+    deployment.wait_all_healthy()  # an earlier test may have restarted a worker
     with chromium() as browser:
-        browser.get(f"{deployment.gateway}/dashboard")
-        wait_until(lambda: read_page(browser)["status"] == "live", 30, "the first render")
+        open_live(browser, deployment.gateway, 30)
         before = read_page(browser)
         for i in range(N):
             prompt = f"dashboard {uuid.uuid4().hex if i % 2 == 0 else ''} {DEMO_PROMPT}"
             deployment.complete(prompt, f"dashboard-{i}-{uuid.uuid4().hex[:8]}")
-
-        def metrics() -> dict[str, object]:
-            return from_metrics(httpx.get(f"{deployment.gateway}/metrics", timeout=10).text)
-
-        wait_until(
-            lambda: comparable(read_page(browser)) == metrics(), 15, "the page to match /metrics"
-        )
+        wait_matching(browser, lambda: httpx.get(f"{deployment.gateway}/metrics").text, 15)
         page = read_page(browser)
         assert page["requests"] == before["requests"] + N
         assert page["decisions"] >= before["decisions"] + N

@@ -26,7 +26,7 @@ from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler
 from tests.browser import chromium, console_errors, wait_until
-from tests.dashboard_page import comparable, from_metrics, read_page
+from tests.dashboard_page import from_metrics, open_live, read_page, wait_matching
 from tests.servers import FakeEngine, serve, wait_for
 
 N = 12  # requests per test
@@ -88,8 +88,11 @@ class Gateway:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def metrics_text(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
     def metrics(self) -> dict[str, Any]:
-        return from_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
+        return from_metrics(self.metrics_text())
 
 
 @contextmanager
@@ -274,14 +277,9 @@ def test_page_in_a_browser_matches_metrics_and_shows_a_stopped_engine_down(
     kv_gateway: Gateway, tmp_path: Path
 ) -> None:
     with chromium() as browser:
-        browser.get(f"{kv_gateway.url}/dashboard")
-        wait_until(lambda: read_page(browser)["status"] == "live", 10, "the first render")
+        open_live(browser, kv_gateway.url)
         kv_gateway.send()
-
-        def matches() -> bool:
-            return comparable(read_page(browser)) == kv_gateway.metrics()
-
-        wait_until(matches, 10, f"the page to show /metrics after {N} requests")
+        wait_matching(browser, kv_gateway.metrics_text, 10)
         page = read_page(browser)
         assert page["decisions"] == page["requests"] == N
         assert {e["health"] for e in page["endpoints"].values()} == {"up"}
@@ -312,3 +310,16 @@ def test_page_in_a_browser_asks_for_the_api_key() -> None:
         # The 401 before the key is the only console error (the browser logs failed fetches).
         errors = console_errors(browser)
         assert all("401" in e["message"] for e in errors), errors
+
+
+@pytest.mark.browser
+def test_page_in_a_browser_shows_a_learned_latency_model() -> None:
+    with gateway(params={"pd_decider": "predicted"}) as g, chromium() as browser:
+        g.send()
+        open_live(browser, g.url)
+        learned = browser.find_element("id", "learned")
+        assert learned.is_displayed()
+        rows = learned.find_elements("css selector", "tbody tr")
+        assert len(rows) == len(g.state()["latency"]["learned"]) > 0  # endpoints with samples
+        assert not browser.find_element("id", "learned-off").is_displayed()
+        assert console_errors(browser) == []
