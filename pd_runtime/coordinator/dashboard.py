@@ -84,7 +84,6 @@ class Dashboard:
 
     def __init__(self, scheduler: Scheduler, metrics: CoordinatorMetrics) -> None:
         self.scheduler = scheduler
-        self.metrics = metrics
         self.window = MetricsWindow(metrics.registry, span_s=SPAN_S)
         # A reading of the counters as they start (zero): until the coordinator is SPAN_S old,
         # the first poll's window then reaches back to the start instead of being empty.
@@ -97,8 +96,10 @@ class Dashboard:
         rate_s = now.at - recent.at
         debug = self.scheduler.debug_state()
 
-        def per_s(name: str) -> float | None:
-            return (now.total(name) - recent.total(name)) / rate_s if rate_s > 0 else None
+        def per_s(name: str, **labels: str) -> float | None:
+            if rate_s <= 0:
+                return None
+            return (now.total(name, **labels) - recent.total(name, **labels)) / rate_s
 
         decisions = now.by(DECISIONS, "mode", "reason")
         prompt_now, cached_now = (now.total(name) for name in _PROMPT)
@@ -126,11 +127,7 @@ class Dashboard:
                         "mode": mode,
                         "reason": reason,
                         "total": total,
-                        "per_s": (
-                            (total - recent.total(DECISIONS, mode=mode, reason=reason)) / rate_s
-                            if rate_s > 0
-                            else None
-                        ),
+                        "per_s": per_s(DECISIONS, mode=mode, reason=reason),
                     }
                     for (mode, reason), total in sorted(decisions.items())
                 ],
