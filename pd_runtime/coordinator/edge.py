@@ -2,7 +2,7 @@
 
 ::
 
-    request ──▶ /health, /metrics? ─────────────────────────────────────▶ app
+    request ──▶ /health, /metrics, the dashboard page? ─────────────────▶ app
                     │ other paths
                     ▼
                 API keys on and no valid 'Authorization: Bearer KEY'? ──▶ 401
@@ -42,6 +42,7 @@ from pd_runtime.common.headers import GENERATION_PATHS
 from pd_runtime.common.openai_errors import error_response
 from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.coordinator.admission import AdmissionController
+from pd_runtime.coordinator.dashboard import PAGE_PATHS
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
 from pd_runtime.errors import (
     AuthenticationError,
@@ -55,7 +56,9 @@ from pd_runtime.errors import (
 __all__ = ["OPEN_PATHS", "PRIORITY_HEADER", "ApiKeys", "GatewayMiddleware", "resolve_api_keys"]
 
 PRIORITY_HEADER = "x-request-priority"
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+#: Served without a key: probes, Prometheus, and the dashboard's static page (it holds no data;
+#: its ``/dashboard/state``, which names every endpoint, needs a key like any other path).
+OPEN_PATHS = frozenset({"/health", "/metrics", *PAGE_PATHS})
 
 
 def resolve_api_keys(
