@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -40,6 +41,14 @@ async def until(condition: Callable[[], object], timeout_s: float = 10.0) -> Non
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+def answers_health(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether ``url``/health answers 200 now (a refused or timed-out connection is a no)."""
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout_s, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from pd_runtime.model.tiny import write_model
-from tests.servers import free_port, wait_for
+from tests.servers import answers_health, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment]
 
@@ -53,10 +53,7 @@ def lone_decode_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
 
     def healthy() -> bool:
         assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_health(url)
 
     try:
         wait_for(healthy, timeout_s=600, what="the lone decode worker", poll_s=1)

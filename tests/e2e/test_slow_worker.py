@@ -23,7 +23,7 @@ import pytest
 
 from pd_runtime.demo import DEMO_PROMPT
 from tests.e2e.conftest import Deployment
-from tests.servers import free_port, wait_for
+from tests.servers import answers_health, free_port, wait_for
 
 BUSY_LOOPS = 3  # decode-1 gets about a quarter of its core
 WARM_SAMPLES = 4
@@ -83,15 +83,10 @@ def latency_coordinator(deployment: Deployment, tmp_path: Path) -> Iterator[str]
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(healthy, timeout_s=120, what="the latency-aware coordinator", poll_s=0.5)
+        wait_for(
+            lambda: answers_health(url), timeout_s=120, what="the latency coordinator", poll_s=0.5
+        )
         yield url
     finally:
         process.terminate()

@@ -21,7 +21,7 @@ import vllm.distributed.kv_events  # noqa: F401  (the publisher process's; fail,
 import yaml
 from fastapi.responses import PlainTextResponse
 
-from tests.servers import FakeEngine, free_port, serve, wait_for
+from tests.servers import FakeEngine, answers_health, free_port, serve, wait_for
 from tests.unit.kv_events.test_vllm_publisher import PUBLISHER
 
 REPLICAS = 2
@@ -49,13 +49,6 @@ def indexed_blocks(own_url: str) -> int:
     """Blocks this replica's index holds (from its own KV-event subscription)."""
     state = httpx.get(f"{own_url}/debug/scheduler", timeout=5, trust_env=False).json()
     return sum(sum(e["indexed_blocks"].values()) for e in state["endpoints"])
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +103,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
         own_urls = [f"http://127.0.0.1:{p}" for p in own]
         try:
             for url in own_urls:
-                wait_for(lambda u=url: healthy(u), timeout_s=90, what=f"{url} healthy")
+                wait_for(lambda u=url: answers_health(u), timeout_s=90, what=f"{url} healthy")
             yield {
                 "shared": f"http://127.0.0.1:{port}",
                 "own": own_urls,
@@ -161,7 +154,7 @@ def test_a_killed_replica_does_not_take_the_port_down(replicas: dict[str, object
     processes[0].wait()
     answers = [complete(shared) for _ in range(12)]
     assert [a.status_code for a in answers] == [200] * 12
-    assert not healthy(own[0]) and healthy(own[1])
+    assert not answers_health(own[0]) and answers_health(own[1])
 
 
 def test_the_replica_flag_needs_a_free_own_port(tmp_path: Path) -> None:
