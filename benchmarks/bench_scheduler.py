@@ -305,6 +305,8 @@ def request(i: int, p: Prompt | None, tokens: list[int] | None = None) -> Schedu
 
 
 def q(ns: list[int]) -> dict[str, float]:
+    # The stdlib's quantiles, not pd_runtime.common.stats.percentile: with --baseline this runs in
+    # a child process whose pd_runtime is an older tree, which may not have that module.
     c = statistics.quantiles(ns, n=100)
     return {"p50": c[49] / 1e3, "p90": c[89] / 1e3, "p99": c[98] / 1e3}
 
