@@ -5,6 +5,7 @@ pd-runtime worker ...            a vLLM server with P/D settings (prefill, decod
 pd-runtime sidecar ...           the proxy in front of one decode worker
 pd-runtime coordinator ...       the OpenAI-compatible gateway and scheduler
 pd-runtime up --config FILE      the whole deployment on this machine
+pd-runtime serve MODEL [options] the same from flags, vLLM-style (--prefill N --decode M ...)
 pd-runtime plan --config FILE    where each part would run (GPUs, cores, ports, UCX), starting nothing
 pd-runtime demo                  bring it up, walk through what it does, shut down
 pd-runtime status                each part of a running `up`: state, health, restarts
@@ -22,8 +23,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pd_runtime.errors import PDRuntimeError
+
+if TYPE_CHECKING:
+    from pd_runtime.config import DeploymentConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -154,6 +159,50 @@ def _add_up_and_demo(sub: argparse._SubParsersAction) -> None:
         )
 
 
+SERVE_DESCRIPTION = """\
+Serve MODEL (a local directory or a hub id) with disaggregated prefill and decode: --prefill N
+and --decode M vLLM workers, a sidecar in front of each decode worker, and the OpenAI-compatible
+gateway on --port, placed, warmed and supervised exactly as `up` does (until Ctrl-C).
+
+Flags pd-runtime does not know go to every worker's vLLM command line, as does everything after
+`--` (vLLM-style: `pd-runtime serve MODEL --max-num-seqs 64`; give MODEL first, or write a vLLM
+flag as --flag=VALUE). --print-config writes the same deployment as YAML, for `up --config`.
+"""
+
+SERVE_EPILOG = """\
+examples:
+  pd-runtime serve .cache/models/tiny --generate tiny --prefill 1 --decode 2
+  pd-runtime serve Qwen/Qwen3-0.6B --tensor-parallel-size 2 --max-num-seqs 64 --port 8080
+  pd-runtime serve Qwen/Qwen3-0.6B --decode 3 --print-config > my.yaml   # then: up --config my.yaml
+"""
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from pd_runtime.config.serve import add_serve_flags
+    from pd_runtime.scheduling.registry import SCHEDULERS
+
+    p = sub.add_parser(
+        "serve",
+        help="serve MODEL from flags, vLLM-style: N prefill + M decode workers and the gateway",
+        usage="pd-runtime serve MODEL [options] [-- VLLM_ARGS ...]",
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a vLLM flag must not be taken for an abbreviation of ours
+    )
+    add_serve_flags(p, choices={"scheduler": SCHEDULERS.names()})
+    launch = p.add_argument_group("launch")
+    launch.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the deployment as YAML (what `up --config` reads) and exit",
+    )
+    launch.add_argument("--run-dir", default=None, help="where logs go (default runs/NAME)")
+    launch.add_argument(
+        "--ray", metavar="ADDRESS", help="run on this Ray cluster, as `up --ray` (default: here)"
+    )
+
+
 def _add_status_and_warmup(sub: argparse._SubParsersAction) -> None:
     status = sub.add_parser(
         "status",
@@ -229,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sidecar,
         _add_coordinator,
         _add_up_and_demo,
+        _add_serve,
         _add_plan,
         _add_status_and_warmup,
     ):
@@ -427,19 +477,41 @@ def _stop_on_signals() -> None:
 
 def _run_up(args: argparse.Namespace, demo: bool) -> int:
     from pd_runtime.config import DeploymentConfig
+    from pd_runtime.registries import load_checked
+
+    return _launch(load_checked(DeploymentConfig, args.config), args, demo)
+
+
+def _run_serve(args: argparse.Namespace, engine_args: list[str], argv: list[str]) -> int:
+    from pd_runtime.config.serve import serve_config
+    from pd_runtime.registries import check_names
+
+    config = check_names(serve_config(args, engine_args), "the serve flags")
+    if args.print_config:
+        import yaml
+
+        print(f"# `pd-runtime up --config FILE` runs what `pd-runtime {shlex.join(argv)}` runs")
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    return _launch(config, args, demo=False)
+
+
+def _launch(config: DeploymentConfig, args: argparse.Namespace, demo: bool) -> int:
+    """What ``up``, ``demo`` and ``serve`` run: the launcher, until Ctrl-C or a crash loop."""
     from pd_runtime.config.launcher import RayLauncherConfig
     from pd_runtime.launcher.base import create_launcher
     from pd_runtime.logging_setup import setup_logging
-    from pd_runtime.registries import load_checked
 
     setup_logging("WARNING")
-    config = load_checked(DeploymentConfig, args.config)
     if getattr(args, "ray", None):
         ray = config.launcher if isinstance(config.launcher, RayLauncherConfig) else None
         ray = (ray or RayLauncherConfig()).model_copy(update={"address": args.ray})
         config = config.model_copy(update={"launcher": ray})
     run_dir = Path(args.run_dir or f"runs/{config.name}")
-    launcher = create_launcher(config, run_dir, progress=lambda m: print(f"[up] {m}", flush=True))
+    tag = "serve" if args.command == "serve" else "up"
+    launcher = create_launcher(
+        config, run_dir, progress=lambda m: print(f"[{tag}] {m}", flush=True)
+    )
     _stop_on_signals()
     try:
         launcher.start()
@@ -454,25 +526,30 @@ def _run_up(args: argparse.Namespace, demo: bool) -> int:
         print(launcher.wait_for_failure(), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\n[up] stopping...", flush=True)
+        print(f"\n[{tag}] stopping...", flush=True)
         return 0
     finally:
         # A second Ctrl-C (or a SIGTERM forwarded by a supervisor) must not cut the shutdown short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         launcher.stop()
-        print("[up] all parts stopped", flush=True)
+        print(f"[{tag}] all parts stopped", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = list(argv)
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Only serve takes flags it does not know (they are vLLM's, for every worker).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "model":
             return _run_model(args)
@@ -482,6 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_sidecar(args)
         if args.command == "coordinator":
             return _run_coordinator(args)
+        if args.command == "serve":
+            return _run_serve(args, [*unknown, *passthrough], command)
         if args.command == "plan":
             return _run_plan(args)
         if args.command == "status":
