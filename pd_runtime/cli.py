@@ -47,8 +47,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
-    from pd_runtime.platform import PLATFORM_CHOICES
-    from pd_runtime.worker.command import KV_ROLES
+    from pd_runtime.common.flags import add_flags
+    from pd_runtime.worker.settings import FLAG_NAMES, WorkerSettings
 
     p = sub.add_parser(
         "worker",
@@ -56,39 +56,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         description="Start vLLM's OpenAI server with NIXL KV transfer, KV events and UCX transport "
         "set for its role. Arguments after '--' go to vLLM unchanged.",
     )
-    p.add_argument("--role", choices=list(KV_ROLES), required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--served-model-name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--side-channel-port", type=int, default=5600, help="NIXL side channel")
-    p.add_argument("--kv-events-port", type=int, default=5557, help="ZMQ KV events; 0 = off")
-    p.add_argument("--kv-events-replay-port", type=int, help="ZMQ replay of missed KV events")
-    p.add_argument(
-        "--kv-events-host",
-        help="host in the KV-events endpoint (default: --host, where the coordinator listens); "
-        "'*' makes the worker bind it so the coordinator connects (Kubernetes)",
-    )
-    p.add_argument("--block-size", type=int, help="default: 32 on CPU, 16 on GPU")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--platform", choices=PLATFORM_CHOICES, default="auto")
-    p.add_argument("--cpu-cores", help="CPU: cores to pin to (VLLM_CPU_OMP_THREADS_BIND)")
-    p.add_argument("--kv-cache-gib", type=float, help="CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    p.add_argument("--gpus", help="GPU: CUDA_VISIBLE_DEVICES")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--ucx-tls", help="override the auto-detected UCX_TLS")
-    p.add_argument(
-        "--nixl-progress-delay-us",
-        type=int,
-        help="poll timeout of NIXL's UCX progress thread (default: 1000 on CPU, NIXL's 0 on GPU)",
-    )
-    p.add_argument(
-        "--kv-lease",
-        type=int,
-        metavar="SECONDS",
-        help="prefill: keep unpulled KV blocks this long (default: vLLM's 30)",
-    )
-    p.add_argument("--no-enforce-eager", action="store_true")
+    # Generated from the worker's typed settings (one default each), under the names the
+    # Kubernetes manifests use; WorkerSettings.to_spec turns them into the WorkerSpec.
+    add_flags(p, WorkerSettings, names=FLAG_NAMES)
     p.add_argument("--dry-run", action="store_true", help="print the command and environment")
 
 
@@ -307,32 +277,11 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
-    from pd_runtime.platform import resolve_platform
-    from pd_runtime.worker.command import WorkerSpec, build_worker_command
+    from pd_runtime.common.flags import from_args
+    from pd_runtime.worker.command import build_worker_command
+    from pd_runtime.worker.settings import WorkerSettings
 
-    spec = WorkerSpec(
-        role=args.role,
-        model=args.model,
-        served_model_name=args.served_model_name,
-        host=args.host,
-        port=args.port,
-        platform=resolve_platform(args.platform),
-        side_channel_port=args.side_channel_port,
-        kv_events_port=args.kv_events_port or None,
-        kv_events_replay_port=args.kv_events_replay_port,
-        kv_events_host=args.kv_events_host,
-        block_size=args.block_size,
-        max_model_len=args.max_model_len,
-        enforce_eager=not args.no_enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size,
-        kv_cache_gib=args.kv_cache_gib,
-        cpu_cores=args.cpu_cores,
-        gpu_ids=args.gpus,
-        ucx_tls=args.ucx_tls,
-        nixl_progress_delay_us=args.nixl_progress_delay_us,
-        kv_lease_s=args.kv_lease,
-        extra_args=tuple(passthrough),
-    )
+    spec = WorkerSettings(**from_args(args, WorkerSettings)).to_spec(passthrough)
     argv, env = build_worker_command(spec)
     if args.dry_run:
         for key, value in sorted(env.items()):

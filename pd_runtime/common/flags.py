@@ -78,12 +78,16 @@ def _parser(name: str, info: FieldInfo) -> Callable[[str], Any]:
     return parse
 
 
-def _metavar(name: str, info: FieldInfo, choices: Mapping[str, Sequence[str]] | None) -> str | None:
+def _metavar(
+    name: str, info: FieldInfo, choices: Mapping[str, Sequence[str]] | None, flag: str
+) -> str | None:
     if (choices and name in choices) or _literal_choices(info):
         return None  # argparse shows the choices
     if name.endswith("_s"):
         return "SECONDS"
-    return "N" if _scalar(info) in (int, float) else name.upper()
+    return (
+        "N" if _scalar(info) in (int, float) else flag.removeprefix("--").replace("-", "_").upper()
+    )
 
 
 def _fields(model: type[BaseModel], only: Iterable[str] | None) -> list[tuple[str, FieldInfo]]:
@@ -128,7 +132,7 @@ def add_flags(
             default=default,
             required=required,
             choices=(choices or {}).get(name) or _literal_choices(info),
-            metavar=_metavar(name, info, choices),
+            metavar=_metavar(name, info, choices, flag),
             help=help_text,
         )
 
