@@ -3,6 +3,8 @@
 Start order: workers (one at a time unless ``parallel_startup``) → sidecars → warm-up and pair
 checks (:mod:`pd_runtime.launcher.warmup`) → coordinator; each stage waits until its parts answer
 ``GET /health``. A part that exits during start-up aborts the launch with the tail of its log.
+While a worker starts, the phases its log shows (model load, KV cache, graph capture, HTTP server:
+:mod:`pd_runtime.worker.startup`) are reported through ``progress`` with the seconds elapsed.
 
 Once started, every part runs under a :class:`~pd_runtime.launcher.supervisor.PartSupervisor`
 (the same one the Ray launcher's actors run): its own process group (stopping it also stops
