@@ -20,8 +20,7 @@ from pd_runtime.worker.command import Role, WorkerSpec
 
 __all__ = ["FLAG_NAMES", "WorkerSettings"]
 
-_SPEC = {f.name: f.default for f in dataclasses.fields(WorkerSpec)}
-Port = {"ge": 1, "le": 65535}
+_SPEC: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(WorkerSpec)}
 
 #: Settings whose flag is not the field's name (kept as the manifests spell them).
 FLAG_NAMES = {"gpu_ids": "--gpus"}
@@ -37,15 +36,15 @@ class WorkerSettings(BaseModel):
     model: str = Field(description="model directory or hub id")
     served_model_name: str | None = Field(default=None, description="default: --model")
     host: str = Field(default=_SPEC["host"], description="address vLLM listens on")
-    port: int = Field(description="vLLM's HTTP port", **Port)
+    port: int = Field(description="vLLM's HTTP port", ge=1, le=65535)
     side_channel_port: int = Field(
-        default=_SPEC["side_channel_port"], description="NIXL side channel", **Port
+        default=_SPEC["side_channel_port"], description="NIXL side channel", ge=1, le=65535
     )
     kv_events_port: int = Field(
         default=_SPEC["kv_events_port"], ge=0, le=65535, description="ZMQ KV events; 0 = off"
     )
     kv_events_replay_port: int | None = Field(
-        default=None, description="ZMQ replay of missed KV events; default: none", **Port
+        default=None, description="ZMQ replay of missed KV events; default: none", ge=1, le=65535
     )
     kv_events_host: str | None = Field(
         default=None,
