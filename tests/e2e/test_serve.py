@@ -24,7 +24,7 @@ from pd_runtime.common.prom import scrape_metrics
 from pd_runtime.demo import DEMO_PROMPT, pod_score_lines
 from pd_runtime.launcher.status import STATUS_FILE
 from pd_runtime.launcher.supervisor import _child_setup
-from tests.e2e.conftest import _part_processes, _tail
+from tests.e2e.conftest import _tail, parts_left, stop_launcher
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment]
 
@@ -91,22 +91,11 @@ def test_serve_starts_a_deployment_from_flags_serves_pd_and_stops_on_sigint(
         assert decision["prefill"] == "127.0.0.1:12100", decision
         assert scrape_metrics("http://127.0.0.1:12200/metrics")[NIXL] >= nixl_before + 1
     finally:
-        if serve.poll() is None:
-            serve.send_signal(signal.SIGINT)
-            try:
-                serve.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
-                serve.wait(10)
+        stopped = stop_launcher(serve, signal.SIGINT)  # Ctrl-C
     output = out_path.read_text()
+    assert stopped, f"serve did not stop within 60s of SIGINT:\n{_tail(out_path)}"
     assert serve.returncode == 0, _tail(out_path)
     assert "[serve] stopping..." in output and "[serve] all parts stopped" in output
-    left = _part_processes(pids)
-    waited = time.monotonic()
-    while left and time.monotonic() - waited < 10:  # orphans are reaped by init
-        time.sleep(0.5)
-        left = _part_processes(pids)
-    for process in left:
-        process.kill()
+    left = parts_left(pids)
     assert not left, f"parts alive after serve stopped: {left}"
     print(f"[e2e] serve test took {time.monotonic() - started:.0f}s")
