@@ -29,6 +29,7 @@ _N = r"(?P<{}>[\d.,]+)"
 PHASES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern.replace("{s}", _N.format("s"))), label)
     for pattern, label in (
+        (r"\] non-default args: ", "vLLM API server starting"),
         (r"Initializing a V1 LLM engine", "engine starting"),
         (r"Starting to load model", "loading the model"),
         (r"Loading weights took {s} seconds", "weights loaded in {s}s"),

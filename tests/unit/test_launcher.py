@@ -126,7 +126,7 @@ def test_a_starting_worker_reports_the_phases_of_its_log(tmp_path: Path) -> None
     launcher.stop(grace_s=5)
     reported = [m for m in messages if m.startswith("decode-0: ")]
     labels = [m.removeprefix("decode-0: ").rsplit(" (", 1)[0] for m in reported]
-    assert labels[:2] == ["engine starting", "loading the model"], messages
+    assert labels[:3] == ["vLLM API server starting", "engine starting", "loading the model"]
     assert "KV cache 524,288 tokens" in labels and labels[-1] == "HTTP server up"
     assert labels.count("loading the model") == 1
     assert all(m.endswith("s)") for m in reported)

@@ -39,6 +39,7 @@ def phases(lines: list[str]) -> list[str]:
 def test_a_real_vllm_cpu_start_reads_as_its_phases() -> None:
     lines = LogFollower(FIXTURES / "cpu-decode.log").lines()
     assert phases(lines) == [
+        "vLLM API server starting",
         "engine starting",
         "loading the model",
         "weights loaded in 0.01s",
