@@ -5,6 +5,7 @@ pd-runtime worker ...            a vLLM server with P/D settings (prefill, decod
 pd-runtime sidecar ...           the proxy in front of one decode worker
 pd-runtime coordinator ...       the OpenAI-compatible gateway and scheduler
 pd-runtime up --config FILE      the whole deployment on this machine
+pd-runtime serve MODEL [options] the same from flags, vLLM-style (--prefill N --decode M ...)
 pd-runtime plan --config FILE    where each part would run (GPUs, cores, ports, UCX), starting nothing
 pd-runtime demo                  bring it up, walk through what it does, shut down
 pd-runtime status                each part of a running `up`: state, health, restarts
@@ -22,8 +23,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pd_runtime.errors import PDRuntimeError
+
+if TYPE_CHECKING:
+    from pd_runtime.config import DeploymentConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -42,8 +47,8 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
-    from pd_runtime.platform import PLATFORM_CHOICES
-    from pd_runtime.worker.command import KV_ROLES
+    from pd_runtime.common.flags import add_flags
+    from pd_runtime.worker.settings import FLAG_NAMES, WorkerSettings
 
     p = sub.add_parser(
         "worker",
@@ -51,39 +56,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         description="Start vLLM's OpenAI server with NIXL KV transfer, KV events and UCX transport "
         "set for its role. Arguments after '--' go to vLLM unchanged.",
     )
-    p.add_argument("--role", choices=list(KV_ROLES), required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--served-model-name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--side-channel-port", type=int, default=5600, help="NIXL side channel")
-    p.add_argument("--kv-events-port", type=int, default=5557, help="ZMQ KV events; 0 = off")
-    p.add_argument("--kv-events-replay-port", type=int, help="ZMQ replay of missed KV events")
-    p.add_argument(
-        "--kv-events-host",
-        help="host in the KV-events endpoint (default: --host, where the coordinator listens); "
-        "'*' makes the worker bind it so the coordinator connects (Kubernetes)",
-    )
-    p.add_argument("--block-size", type=int, help="default: 32 on CPU, 16 on GPU")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--platform", choices=PLATFORM_CHOICES, default="auto")
-    p.add_argument("--cpu-cores", help="CPU: cores to pin to (VLLM_CPU_OMP_THREADS_BIND)")
-    p.add_argument("--kv-cache-gib", type=float, help="CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    p.add_argument("--gpus", help="GPU: CUDA_VISIBLE_DEVICES")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--ucx-tls", help="override the auto-detected UCX_TLS")
-    p.add_argument(
-        "--nixl-progress-delay-us",
-        type=int,
-        help="poll timeout of NIXL's UCX progress thread (default: 1000 on CPU, NIXL's 0 on GPU)",
-    )
-    p.add_argument(
-        "--kv-lease",
-        type=int,
-        metavar="SECONDS",
-        help="prefill: keep unpulled KV blocks this long (default: vLLM's 30)",
-    )
-    p.add_argument("--no-enforce-eager", action="store_true")
+    # Generated from the worker's typed settings (one default each), under the names the
+    # Kubernetes manifests use; WorkerSettings.to_spec turns them into the WorkerSpec.
+    add_flags(p, WorkerSettings, names=FLAG_NAMES)
     p.add_argument("--dry-run", action="store_true", help="print the command and environment")
 
 
@@ -152,6 +127,50 @@ def _add_up_and_demo(sub: argparse._SubParsersAction) -> None:
             help="run on this Ray cluster ('auto', HOST:PORT of its head): one placement group per "
             "worker (sets the config's launcher to {type: ray, address: ADDRESS})",
         )
+
+
+SERVE_DESCRIPTION = """\
+Serve MODEL (a local directory or a hub id) with disaggregated prefill and decode: --prefill N
+and --decode M vLLM workers, a sidecar in front of each decode worker, and the OpenAI-compatible
+gateway on --port, placed, warmed and supervised exactly as `up` does (until Ctrl-C).
+
+Flags pd-runtime does not know go to every worker's vLLM command line, as does everything after
+`--` (vLLM-style: `pd-runtime serve MODEL --max-num-seqs 64`; give MODEL first, or write a vLLM
+flag as --flag=VALUE). --print-config writes the same deployment as YAML, for `up --config`.
+"""
+
+SERVE_EPILOG = """\
+examples:
+  pd-runtime serve .cache/models/tiny --generate tiny --prefill 1 --decode 2
+  pd-runtime serve Qwen/Qwen3-0.6B --tensor-parallel-size 2 --max-num-seqs 64 --port 8080
+  pd-runtime serve Qwen/Qwen3-0.6B --decode 3 --print-config > my.yaml   # then: up --config my.yaml
+"""
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from pd_runtime.config.serve import add_serve_flags
+    from pd_runtime.scheduling.registry import SCHEDULERS
+
+    p = sub.add_parser(
+        "serve",
+        help="serve MODEL from flags, vLLM-style: N prefill + M decode workers and the gateway",
+        usage="pd-runtime serve MODEL [options] [-- VLLM_ARGS ...]",
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a vLLM flag must not be taken for an abbreviation of ours
+    )
+    add_serve_flags(p, choices={"scheduler": SCHEDULERS.names()})
+    launch = p.add_argument_group("launch")
+    launch.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the deployment as YAML (what `up --config` reads) and exit",
+    )
+    launch.add_argument("--run-dir", default=None, help="where logs go (default runs/NAME)")
+    launch.add_argument(
+        "--ray", metavar="ADDRESS", help="run on this Ray cluster, as `up --ray` (default: here)"
+    )
 
 
 def _add_status_and_warmup(sub: argparse._SubParsersAction) -> None:
@@ -229,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_sidecar,
         _add_coordinator,
         _add_up_and_demo,
+        _add_serve,
         _add_plan,
         _add_status_and_warmup,
     ):
@@ -257,32 +277,11 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace, passthrough: list[str]) -> int:
-    from pd_runtime.platform import resolve_platform
-    from pd_runtime.worker.command import WorkerSpec, build_worker_command
+    from pd_runtime.common.flags import from_args
+    from pd_runtime.worker.command import build_worker_command
+    from pd_runtime.worker.settings import WorkerSettings
 
-    spec = WorkerSpec(
-        role=args.role,
-        model=args.model,
-        served_model_name=args.served_model_name,
-        host=args.host,
-        port=args.port,
-        platform=resolve_platform(args.platform),
-        side_channel_port=args.side_channel_port,
-        kv_events_port=args.kv_events_port or None,
-        kv_events_replay_port=args.kv_events_replay_port,
-        kv_events_host=args.kv_events_host,
-        block_size=args.block_size,
-        max_model_len=args.max_model_len,
-        enforce_eager=not args.no_enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size,
-        kv_cache_gib=args.kv_cache_gib,
-        cpu_cores=args.cpu_cores,
-        gpu_ids=args.gpus,
-        ucx_tls=args.ucx_tls,
-        nixl_progress_delay_us=args.nixl_progress_delay_us,
-        kv_lease_s=args.kv_lease,
-        extra_args=tuple(passthrough),
-    )
+    spec = WorkerSettings(**from_args(args, WorkerSettings)).to_spec(passthrough)
     argv, env = build_worker_command(spec)
     if args.dry_run:
         for key, value in sorted(env.items()):
@@ -427,19 +426,41 @@ def _stop_on_signals() -> None:
 
 def _run_up(args: argparse.Namespace, demo: bool) -> int:
     from pd_runtime.config import DeploymentConfig
+    from pd_runtime.registries import load_checked
+
+    return _launch(load_checked(DeploymentConfig, args.config), args, demo)
+
+
+def _run_serve(args: argparse.Namespace, engine_args: list[str], argv: list[str]) -> int:
+    from pd_runtime.config.serve import serve_config
+    from pd_runtime.registries import check_names
+
+    config = check_names(serve_config(args, engine_args), "the serve flags")
+    if args.print_config:
+        import yaml
+
+        print(f"# `pd-runtime up --config FILE` runs what `pd-runtime {shlex.join(argv)}` runs")
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    return _launch(config, args, demo=False)
+
+
+def _launch(config: DeploymentConfig, args: argparse.Namespace, demo: bool) -> int:
+    """What ``up``, ``demo`` and ``serve`` run: the launcher, until Ctrl-C or a crash loop."""
     from pd_runtime.config.launcher import RayLauncherConfig
     from pd_runtime.launcher.base import create_launcher
     from pd_runtime.logging_setup import setup_logging
-    from pd_runtime.registries import load_checked
 
     setup_logging("WARNING")
-    config = load_checked(DeploymentConfig, args.config)
     if getattr(args, "ray", None):
         ray = config.launcher if isinstance(config.launcher, RayLauncherConfig) else None
         ray = (ray or RayLauncherConfig()).model_copy(update={"address": args.ray})
         config = config.model_copy(update={"launcher": ray})
     run_dir = Path(args.run_dir or f"runs/{config.name}")
-    launcher = create_launcher(config, run_dir, progress=lambda m: print(f"[up] {m}", flush=True))
+    tag = "serve" if args.command == "serve" else "up"
+    launcher = create_launcher(
+        config, run_dir, progress=lambda m: print(f"[{tag}] {m}", flush=True)
+    )
     _stop_on_signals()
     try:
         launcher.start()
@@ -454,25 +475,30 @@ def _run_up(args: argparse.Namespace, demo: bool) -> int:
         print(launcher.wait_for_failure(), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\n[up] stopping...", flush=True)
+        print(f"\n[{tag}] stopping...", flush=True)
         return 0
     finally:
         # A second Ctrl-C (or a SIGTERM forwarded by a supervisor) must not cut the shutdown short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         launcher.stop()
-        print("[up] all parts stopped", flush=True)
+        print(f"[{tag}] all parts stopped", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = list(argv)
     if argv[:1] == ["bench"]:
         return _run_bench(argv[1:])
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Only serve takes flags it does not know (they are vLLM's, for every worker).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "model":
             return _run_model(args)
@@ -482,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_sidecar(args)
         if args.command == "coordinator":
             return _run_coordinator(args)
+        if args.command == "serve":
+            return _run_serve(args, [*unknown, *passthrough], command)
         if args.command == "plan":
             return _run_plan(args)
         if args.command == "status":

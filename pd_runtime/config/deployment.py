@@ -62,21 +62,35 @@ class EngineConfig(BaseModel):
 
     model_config = _STRICT
 
-    block_size: int | None = Field(default=None, gt=0, description="default: 32 on CPU, 16 on GPU")
-    max_model_len: int = Field(default=2048, gt=0)
-    enforce_eager: bool = True
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    block_size: int | None = Field(
+        default=None, gt=0, description="KV block size in tokens; default: 32 on CPU, 16 on GPU"
+    )
+    max_model_len: int = Field(default=2048, gt=0, description="longest prompt + output, tokens")
+    enforce_eager: bool = Field(
+        default=True, description="no CUDA graphs / torch.compile (faster start, slower decode)"
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs per worker (a TP group of neighbouring GPUs)"
+    )
     kv_cache_gib: float = Field(default=1.0, gt=0, description="CPU only: VLLM_CPU_KVCACHE_SPACE")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
-    extra_args: list[str] = Field(default_factory=list)
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="GPU only: share of GPU memory vLLM may use"
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="more flags for every worker's vLLM command line"
+    )
 
 
 class TransportConfig(BaseModel):
     model_config = _STRICT
 
-    platform: PlatformChoice = "auto"
+    platform: PlatformChoice = Field(
+        default="auto", description="cpu or cuda; auto: cuda where NVML finds GPUs"
+    )
     ucx_tls: str | None = Field(default=None, description="override UCX_TLS; default: auto-detect")
-    ucx_net_devices: str | None = None
+    ucx_net_devices: str | None = Field(
+        default=None, description="override UCX_NET_DEVICES; default: the RDMA ports nearest"
+    )
     nixl_num_threads: int | None = Field(
         default=None, ge=0, description="NIXL UCX worker threads; default: vLLM's (4)"
     )

@@ -3,6 +3,8 @@
 Start order: workers (one at a time unless ``parallel_startup``) → sidecars → warm-up and pair
 checks (:mod:`pd_runtime.launcher.warmup`) → coordinator; each stage waits until its parts answer
 ``GET /health``. A part that exits during start-up aborts the launch with the tail of its log.
+While a worker starts, the phases its log shows (model load, KV cache, graph capture, HTTP server:
+:mod:`pd_runtime.worker.startup`) are reported through ``progress`` with the seconds elapsed.
 
 Once started, every part runs under a :class:`~pd_runtime.launcher.supervisor.PartSupervisor`
 (the same one the Ray launcher's actors run): its own process group (stopping it also stops
@@ -34,6 +36,7 @@ from pd_runtime.launcher.status import status_row, write_status_file
 from pd_runtime.launcher.supervisor import PartStatus, PartSupervisor
 from pd_runtime.launcher.topology import DeploymentPlan, PartKind, PartSpec
 from pd_runtime.launcher.warmup import WarmupError, warm_up
+from pd_runtime.worker.startup import LogFollower, StartupPhases
 
 __all__ = ["LocalLauncher", "RunningPart", "log_tail"]
 
@@ -50,10 +53,12 @@ def log_tail(path: Path, lines: int = 25) -> str:
 class RunningPart:
     """One part and the supervisor that keeps its process running."""
 
-    def __init__(self, spec: PartSpec, supervisor: PartSupervisor) -> None:
+    def __init__(self, spec: PartSpec, supervisor: PartSupervisor, log_offset: int = 0) -> None:
         self.spec = spec
         self.supervisor = supervisor
         self.log_path = supervisor.log_path
+        # A worker's start-up phases, read from its log from where this start began writing.
+        self.startup = (LogFollower(self.log_path, log_offset), StartupPhases())
         self.healthy = False  # as last probed by the launcher's watch loop
         self.warmed_pid: int | None = None  # the process the last warm-up checked
 
@@ -226,11 +231,13 @@ class LocalLauncher:
 
     def _spawn(self, spec: PartSpec) -> RunningPart:
         policy = self.restarts
+        log_path = self.run_dir / f"{spec.name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0  # the log is appended to
         supervisor = PartSupervisor(
             spec.name,
             spec.argv,
             spec.env,
-            str(self.run_dir / f"{spec.name}.log"),
+            str(log_path),
             cpu_affinity=spec.cpu_affinity,
             max_process_restarts=policy.max_restarts,
             crash_loop_window_s=policy.window_s,
@@ -239,7 +246,7 @@ class LocalLauncher:
             exit_on_give_up=False,
             on_event=self.progress,
         )
-        part = RunningPart(spec, supervisor)
+        part = RunningPart(spec, supervisor, offset)
         self.parts.append(part)
         self.progress(
             f"started {spec.name} (pid {part.process.pid}, {spec.placement or spec.kind}), "
@@ -260,6 +267,8 @@ class LocalLauncher:
                             f"{name} exited with code {status.last_exit} during start-up; "
                             f"last lines of {part.log_path}:\n{log_tail(part.log_path)}"
                         )
+                    if part.spec.kind == "worker":
+                        self._report_phases(part, time.monotonic() - started)
                     if _healthy(client, part.spec.url):
                         del pending[name]
                         self.progress(f"{name} healthy after {time.monotonic() - started:.0f}s")
@@ -274,6 +283,15 @@ class LocalLauncher:
                     )
                 if pending:
                     time.sleep(0.5)
+
+    def _report_phases(self, part: RunningPart, elapsed_s: float) -> None:
+        """The start-up phases the worker's log shows since the last look (model load, KV
+        cache, graph capture, HTTP server), so that minutes of a GPU start are not silent."""
+        follower, phases = part.startup
+        for line in follower.lines():
+            label = phases.feed(line)
+            if label is not None:
+                self.progress(f"{part.spec.name}: {label} ({elapsed_s:.0f}s)")
 
 
 def _healthy(client: httpx.Client, url: str) -> bool:

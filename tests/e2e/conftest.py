@@ -225,6 +225,34 @@ def _part_processes(pids: list[int]) -> list[psutil.Process]:
     return alive
 
 
+def stop_launcher(process: subprocess.Popen[bytes], signum: int, timeout_s: float = 60.0) -> bool:
+    """Signal ``up`` or ``serve`` to stop its parts and wait; SIGKILL its process group if it
+    has not stopped within ``timeout_s``. True when it stopped by itself."""
+    if process.poll() is not None:
+        return True
+    process.send_signal(signum)
+    try:
+        process.wait(timeout_s)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+        return False
+
+
+def parts_left(pids: list[int], wait_s: float = 10.0) -> list[psutil.Process]:
+    """The parts' processes still alive ``wait_s`` after their launcher stopped (orphans are
+    reparented and reaped by init: give that a moment); killed, and returned to assert on."""
+    left = _part_processes(pids)
+    waited = time.monotonic()
+    while left and time.monotonic() - waited < wait_s:
+        time.sleep(0.5)
+        left = _part_processes(pids)
+    for process in left:
+        process.kill()
+    return left
+
+
 def _tail(path: Path, lines: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -278,22 +306,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             pids = [p for p in deployment.pids.values() if p]
         except (OSError, ValueError):
             pids = []
-        if up.poll() is None:
-            up.send_signal(signal.SIGTERM)
-            try:
-                up.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait(10)
-                for process in _part_processes(pids):
-                    process.kill()
-                pytest.fail(f"`up` did not stop within 60s of SIGTERM:\n{_tail(out_path)}")
-        # Orphans are reparented and reaped by init: give that a moment.
-        left = _part_processes(pids)
-        waited = time.monotonic()
-        while left and time.monotonic() - waited < 10:
-            time.sleep(0.5)
-            left = _part_processes(pids)
-        for process in left:
-            process.kill()
+        if not stop_launcher(up, signal.SIGTERM):
+            for process in _part_processes(pids):
+                process.kill()
+            pytest.fail(f"`up` did not stop within 60s of SIGTERM:\n{_tail(out_path)}")
+        left = parts_left(pids)
         assert not left, f"parts still alive after `up` stopped: {left}\n{_tail(out_path)}"

