@@ -50,6 +50,12 @@ class ServeSettings(BaseModel):
 
     prefill: int = Field(default=1, ge=0, description="prefill workers")
     decode: int = Field(default=1, ge=1, description="decode workers (each with a sidecar)")
+    coordinator_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="coordinator processes sharing the gateway's port (SO_REUSEPORT); replica k "
+        "also listens alone on port + 1 + k",
+    )
     port: int = Field(
         default=CoordinatorConfig.model_fields["port"].default,
         ge=1,
@@ -75,7 +81,7 @@ class ServeSettings(BaseModel):
     )
 
 
-_SHAPE = ("prefill", "decode")
+_SHAPE = ("prefill", "decode", "coordinator_replicas")
 _PORTS = tuple(name for name in ServeSettings.model_fields if name.endswith("port"))
 
 
@@ -165,6 +171,7 @@ def serve_config(args: argparse.Namespace, extra_args: Sequence[str] = ()) -> De
         "sidecar": {"port": s.sidecar_port},
         "coordinator": {
             "port": s.port,
+            "replicas": s.coordinator_replicas,
             "scheduler": {
                 "policy": s.scheduler,
                 "params": _scheduler_params(args.scheduler_param),

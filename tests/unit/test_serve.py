@@ -58,6 +58,7 @@ def test_shape_ports_engine_and_transport_flags() -> None:
         "--kv-events-replay-port", "9600", "--tensor-parallel-size", "2", "--max-model-len",
         "4096", "--block-size", "64", "--no-enforce-eager", "--kv-lease", "20",
         "--platform", "cpu", "--scheduler", "round-robin", "--scheduler-param", "x=[1, 2]",
+        "--coordinator-replicas", "2",
     )  # fmt: skip
     assert (c.model.path, c.model.name, c.model.generate) == ("/models/m", "m", "tiny")
     assert (c.prefill.replicas, c.decode.replicas, c.coordinator.port) == (2, 3, 9000)
@@ -74,6 +75,7 @@ def test_shape_ports_engine_and_transport_flags() -> None:
     assert c.transport == TransportConfig(kv_lease_s=20, platform="cpu")
     assert c.coordinator.scheduler.policy == "round-robin"
     assert c.coordinator.scheduler.params == {"x": [1, 2]}
+    assert (c.coordinator.replicas, c.coordinator.replica_ports) == (2, [9001, 9002])
 
 
 def test_flags_it_does_not_know_go_to_every_workers_vllm_and_its_own_are_not_swallowed(
