@@ -336,7 +336,8 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             )
             request_id = headers.get(REQUEST_ID_HEADER) or _new_request_id()
             sched_request = SchedulingRequest(request_id, model, route, body, headers=headers)
-            tracing.set_attributes({"pd.request_id": request_id, "pd.model": model})
+            if tracing.enabled:
+                tracing.set_attributes({"pd.request_id": request_id, "pd.model": model})
             prepared = time.perf_counter()
             with tracing.span("coordinator.prepare"):
                 sched_request = await scheduler.prepare(sched_request)
@@ -446,14 +447,19 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                     logger.info(line)
                 mode = "disaggregated" if result.disaggregated else "direct"
                 metrics.record_decision(result, mode)
-                attributes = {"pd.attempt": len(tried) + 1, "pd.decode": result.decode.address}
+                attributes = (
+                    {"pd.attempt": len(tried) + 1, "pd.decode": result.decode.address}
+                    if tracing.enabled
+                    else None
+                )
                 with tracing.span("coordinator.attempt", attributes, client=True):
                     outcome = await forward(attempt, result, mode)
                     if isinstance(outcome, _Opened):
                         streaming = True
                         await send_upstream(send, *outcome)
                         return
-                    tracing.set_attributes({"pd.failure": outcome.message[:300]})
+                    if tracing.enabled:
+                        tracing.set_attributes({"pd.failure": outcome.message[:300]})
                 reason = failure_reason(outcome)
                 scheduler.report_failure(result.decode, f"{reason}: {outcome.message}")
                 tried.append(result.decode.address)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -200,6 +201,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     app.state.lifecycle = lifecycle
     app.state.tracing = tracing
     decode_url = settings.decode_url.rstrip("/")
+    decode_attributes = {"server.address": decode_url}
 
     connector = CONNECTORS.create(settings.connector)
     hop = PrefillHop(
@@ -212,6 +214,24 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         deadline_exceeded=metrics.prefill_deadline_exceeded,
         tracing=tracing,
     )
+
+    async def prefill(
+        prefiller: str,
+        path: str,
+        body: dict[str, Any],
+        prefill_body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> dict[str, Any] | None:
+        """The prefill hop, in its own ``sidecar.prefill`` span when tracing is on."""
+        if not tracing.enabled:
+            return await hop.call(prefiller, path, body, prefill_body, headers)
+        with tracing.span("sidecar.prefill", {"server.address": prefiller}, client=True):
+            headers = {**headers}
+            tracing.inject(headers)  # the prefill worker's vLLM span hangs below this one
+            answer = await hop.call(prefiller, path, body, prefill_body, headers)
+            if answer is None:
+                tracing.fail("prefill failed; the decode worker prefills locally")
+            return answer
 
     async def generate(scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/completions and /v1/chat/completions, as plain ASGI (see ``common.asgi``)."""
@@ -253,20 +273,21 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             watch = ClientWatch(receive)
             if prefiller:
                 result = await connector.disaggregate(
-                    body,
-                    lambda prefill_body: hop.call(prefiller, path, body, prefill_body, headers),
+                    body, lambda prefill_body: prefill(prefiller, path, body, prefill_body, headers)
                 )
                 mode = "disaggregated" if result.transferred else "fallback"
                 metrics.requests.labels(mode).inc()
-                tracing.set_attributes({"pd.mode": mode})
+                if tracing.enabled:
+                    tracing.set_attributes({"pd.mode": mode})
                 # Unchanged (prefill failed, no client transfer params): the bytes as received.
                 decode_body = result.decode_body
                 content = raw_body if decode_body is body else encode_json(decode_body)
             else:
                 metrics.requests.labels("direct").inc()
-                tracing.set_attributes({"pd.mode": "direct"})
+                if tracing.enabled:
+                    tracing.set_attributes({"pd.mode": "direct"})
             url = f"{decode_url}{path}"
-            with tracing.span("sidecar.decode", {"server.address": decode_url}, client=True):
+            with tracing.span("sidecar.decode", decode_attributes, client=True):
                 if tracing.enabled:
                     headers = {**headers}  # the prefill call's copy named its own span
                     tracing.inject(headers)

@@ -72,26 +72,7 @@ class PrefillHop:
         headers: dict[str, str],
     ) -> dict[str, Any] | None:
         """POST ``prefill_body`` to ``http://{prefiller}{path}``; the answer's JSON object (``{}``
-        if it is not one), or None when the call failed (the ``sidecar.prefill`` span, with
-        tracing on, then has an error status). ``client_body`` sizes the prompt."""
-        if not self.tracing.enabled:
-            return await self._call(prefiller, path, client_body, prefill_body, headers)
-        with self.tracing.span("sidecar.prefill", {"server.address": prefiller}, client=True):
-            headers = {**headers}
-            self.tracing.inject(headers)
-            answer = await self._call(prefiller, path, client_body, prefill_body, headers)
-            if answer is None:
-                self.tracing.fail("prefill failed; the decode worker prefills locally")
-            return answer
-
-    async def _call(
-        self,
-        prefiller: str,
-        path: str,
-        client_body: dict[str, Any],
-        prefill_body: dict[str, Any],
-        headers: dict[str, str],
-    ) -> dict[str, Any] | None:
+        if it is not one), or None when the call failed. ``client_body`` sizes the prompt."""
         size = prompt_size(client_body)
         deadline = self.deadlines.deadline(prefiller, size)
         self.deadline_seconds.observe(deadline.seconds)
