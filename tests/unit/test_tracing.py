@@ -16,16 +16,21 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from pd_runtime.common.tracing import ENDPOINT_ENV, Tracing, create_tracing
-from pd_runtime.config import CoordinatorConfig
+from pd_runtime.config import CoordinatorConfig, DeploymentConfig
+from pd_runtime.config.loader import parse_config
 from pd_runtime.coordinator.app import create_app
+from pd_runtime.launcher.topology import plan_deployment
+from pd_runtime.platform import Platform
 from pd_runtime.sidecar.app import SidecarSettings
 from pd_runtime.sidecar.app import create_app as create_sidecar
 from pd_runtime.worker.command import WorkerSpec, build_worker_command
 from tests.otlp import OtlpReceiver, Span, by_name, otlp_receiver, render_waterfall
 from tests.servers import FakeEngine, serve
 
+LOCAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local-cpu.yaml"
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
@@ -214,3 +219,30 @@ def test_the_worker_command_turns_vllm_tracing_on_with_an_endpoint() -> None:
     # The standard variable turns it on too (a Kubernetes pod's env).
     argv, _ = build_worker_command(spec, environ={ENDPOINT_ENV: "http://c:4318/"})
     assert argv[argv.index("--otlp-traces-endpoint") + 1] == "http://c:4318/v1/traces"
+
+
+def test_the_deployment_section_reaches_every_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    data = yaml.safe_load(LOCAL_CONFIG.read_text())
+    plan = plan_deployment(
+        parse_config(DeploymentConfig, data), tmp_path, Platform("cpu", 0, (0, 1))
+    )
+    assert not any("--otlp-traces-endpoint" in p.argv for p in plan.parts)
+    assert not any(ENDPOINT_ENV in p.env for p in plan.parts)
+    assert plan.coordinator.observability.otlp_endpoint is None
+
+    data["observability"] = {"otlp_endpoint": "http://collector:4318"}
+    plan = plan_deployment(
+        parse_config(DeploymentConfig, data), tmp_path, Platform("cpu", 0, (0, 1))
+    )
+    for worker in plan.by_kind("worker"):
+        i = worker.argv.index("--otlp-traces-endpoint")
+        assert worker.argv[i + 1] == "http://collector:4318/v1/traces"
+        role = worker.name.split("-")[0]
+        assert worker.env["OTEL_SERVICE_NAME"] == f"pd-vllm-{role}"
+    for sidecar in plan.by_kind("sidecar"):
+        assert sidecar.env[ENDPOINT_ENV] == "http://collector:4318"
+        assert sidecar.env["OTEL_SERVICE_NAME"] == "pd-sidecar"
+    assert plan.coordinator.observability.otlp_endpoint == "http://collector:4318"
