@@ -251,7 +251,9 @@ def plan_deployment(
         ]
         for address in prefill_addresses:
             argv += ["--prefiller", address]
-        parts.append(PartSpec(f"sidecar-{i}", "sidecar", argv, sidecar_env, host, sidecar_port))
+        parts.append(
+            PartSpec(f"sidecar-{i}", "sidecar", argv, dict(sidecar_env), host, sidecar_port)
+        )
         endpoints.append(
             EndpointConfig(
                 name=f"decode-{i}",
