@@ -16,6 +16,7 @@ from pydantic import (
 
 from pd_runtime.config.discovery import DiscoveryConfig
 from pd_runtime.config.endpoint import EndpointConfig
+from pd_runtime.config.observability import ObservabilityConfig
 
 __all__ = ["CoordinatorConfig", "CoordinatorEdge", "SchedulerConfig"]
 
@@ -117,6 +118,10 @@ class CoordinatorConfig(CoordinatorEdge):
         default_factory=DiscoveryConfig,
         description="where endpoints come from: 'static' (the endpoints above) or 'kubernetes' "
         "(worker pods by label, added and removed while serving; the endpoints above stay)",
+    )
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig,
+        description="traces: the OTLP endpoint (off by default) and the service name's prefix",
     )
     request_timeout_s: float = Field(
         default=600.0,

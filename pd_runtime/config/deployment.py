@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pd_runtime.config.coordinator import CoordinatorEdge, SchedulerConfig
 from pd_runtime.config.launcher import LauncherConfig, LocalLauncherConfig, RestartConfig
+from pd_runtime.config.observability import ObservabilityConfig
 from pd_runtime.config.sidecar import SidecarTuning
 from pd_runtime.platform import PlatformChoice
 
@@ -184,6 +185,11 @@ class DeploymentConfig(BaseModel):
         description="how `up` runs the parts: local processes (default) or a Ray cluster",
     )
     restarts: RestartConfig = RestartConfig()
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig,
+        description="traces of every part (coordinator, sidecars, vLLM workers) to an OTLP "
+        "collector; off by default",
+    )
     warm_up: bool = Field(
         default=True,
         description="warm every worker and check every (prefill, decode) pair (disaggregated "

@@ -19,6 +19,11 @@ Per generation request:
   6. while the answer streams back, time it for the scheduler (``_AnswerClock``): its first chunk
      (a stream's TTFT) and the pace of the SSE events after it (TPOT), so latency-learning
      policies see how fast each endpoint really is.
+With tracing on (``observability.otlp_endpoint``, :mod:`pd_runtime.common.tracing`), the request is
+one span, ``coordinator.request`` (continuing a client's ``traceparent``), with children
+``coordinator.admission`` (0.), ``coordinator.prepare`` and ``coordinator.schedule`` (3., the
+decision as attributes) and one ``coordinator.attempt`` per try (4.-5.), whose span the forwarded
+``traceparent`` names; the decision line carries the ``trace_id``.
 If the client goes away, the request to the sidecar is closed at once, before or while streaming.
 On SIGTERM (``Lifecycle``): /health answers 503 draining and in-flight requests finish.
 """
@@ -61,6 +66,7 @@ from pd_runtime.common.openai_errors import error_response, install_error_handle
 from pd_runtime.common.server import Lifecycle
 from pd_runtime.common.sse import DONE, SSEDecoder
 from pd_runtime.common.streaming import open_upstream
+from pd_runtime.common.tracing import create_tracing
 from pd_runtime.common.upstream import (
     TRANSPORT_ERRORS,
     UpstreamClient,
@@ -72,7 +78,13 @@ from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.dashboard import add_dashboard_routes
-from pd_runtime.coordinator.edge import ApiKeys, GatewayMiddleware, resolve_api_keys
+from pd_runtime.coordinator.edge import (
+    ADMITTED_KEY,
+    ARRIVED_KEY,
+    ApiKeys,
+    GatewayMiddleware,
+    resolve_api_keys,
+)
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
 from pd_runtime.coordinator.validation import validate_generation_body
 from pd_runtime.discovery import create_discovery
@@ -87,7 +99,13 @@ from pd_runtime.errors import (
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.registry import SCHEDULERS
 
-__all__ = ["RETRY_STATUSES", "create_app", "failure_reason", "pod_scores_line"]
+__all__ = [
+    "RETRY_STATUSES",
+    "create_app",
+    "decision_attributes",
+    "failure_reason",
+    "pod_scores_line",
+]
 
 logger = logging.getLogger("pd_runtime.coordinator")
 
@@ -106,13 +124,21 @@ _encode_json = msgspec.json.Encoder().encode
 
 
 def pod_scores_line(
-    request_id: str, model: str, result: SchedulingResult, *, full: bool = False
+    request_id: str,
+    model: str,
+    result: SchedulingResult,
+    *,
+    full: bool = False,
+    trace_id: str | None = None,
 ) -> str:
     """The ``Got pod scores {...}`` decision line. Its ``breakdown`` is what the policy kept for
     the line (kv-aware: the best ``log_breakdown_top_k`` endpoints), or with ``full`` (the
-    coordinator logs at DEBUG) every endpoint's."""
-    record: dict[str, Any] = {
-        "x-request-id": request_id,
+    coordinator logs at DEBUG) every endpoint's. ``trace_id`` (tracing on) ties the line to the
+    request's trace."""
+    record: dict[str, Any] = {"x-request-id": request_id}
+    if trace_id is not None:
+        record["trace_id"] = trace_id
+    record |= {
         "model": model,
         "scores": result.scores,
         "target": result.decode.address,
@@ -127,6 +153,22 @@ def pod_scores_line(
     elif result.breakdown is not None:
         record["breakdown"] = result.breakdown
     return "Got pod scores " + _encode_json(record).decode()
+
+
+def decision_attributes(result: SchedulingResult) -> dict[str, Any]:
+    """The ``coordinator.schedule`` span's attributes: where the request goes and why."""
+    attributes: dict[str, Any] = {
+        "pd.decode": result.decode.address,
+        "pd.mode": "disaggregated" if result.disaggregated else "direct",
+    }
+    if result.prefill is not None:
+        attributes["pd.prefill"] = result.prefill.address
+    if result.reason is not None:
+        attributes["pd.reason"] = result.reason
+    for address, score in (result.scores or {}).items():
+        if isinstance(score, int | float):
+            attributes[f"pd.score.{address}"] = score
+    return attributes
 
 
 # A request id for a request that came without one: unique per process (a random 64-bit prefix)
@@ -202,6 +244,8 @@ class _AnswerClock:
 
 def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) -> FastAPI:
     metrics = CoordinatorMetrics()
+    observability = config.observability
+    tracing = create_tracing(observability.otlp_endpoint, observability.service_name("coordinator"))
     if scheduler is None:
         scheduler = SCHEDULERS.create(
             config.scheduler.policy, config.endpoints, **config.scheduler.params
@@ -234,6 +278,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         await discovery.stop()
         await scheduler.stop()
         await state["client"].aclose()
+        tracing.shutdown()
 
     app = FastAPI(title="pd-runtime coordinator", lifespan=lifespan)
     install_error_handlers(app, "coordinator")
@@ -243,6 +288,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         admission=admission,
         metrics=metrics,
         max_body_bytes=config.max_body_bytes,
+        timed=tracing.enabled,
     )
     app.state.config = config
     app.state.admission = admission
@@ -250,10 +296,34 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     app.state.scheduler = scheduler
     app.state.discovery = discovery
     app.state.lifecycle = lifecycle
+    app.state.tracing = tracing
     created = int(time.time())
 
     async def generate(scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/completions and /v1/chat/completions, as plain ASGI (see ``common.asgi``)."""
+        if not tracing.enabled:
+            await serve(scope, receive, send)
+            return
+        arrived = scope.get(ARRIVED_KEY)
+        root = tracing.server_span(
+            "coordinator.request",
+            request_headers(scope),
+            start_ns=arrived,
+            attributes={"http.route": scope["path"]},
+        )
+        with root:
+            if arrived is not None:  # admitted by the gateway middleware
+                tracing.record("coordinator.admission", arrived, scope[ADMITTED_KEY])
+            await serve(scope, receive, send)
+
+    def decide(request: SchedulingRequest) -> SchedulingResult:
+        with tracing.span("coordinator.schedule"):
+            result = scheduler.schedule(request)
+            if tracing.enabled:
+                tracing.set_attributes(decision_attributes(result))
+        return result
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
         route = scope["path"]
         started = time.perf_counter()
         headers = request_headers(scope)  # decoded once, by the gateway middleware
@@ -266,11 +336,14 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             )
             request_id = headers.get(REQUEST_ID_HEADER) or _new_request_id()
             sched_request = SchedulingRequest(request_id, model, route, body, headers=headers)
+            if tracing.enabled:
+                tracing.set_attributes({"pd.request_id": request_id, "pd.model": model})
             prepared = time.perf_counter()
-            sched_request = await scheduler.prepare(sched_request)
+            with tracing.span("coordinator.prepare"):
+                sched_request = await scheduler.prepare(sched_request)
             decided = time.perf_counter()
             metrics.prepare_seconds.observe(decided - prepared)
-            result = scheduler.schedule(sched_request)
+            result = decide(sched_request)
             metrics.decision_seconds.observe(time.perf_counter() - decided)
         except ServingError as exc:
             metrics.errors.labels(exc.error_type).inc()
@@ -293,6 +366,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             metrics.in_flight.labels(result.decode.name).inc()
             # The body is forwarded byte for byte: no re-serialisation on the hot path.
             hop_headers = dict(forwarded)
+            tracing.inject(hop_headers)  # the attempt's span is the sidecar's parent
             content = raw_body
             if result.prefill is not None:
                 hop_headers[PREFILLER_HEADER] = result.prefill.address
@@ -367,14 +441,25 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             while True:
                 if logger.isEnabledFor(logging.INFO):
                     full = logger.isEnabledFor(logging.DEBUG)
-                    logger.info(pod_scores_line(request_id, model, result, full=full))
+                    line = pod_scores_line(
+                        request_id, model, result, full=full, trace_id=tracing.trace_id()
+                    )
+                    logger.info(line)
                 mode = "disaggregated" if result.disaggregated else "direct"
                 metrics.record_decision(result, mode)
-                outcome = await forward(attempt, result, mode)
-                if isinstance(outcome, _Opened):
-                    streaming = True
-                    await send_upstream(send, *outcome)
-                    return
+                attributes = (
+                    {"pd.attempt": len(tried) + 1, "pd.decode": result.decode.address}
+                    if tracing.enabled
+                    else None
+                )
+                with tracing.span("coordinator.attempt", attributes, client=True):
+                    outcome = await forward(attempt, result, mode)
+                    if isinstance(outcome, _Opened):
+                        streaming = True
+                        await send_upstream(send, *outcome)
+                        return
+                    if tracing.enabled:
+                        tracing.set_attributes({"pd.failure": outcome.message[:300]})
                 reason = failure_reason(outcome)
                 scheduler.report_failure(result.decode, f"{reason}: {outcome.message}")
                 tried.append(result.decode.address)
@@ -382,7 +467,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                     break
                 attempt = replace(sched_request, exclude=frozenset(tried))
                 try:
-                    result = scheduler.schedule(attempt)
+                    result = decide(attempt)
                 except NoEndpointError:
                     break
                 metrics.retries.labels(reason).inc()

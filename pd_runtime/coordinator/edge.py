@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import time
 from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,9 +54,21 @@ from pd_runtime.errors import (
     ServingError,
 )
 
-__all__ = ["OPEN_PATHS", "PRIORITY_HEADER", "ApiKeys", "GatewayMiddleware", "resolve_api_keys"]
+__all__ = [
+    "ADMITTED_KEY",
+    "ARRIVED_KEY",
+    "OPEN_PATHS",
+    "PRIORITY_HEADER",
+    "ApiKeys",
+    "GatewayMiddleware",
+    "resolve_api_keys",
+]
 
 PRIORITY_HEADER = "x-request-priority"
+#: With tracing on (``timed``), when a generation request arrived and when it got its admission
+#: slot (``time.time_ns()``), left in the ASGI scope for the handler's ``coordinator.admission``.
+ARRIVED_KEY = "pd_runtime.arrived_ns"
+ADMITTED_KEY = "pd_runtime.admitted_ns"
 #: Served without a key: probes, Prometheus, and the dashboard's static page (it holds no data;
 #: its ``/dashboard/state``, which names every endpoint, needs a key like any other path).
 OPEN_PATHS = frozenset({"/health", "/metrics", *PAGE_PATHS})
@@ -110,12 +123,14 @@ class GatewayMiddleware:
         admission: AdmissionController,
         metrics: CoordinatorMetrics,
         max_body_bytes: int = 10 * 1024 * 1024,
+        timed: bool = False,
     ) -> None:
         self.app = app
         self.keys = keys
         self.admission = admission
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.timed = timed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -127,11 +142,15 @@ class GatewayMiddleware:
                 self.keys.check(headers.get("authorization"))
             admit = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
             if admit:
+                if self.timed:  # tracing: the handler's span starts at arrival
+                    scope[ARRIVED_KEY] = time.time_ns()
                 priority = _priority(headers.get(PRIORITY_HEADER))
                 if self.admission.slot_free:
                     await self.admission.acquire(priority)  # returns at once
                 else:
                     receive = await self._queue(priority, receive)
+                if self.timed:
+                    scope[ADMITTED_KEY] = time.time_ns()
         except ClientGone:
             self.metrics.rejections.labels("client_gone").inc()
             return  # nobody is there to answer

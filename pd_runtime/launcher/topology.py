@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pd_runtime.common.flags import to_argv
+from pd_runtime.common.tracing import ENDPOINT_ENV, SERVICE_ENV
 from pd_runtime.config.coordinator import CoordinatorConfig, CoordinatorEdge, SchedulerConfig
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
 from pd_runtime.config.endpoint import EndpointConfig
@@ -127,6 +128,8 @@ def _worker_specs(
                 nixl_num_threads=config.transport.nixl_num_threads,
                 nixl_progress_delay_us=config.transport.nixl_progress_delay_us,
                 kv_lease_s=config.transport.kv_lease_s,
+                otlp_endpoint=config.observability.otlp_endpoint,
+                service_name=config.observability.service_name(f"vllm-{role}"),
                 extra_args=tuple(engine.extra_args) + tuple(group.extra_args),
                 extra_env=dict(group.env),
             )
@@ -228,6 +231,11 @@ def plan_deployment(
                 )
             )
 
+    # The sidecars trace when the deployment does, told as OpenTelemetry's own variables say.
+    sidecar_env = {"PYTHONUNBUFFERED": "1"}
+    if config.observability.otlp_endpoint is not None:
+        sidecar_env[ENDPOINT_ENV] = config.observability.otlp_endpoint
+        sidecar_env[SERVICE_ENV] = config.observability.service_name("sidecar")
     for i, (_, spec) in enumerate(s for s in workers if s[1].role == "decode"):
         sidecar_port = config.sidecar.port + i
         argv = [
@@ -244,7 +252,7 @@ def plan_deployment(
         for address in prefill_addresses:
             argv += ["--prefiller", address]
         parts.append(
-            PartSpec(f"sidecar-{i}", "sidecar", argv, {"PYTHONUNBUFFERED": "1"}, host, sidecar_port)
+            PartSpec(f"sidecar-{i}", "sidecar", argv, dict(sidecar_env), host, sidecar_port)
         )
         endpoints.append(
             EndpointConfig(
@@ -266,6 +274,7 @@ def plan_deployment(
         endpoints=endpoints,
         scheduler=_scheduler_for(config, workers[0][1] if workers else None),
         reuse_port=replicated,
+        observability=config.observability,
         **edge,
     )
     coordinator_path = run_dir / "coordinator.yaml"

@@ -23,6 +23,13 @@ decode worker prefills locally, counted in ``pd_sidecar_prefill_deadline_exceede
 ``decode_timeout_s`` per read of the decode call (then 504, or an SSE error event once
 streaming). On SIGTERM, /health answers 503 draining and in-flight requests get
 ``drain_timeout_s`` to finish.
+
+With tracing on (``OTEL_EXPORTER_OTLP_ENDPOINT`` in its environment, :mod:`pd_runtime.common.tracing`)
+each request is a ``sidecar.request`` span (the child of the coordinator's attempt, from the
+``traceparent`` it sent), with ``sidecar.prefill`` (3.) and ``sidecar.decode`` (4.) around the two
+calls, each of which forwards a ``traceparent`` naming its own span, so the workers' vLLM
+``llm_request`` spans hang below them. ``pd.mode`` on the request span says ``direct``,
+``disaggregated`` or ``fallback`` (the prefill span then has an error status and the reason).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -61,6 +69,7 @@ from pd_runtime.common.headers import (
 from pd_runtime.common.openai_errors import error_response, install_error_handlers
 from pd_runtime.common.server import Lifecycle
 from pd_runtime.common.streaming import open_upstream, send_streaming
+from pd_runtime.common.tracing import create_tracing
 from pd_runtime.common.upstream import (
     TRANSPORT_ERRORS,
     UpstreamClient,
@@ -154,6 +163,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     deadlines = PrefillDeadlines(settings.deadline_policy())
     lifecycle = Lifecycle()
     state: dict[str, UpstreamClient] = {}
+    tracing = create_tracing(None, "pd-sidecar")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -164,6 +174,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         if discovery is not None:
             await discovery.stop()
         await state["client"].aclose()
+        tracing.shutdown()
 
     # The allow-list: fixed entries plus discovered prefill pods. The set is swapped whole, so a
     # request checks either the old or the new one; the sidecar never becomes an open relay
@@ -188,7 +199,9 @@ def create_app(settings: SidecarSettings) -> FastAPI:
     app.state.metrics = metrics
     app.state.deadlines = deadlines
     app.state.lifecycle = lifecycle
+    app.state.tracing = tracing
     decode_url = settings.decode_url.rstrip("/")
+    decode_attributes = {"server.address": decode_url}
 
     connector = CONNECTORS.create(settings.connector)
     hop = PrefillHop(
@@ -199,10 +212,40 @@ def create_app(settings: SidecarSettings) -> FastAPI:
         seconds=metrics.prefill_seconds,
         deadline_seconds=metrics.prefill_deadline_seconds,
         deadline_exceeded=metrics.prefill_deadline_exceeded,
+        tracing=tracing,
     )
+
+    async def prefill(
+        prefiller: str,
+        path: str,
+        body: dict[str, Any],
+        prefill_body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> dict[str, Any] | None:
+        """The prefill hop, in its own ``sidecar.prefill`` span when tracing is on."""
+        if not tracing.enabled:
+            return await hop.call(prefiller, path, body, prefill_body, headers)
+        with tracing.span("sidecar.prefill", {"server.address": prefiller}, client=True):
+            headers = {**headers}
+            tracing.inject(headers)  # the prefill worker's vLLM span hangs below this one
+            answer = await hop.call(prefiller, path, body, prefill_body, headers)
+            if answer is None:
+                tracing.fail("prefill failed; the decode worker prefills locally")
+            return answer
 
     async def generate(scope: Scope, receive: Receive, send: Send) -> None:
         """POST /v1/completions and /v1/chat/completions, as plain ASGI (see ``common.asgi``)."""
+        if not tracing.enabled:
+            await serve(scope, receive, send)
+            return
+        headers = request_headers(scope)
+        attributes = {"http.route": scope["path"]}
+        if REQUEST_ID_HEADER in headers:
+            attributes["pd.request_id"] = headers[REQUEST_ID_HEADER]
+        with tracing.server_span("sidecar.request", headers, attributes=attributes):
+            await serve(scope, receive, send)
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         request_headers_ = request_headers(scope)  # decoded once
         prefiller = request_headers_.get(PREFILLER_HEADER)
@@ -219,9 +262,10 @@ def create_app(settings: SidecarSettings) -> FastAPI:
                 if prefiller not in trusted["prefillers"]:
                     metrics.rejected.inc()
                     logger.warning(
-                        "refused untrusted prefiller %r (request %s)",
+                        "refused untrusted prefiller %r (request %s%s)",
                         prefiller,
                         request_headers_.get(REQUEST_ID_HEADER),
+                        hop.trace_note(),
                     )
                     raise ForbiddenError(f"prefiller {prefiller!r} is not one this sidecar trusts")
             # From here on the client is watched (one task): if it leaves, the prefill call, the
@@ -229,18 +273,26 @@ def create_app(settings: SidecarSettings) -> FastAPI:
             watch = ClientWatch(receive)
             if prefiller:
                 result = await connector.disaggregate(
-                    body,
-                    lambda prefill_body: hop.call(prefiller, path, body, prefill_body, headers),
+                    body, lambda prefill_body: prefill(prefiller, path, body, prefill_body, headers)
                 )
-                metrics.requests.labels("disaggregated" if result.transferred else "fallback").inc()
+                mode = "disaggregated" if result.transferred else "fallback"
+                metrics.requests.labels(mode).inc()
+                if tracing.enabled:
+                    tracing.set_attributes({"pd.mode": mode})
                 # Unchanged (prefill failed, no client transfer params): the bytes as received.
                 decode_body = result.decode_body
                 content = raw_body if decode_body is body else encode_json(decode_body)
             else:
                 metrics.requests.labels("direct").inc()
+                if tracing.enabled:
+                    tracing.set_attributes({"pd.mode": "direct"})
             url = f"{decode_url}{path}"
-            upstream = await open_upstream(client, url, headers=headers, content=content)
-            await send_upstream(send, upstream, url)
+            with tracing.span("sidecar.decode", decode_attributes, client=True):
+                if tracing.enabled:
+                    headers = {**headers}  # the prefill call's copy named its own span
+                    tracing.inject(headers)
+                upstream = await open_upstream(client, url, headers=headers, content=content)
+                await send_upstream(send, upstream, url)
         except ServingError as exc:
             await error_response(exc)(scope, receive, send)
         except asyncio.CancelledError:

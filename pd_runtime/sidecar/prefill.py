@@ -20,6 +20,8 @@ import msgspec
 from prometheus_client import Counter, Histogram
 
 from pd_runtime.common.asgi import encode_json
+from pd_runtime.common.headers import REQUEST_ID_HEADER
+from pd_runtime.common.tracing import Tracing
 from pd_runtime.common.upstream import TRANSPORT_ERRORS, UpstreamClient, upstream_timeout
 from pd_runtime.sidecar.deadline import PrefillDeadlines, prompt_size
 
@@ -42,6 +44,7 @@ class PrefillHop:
         seconds: Histogram,
         deadline_seconds: Histogram,
         deadline_exceeded: Counter,
+        tracing: Tracing | None = None,
     ) -> None:
         self.client = client
         self.deadlines = deadlines
@@ -49,6 +52,16 @@ class PrefillHop:
         self.seconds = seconds
         self.deadline_seconds = deadline_seconds
         self.deadline_exceeded = deadline_exceeded
+        self.tracing = tracing or Tracing()
+
+    def _which(self, headers: dict[str, str]) -> str:
+        """Which request a log line is about: its id, and its trace's when tracing is on."""
+        return f"request {headers.get(REQUEST_ID_HEADER)}{self.trace_note()}"
+
+    def trace_note(self) -> str:
+        """``", trace ID"`` for a log line when tracing is on, else nothing."""
+        trace_id = self.tracing.trace_id()
+        return f", trace {trace_id}" if trace_id else ""
 
     async def call(
         self,
@@ -82,25 +95,32 @@ class PrefillHop:
                 self.deadline_exceeded.inc()
                 logger.warning(
                     "prefill on %s passed its %.1fs deadline (%s; predicted %.2fs for ~%d "
-                    "tokens); cancelled it, decoding locally",
+                    "tokens); cancelled it, decoding locally (%s)",
                     prefiller,
                     deadline.seconds,
                     "no prefill from it yet" if deadline.cold else "learned rate",
                     deadline.predicted_s,
                     deadline.tokens,
+                    self._which(headers),
                 )
             else:
-                logger.warning("prefill on %s failed (%r); decoding locally", prefiller, exc)
+                logger.warning(
+                    "prefill on %s failed (%r); decoding locally (%s)",
+                    prefiller,
+                    exc,
+                    self._which(headers),
+                )
             return None
         finally:
             elapsed = time.perf_counter() - started
             self.seconds.observe(elapsed)
         if response.status_code != 200:
             logger.warning(
-                "prefill on %s answered %d (%s); decoding locally",
+                "prefill on %s answered %d (%s); decoding locally (%s)",
                 prefiller,
                 response.status_code,
                 response.text[:200],
+                self._which(headers),
             )
             return None
         try:

