@@ -192,45 +192,53 @@ class _Opened(NamedTuple):
 
 
 class _AnswerClock:
-    """Times one forwarded answer for the scheduler: ``first_chunk`` when its first body bytes
-    arrive (with the TTFT when it is a successful SSE stream) and, when such a stream ends well,
-    ``stream_end`` with the seconds per SSE event after the first chunk (one event per token, as
-    vLLM streams; ``[DONE]`` not counted). Per chunk: a clock read and one pass of the SSE
-    parser (events split across chunks are counted once, when they complete)."""
+    """Times one forwarded answer: for a successful SSE stream, the TTFT (its first chunk) and
+    the mean time per SSE event after it go into the coordinator's histograms; when the
+    scheduler learns latency (``times_answers``), also ``first_chunk`` (the TTFT, None for an
+    answer that is not a stream) and ``stream_end`` for its model. Per chunk: a clock read, and
+    only for the scheduler a pass of the SSE parser (events split across chunks counted once,
+    when they complete; ``[DONE]`` not counted). Without it each chunk counts as one event,
+    which is what vLLM sends, one token per event, unless chunks merge on a busy connection."""
 
     __slots__ = (
-        "events", "first", "last", "request", "result", "scheduler", "sent", "sse", "streamed",
+        "events", "first", "last", "metrics", "request", "result", "scheduler", "sent", "sse",
+        "streamed",
     )  # fmt: skip
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        scheduler: Scheduler | None,
         request: SchedulingRequest,
         result: SchedulingResult,
         sent: float,
         streamed: bool,
+        metrics: CoordinatorMetrics,
     ) -> None:
-        self.scheduler = scheduler
+        self.scheduler = scheduler  # None: the histograms only
         self.request = request
         self.result = result
         self.sent = sent
         self.streamed = streamed
+        self.metrics = metrics
         self.first: float | None = None
         self.last = 0.0
         self.events = 0
-        self.sse = SSEDecoder() if streamed else None
+        self.sse = SSEDecoder() if streamed and scheduler is not None else None
 
     def chunk(self, data: bytes) -> None:
         now = time.perf_counter()
         # The first chunk's events are not counted (the time per event runs from it), but a
         # partial event in it must reach the parser.
-        events = 0
+        events = 1
         if self.sse is not None:
             events = sum(1 for d in self.sse.feed(data) if d != DONE)
         if self.first is None:
             self.first = self.last = now
             ttft = now - self.sent if self.streamed else None
-            self.scheduler.first_chunk(self.request, self.result, ttft)
+            if ttft is not None:
+                self.metrics.ttft_seconds.observe(ttft)
+            if self.scheduler is not None:
+                self.scheduler.first_chunk(self.request, self.result, ttft)
             return
         if self.streamed:
             self.last = now
@@ -239,7 +247,10 @@ class _AnswerClock:
     def end(self, status: int) -> None:
         if self.first is None or not self.streamed or status != 200 or self.events <= 0:
             return
-        self.scheduler.stream_end(self.request, self.result, (self.last - self.first) / self.events)
+        per_event = (self.last - self.first) / self.events
+        self.metrics.tpot_seconds.observe(per_event)
+        if self.scheduler is not None:
+            self.scheduler.stream_end(self.request, self.result, per_event)
 
 
 def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) -> FastAPI:
@@ -423,12 +434,15 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 end_attempt()
                 message = f"decode sidecar {url} answered {upstream.status_code}: {detail}"
                 return UpstreamError(message, status_code=upstream.status_code)
-            if not scheduler.times_answers:
-                return _Opened(upstream, url, finished, None)
             streamed = upstream.status_code == 200 and upstream.headers.get(
                 "content-type", ""
             ).startswith("text/event-stream")
-            clock = _AnswerClock(scheduler, attempt, result, sent, streamed)
+            learns = scheduler.times_answers
+            if not streamed and not learns:
+                return _Opened(upstream, url, finished, None)
+            clock = _AnswerClock(
+                scheduler if learns else None, attempt, result, sent, streamed, metrics
+            )
             return _Opened(upstream, url, finished, clock.chunk)
 
         # From here on the client is watched (one task): if it leaves, whatever this request

@@ -140,6 +140,8 @@ class Dashboard:
                 "hit_ratio_span": _ratio(cached_span, prompt_span),
             },
             "latency": {
+                "ttft_seconds": _latency(now, span, "pd_coordinator_ttft_seconds"),
+                "tpot_seconds": _latency(now, span, "pd_coordinator_tpot_seconds"),
                 "request_seconds": _latency(now, span, "pd_coordinator_request_seconds"),
                 "decision_seconds": _latency(now, span, "pd_coordinator_decision_seconds"),
                 "learned": self._learned(debug),

@@ -10,6 +10,8 @@ from pd_runtime.scheduling.base import SchedulingResult
 __all__ = ["CoordinatorMetrics"]
 
 _FAST = (1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
+#: TTFT and time per token: 1 ms (a stand-in engine) to a minute (a long prefill on a busy worker).
+_ANSWER = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class CoordinatorMetrics:
@@ -66,6 +68,21 @@ class CoordinatorMetrics:
             "pd_coordinator_decision_seconds",
             "Time to make one scheduling decision (tokenization excluded)",
             buckets=_FAST,
+            registry=self.registry,
+        )
+        self.ttft_seconds = Histogram(
+            "pd_coordinator_ttft_seconds",
+            "Streamed answers: forwarding the request to the first chunk back (the TTFT the "
+            "gateway sees, its own hop excluded)",
+            buckets=_ANSWER,
+            registry=self.registry,
+        )
+        self.tpot_seconds = Histogram(
+            "pd_coordinator_tpot_seconds",
+            "Streamed answers that ended well: mean time per SSE event after the first chunk "
+            "(one event per token as vLLM streams); counted per chunk received unless the "
+            "scheduler parses events for its latency model",
+            buckets=_ANSWER,
             registry=self.registry,
         )
         self.request_seconds = Histogram(

@@ -170,6 +170,11 @@ def test_state_matches_metrics_and_the_scheduler_after_n_requests(kv_gateway: Ga
     assert latency["request_seconds"]["count"] == N
     assert 0 < latency["request_seconds"]["p50"] <= latency["request_seconds"]["p99"]
     assert latency["decision_seconds"]["count"] == N
+    # Every streamed answer (a third of them) gave a TTFT and, after its 3 chunks 10 ms apart,
+    # a time per event; the non-streamed ones neither.
+    streamed = sum(1 for i in range(N) if i % 3 == 0)
+    assert latency["ttft_seconds"]["count"] == latency["tpot_seconds"]["count"] == streamed
+    assert 0.005 <= latency["tpot_seconds"]["p50"] <= 0.1
     assert latency["learned"] is None  # the default profiles do not time answers
 
 

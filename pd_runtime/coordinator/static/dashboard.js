@@ -113,6 +113,8 @@ function render(s) {
   });
 
   const latency = [
+    ["TTFT (streams)", s.latency.ttft_seconds],
+    ["TPOT (streams)", s.latency.tpot_seconds],
     ["request time", s.latency.request_seconds],
     ["decision time", s.latency.decision_seconds],
   ];
