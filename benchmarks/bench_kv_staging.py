@@ -9,7 +9,9 @@ ids on both sides) from the prefill process, two ways, moving the same bytes:
   (layer, K/V, block, head range), ``layers * 2 * blocks`` of them, straight into the cache;
 * ``staging``: the prefill side runs ``pd_kernels.kv_pack`` (``splits=readers``) into a
   registered staging buffer, the decode side READs its region with one descriptor and runs
-  ``kv_unpack`` into its cache. Pack and unpack are timed apart (CPU, torch reference).
+  ``kv_unpack`` into its cache. Pack and unpack are timed apart (CPU, torch reference);
+* ``staging, N KiB descriptors``: the same region cut into ``--chunk-kib`` pieces (UCX copies
+  a cache-sized piece faster than one huge one on this machine; see ``bench_nixl.py``'s bulk rows).
 
 The two ways' transfers alternate (``--reps`` each), so the shared machine's noise falls on both;
 median and best are reported. Two processes, one NIXL agent each, UCX over ``tcp,sm,self`` as in ``bench_nixl.py`` (whose
@@ -100,6 +102,15 @@ def descriptors(
     return out
 
 
+def _chunks(local: int, remote: int, nbytes: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(local, remote) descriptors covering ``nbytes`` from each base in ``chunk``-byte pieces."""
+    offs = np.arange(0, nbytes, chunk, dtype=np.uint64)
+    lens = np.minimum(chunk, nbytes - offs)
+    return tuple(  # type: ignore[return-value]
+        np.stack([base + offs, lens, np.zeros_like(offs)], axis=1) for base in (local, remote)
+    )
+
+
 def _prefill(conn: Connection, shm_name: str, cfg: dict[str, Any]) -> None:
     """The target: registers its cache and a staging buffer, packs on request, times the pack."""
     import torch
@@ -175,9 +186,9 @@ def _decode(conn: Connection, out: Connection, shm_name: str, cfg: dict[str, Any
                 descriptors(cache.data_ptr(), decode, layers, dst_ids, 0, hs),
                 descriptors(r_cache, prefill, layers, src_ids, 0, hs),
             ),
-            "staging": (
-                np.array([[staging.data_ptr(), nbytes, 0]], dtype=np.uint64),
-                np.array([[r_staging, nbytes, 0]], dtype=np.uint64),  # reader 0's region
+            "staging": _chunks(staging.data_ptr(), r_staging, nbytes, nbytes),  # reader 0's
+            f"staging, {cfg['chunk_kib']} KiB descriptors": _chunks(
+                staging.data_ptr(), r_staging, nbytes, cfg["chunk_kib"] * 1024
             ),
         }
         dst_t = torch.as_tensor(dst_ids)
@@ -207,7 +218,7 @@ def _decode(conn: Connection, out: Connection, shm_name: str, cfg: dict[str, Any
             for c in caches:
                 c.zero_()
             once(way)
-            if way == "staging":
+            if way.startswith("staging"):
                 k.kv_unpack([staging], caches, decode, dst_t)
             got = [decode.canonical(c)[:, dst_ids] for c in caches]
             verified[way] = all(
@@ -232,7 +243,7 @@ def _decode(conn: Connection, out: Connection, shm_name: str, cfg: dict[str, Any
                 "prep_ms": round(prep_ms[way], 3),
                 "verified": verified[way],
             }
-            if way == "staging":
+            if way.startswith("staging"):
                 row["pack_ms"] = round(statistics.median(pack_times) * 1000, 3)
                 row["unpack_ms"] = round(statistics.median(unpack) * 1000, 3)
             rows.append(row)
@@ -306,6 +317,7 @@ def main() -> int:
     ap.add_argument("--readers", type=int, default=2, help="decode TP: splits of the heads")
     ap.add_argument("--blocks", type=int, default=64, help="the request's blocks (1024 tokens)")
     ap.add_argument("--pool", type=int, default=160, help="blocks per layer in each cache")
+    ap.add_argument("--chunk-kib", type=int, default=1024, help="the chunked staging way")
     ap.add_argument("--tls", default="tcp,sm,self")
     ap.add_argument("--progress-delay-us", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=40, help="transfers per way, alternating")
@@ -321,19 +333,20 @@ def main() -> int:
         "block_size": args.block_size, "readers": args.readers, "pool": args.pool,
         "tls": args.tls, "delay_us": args.progress_delay_us, "min_reps": args.min_reps,
         "max_reps": args.max_reps, "min_time_s": args.min_time_s, "seed": args.seed,
-        "reps": args.reps,
+        "reps": args.reps, "chunk_kib": args.chunk_kib,
         "src_ids": rng.choice(args.pool, args.blocks, replace=False).tolist(),
         "dst_ids": rng.choice(args.pool, args.blocks, replace=False).tolist(),
     }  # fmt: skip
     rows = run(cfg)
     md = table(rows)
-    per, st = rows
-    ratio_d = per["descriptors"] / st["descriptors"]
-    ratio_t = per["transfer_ms"] / st["transfer_ms"]
-    summary = (
-        f"descriptors {ratio_d:,.0f}x fewer, transfer {ratio_t:.2f}x faster with staging; "
-        f"pack + transfer + unpack {st['pack_ms'] + st['transfer_ms'] + st['unpack_ms']:.2f} ms "
-        f"vs per-block {per['transfer_ms']:.2f} ms"
+    per = rows[0]
+    summary = "\n".join(
+        f"{st['way']}: descriptors {per['descriptors'] / st['descriptors']:,.0f}x fewer, "
+        f"transfer {per['transfer_ms'] / st['transfer_ms']:.2f}x faster (median; best "
+        f"{per['transfer_best_ms'] / st['transfer_best_ms']:.2f}x); pack + transfer + unpack "
+        f"{st['pack_ms'] + st['transfer_ms'] + st['unpack_ms']:.2f} ms vs per-block "
+        f"{per['transfer_ms']:.2f} ms"
+        for st in rows[1:]
     )
     print("\n" + md + "\n\n" + summary)
     if args.out:
