@@ -43,7 +43,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_nixl import _agent, _timed, machine  # noqa: E402
+from bench_nixl import _agent, _timed, machine, run_pair  # noqa: E402
 
 __all__ = ["descriptors", "load_pd_kernels"]
 
@@ -263,7 +263,6 @@ def run(cfg: dict[str, Any], timeout_s: float = 600.0) -> list[dict[str, Any]]:
     size = cfg["layers"] * 2 * prefill.num_blocks * prefill.block_numel * 2
     ctx = mp.get_context("spawn")
     shm = SharedMemory(create=True, size=size)
-    procs: list[Any] = []
     try:
         rng = np.random.default_rng(cfg["seed"])
         np.ndarray((size,), dtype=np.uint8, buffer=shm.buf)[:] = rng.integers(
@@ -275,21 +274,11 @@ def run(cfg: dict[str, Any], timeout_s: float = 600.0) -> list[dict[str, Any]]:
             ctx.Process(target=_prefill, args=(p_conn, shm.name, cfg), daemon=True),
             ctx.Process(target=_decode, args=(d_conn, res_send, shm.name, cfg), daemon=True),
         ]
-        for p in procs:
-            p.start()
-        if not res_recv.poll(timeout_s):
-            raise TimeoutError(f"no result in {timeout_s:.0f}s")
-        got = res_recv.recv()
-        for p in procs:
-            p.join(30)
+        got = run_pair(procs, res_recv, timeout_s, "the prefill/decode pair")
         if got["error"]:
             raise RuntimeError(got["error"])
         return list(got["rows"])
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
         shm.close()
         shm.unlink()
 

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import KVLayout, Order, as_bits, packed_shape
-from .reference import _check_unpack, check_ids, merge_ratio
+from .layout import KVLayout, Order, as_bits
+from .reference import prepare_pack, prepare_relayout, prepare_unpack
 
 __all__ = ["default_max_ctas", "kv_pack", "kv_relayout", "kv_unpack"]
 
@@ -164,17 +164,12 @@ def kv_pack(
 ) -> torch.Tensor:
     """Triton :func:`pd_kernels.reference.kv_pack`: one launch for all layers."""
     dev = caches[0].device
-    ids = check_ids(block_ids, layout.num_blocks).to(dev)
-    shape = packed_shape(len(caches), len(ids), layout, splits)
-    if out is None:
-        out = torch.empty(shape, dtype=caches[0].dtype, device=dev)
-    elif tuple(out.shape) != shape or out.dtype != caches[0].dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {shape} {caches[0].dtype}")
+    ids, out = prepare_pack(caches, layout, block_ids, splits, out)
     if not len(ids):
         return out
     bits = [as_bits(c) for c in caches]
     strides = _launch_args(layout.canonical(bits[0]))
-    s, nl, _, n, hs, b, d = shape
+    s, nl, _, n, hs, b, d = out.shape
     _pack_kernel[_grid(nl * 2 * n * s, max_ctas, dev)](
         _table(bits), as_bits(out), ids, nl, n, s, hs, b, d, *strides,
         ELEM=_ELEM[bits[0].dtype], **_tiles(hs * b, d),
@@ -192,9 +187,7 @@ def kv_unpack(
     """Triton :func:`pd_kernels.reference.kv_unpack`: one launch for all layers and writers."""
     dev = caches[0].device
     nl, _, n, hw, bs, d = buffers[0].shape
-    r = merge_ratio(bs, layout)
-    ids = check_ids(dst_block_ids, layout.num_blocks, "dst_block_ids").to(dev)
-    _check_unpack(buffers, caches, layout, len(ids), n, r)
+    ids, r = prepare_unpack(buffers, caches, layout, dst_block_ids)
     if not n:
         return
     if not all(b.is_contiguous() for b in buffers):
@@ -220,11 +213,9 @@ def kv_relayout(
     elements (16 tokens x 8 heads x 128); larger ones would want a staging buffer.
     """
     dev = caches[0].device
-    ids = check_ids(block_ids, layout.num_blocks).to(dev)
-    if src_order == layout.order or not len(ids):
+    ids = prepare_relayout(caches, layout, block_ids, src_order)
+    if ids is None:
         return
-    if not all(c.is_contiguous() for c in caches):
-        raise ValueError("kv_relayout needs contiguous caches (a block is one run of bytes)")
     bits = [as_bits(c) for c in caches]
     v = bits[0] if layout.kv_first else bits[0].transpose(0, 1)
     x, y, d = layout.block_dims[1], layout.block_dims[0], layout.head_dim
