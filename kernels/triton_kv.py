@@ -82,8 +82,8 @@ def _pack_kernel(
 ):  # fmt: skip
     # work item w -> (layer, kv, j, s): block ids[j] of one layer's K or V, reader s's heads
     tile = HS * B * D
-    for w in range(tl.program_id(0), L * 2 * n * S, tl.num_programs(0)):
-        w = tl.cast(w, tl.int64)
+    for w32 in range(tl.program_id(0), L * 2 * n * S, tl.num_programs(0)):
+        w = tl.cast(w32, tl.int64)  # int64 offsets: a layer can pass 2^31 elements
         s = w % S
         item = w // S  # (layer * 2 + kv) * n + j
         j = item % n
@@ -101,8 +101,8 @@ def _unpack_kernel(
 ):  # fmt: skip
     # work item w -> (layer, kv, j, writer): source block j lands in ids[j // R] at (j % R) * BS
     tile = HW * BS * D
-    for w in range(tl.program_id(0), L * 2 * n * W, tl.num_programs(0)):
-        w = tl.cast(w, tl.int64)
+    for w32 in range(tl.program_id(0), L * 2 * n * W, tl.num_programs(0)):
+        w = tl.cast(w32, tl.int64)  # int64 offsets: a layer can pass 2^31 elements
         wr = w % W
         item = w // W
         j = item % n
@@ -126,8 +126,8 @@ def _relayout_kernel(
     a = (rows // Y).to(tl.int64)
     b = (rows % Y).to(tl.int64)
     mask = (rows < X * Y)[:, None] & (cols < D)[None, :]
-    for w in range(tl.program_id(0), L * 2 * n, tl.num_programs(0)):
-        w = tl.cast(w, tl.int64)
+    for w32 in range(tl.program_id(0), L * 2 * n, tl.num_programs(0)):
+        w = tl.cast(w32, tl.int64)  # int64 offsets: a layer can pass 2^31 elements
         j = w % n
         kv = (w // n) % 2
         layer = w // (2 * n)
