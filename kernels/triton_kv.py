@@ -1,7 +1,7 @@
 """The Triton kernels and their launch wrappers (same contracts as :mod:`pd_kernels.reference`).
 
 All three are persistent copy loops over *work items* (one block of one layer, K or V, and one
-head range), launched once for every layer:
+head range); one launch covers every layer:
 
 * per-layer caches are separate allocations in vLLM, so the kernels take a *pointer table* (an
   int64 tensor of ``data_ptr()``\\ s, one per layer or per writer) and cast the entry to a typed
