@@ -35,9 +35,9 @@ browser:
 		"the browser tests will skip (fail under CI=true)"; fi
 
 lint: $(STAMP)
-	$(PY) -m ruff check pd_runtime tests benchmarks
-	$(PY) -m ruff format --check pd_runtime tests benchmarks
-	$(PY) -m mypy pd_runtime
+	$(PY) -m ruff check pd_runtime tests benchmarks kernels
+	$(PY) -m ruff format --check pd_runtime tests benchmarks kernels
+	$(PY) -m mypy pd_runtime kernels
 	$(VENV)/bin/lint-imports  # the layers and no cycles: [tool.importlinter] in pyproject.toml
 
 venv: $(STAMP)

@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["LAYOUTS", "fill_pattern", "nixl_pair", "slots_for"]
+__all__ = ["LAYOUTS", "fill_pattern", "nixl_pair", "run_pair", "slots_for"]
 
 KIB, MIB = 2**10, 2**20
 LAYOUTS = {"bulk": 0, "block-4KiB": 4 * KIB, "block-32KiB": 32 * KIB}
@@ -273,7 +273,6 @@ def nixl_pair(
     """Start a target and an initiator process over ``UCX_TLS=tls``; return the initiator's rows."""
     ctx = mp.get_context("spawn")
     shm = SharedMemory(create=True, size=capacity)
-    procs: list[Any] = []
     try:
         fill_pattern(np.ndarray((capacity,), dtype=np.uint8, buffer=shm.buf))
         t_conn, i_conn = ctx.Pipe()
@@ -294,24 +293,32 @@ def nixl_pair(
             ctx.Process(target=_target, args=(t_conn, shm.name, tls, delay_us), daemon=True),
             ctx.Process(target=_initiator, args=(i_conn, res_send, shm.name, cfg), daemon=True),
         ]
-        for p in procs:
-            p.start()
-        if not res_recv.poll(timeout_s):
-            raise TimeoutError(f"NIXL pair over UCX_TLS={tls} gave no result in {timeout_s:.0f}s")
-        got = res_recv.recv()
-        for p in procs:
-            p.join(30)
+        got = run_pair(procs, res_recv, timeout_s, f"NIXL pair over UCX_TLS={tls}")
         if got["error"]:
             print(f"[nixl] UCX_TLS={tls} failed: {got['error']}", flush=True)
             got["rows"].append({"method": f"nixl {tls}", "error": got["error"], "verified": False})
         return list(got["rows"])
     finally:
+        shm.close()
+        shm.unlink()
+
+
+def run_pair(procs: list[Any], results: Connection, timeout_s: float, what: str) -> dict[str, Any]:
+    """Start ``procs``, wait for the one message on ``results`` and return it; none left alive."""
+    try:
+        for p in procs:
+            p.start()
+        if not results.poll(timeout_s):
+            raise TimeoutError(f"{what} gave no result in {timeout_s:.0f}s")
+        got: dict[str, Any] = results.recv()
+        for p in procs:
+            p.join(30)
+        return got
+    finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        shm.close()
-        shm.unlink()
 
 
 def memcpy_rows(capacity: int, layouts: list[str], sizes: list[int], args: Any) -> list[dict]:
