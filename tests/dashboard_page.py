@@ -97,3 +97,20 @@ def wait_matching(driver: Any, metrics_text: Callable[[], str], timeout_s: float
         timeout_s,
         "the page to show what /metrics says",
     )
+
+
+def latency_count(driver: Any, label: str) -> float | None:
+    """The count the page shows in its latency table's row ``label`` (e.g. "TTFT (streams)")."""
+    count: float | None = driver.execute_script(
+        """
+        for (const tr of document.querySelectorAll("#latency tbody tr")) {
+          if (tr.cells[0].textContent === arguments[0]) {
+            const el = tr.querySelector("[data-field=count]");
+            return el && el.dataset.value !== "" ? Number(el.dataset.value) : null;
+          }
+        }
+        return null;
+        """,
+        label,
+    )
+    return count

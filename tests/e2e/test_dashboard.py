@@ -15,7 +15,7 @@ import pytest
 
 from pd_runtime.demo import DEMO_PROMPT
 from tests.browser import chromium, console_errors
-from tests.dashboard_page import open_live, read_page, wait_matching
+from tests.dashboard_page import latency_count, open_live, read_page, wait_matching
 from tests.e2e.conftest import Deployment
 
 N = 6
@@ -30,11 +30,19 @@ def test_dashboard_shows_the_gateways_metrics_after_real_requests(
     with chromium() as browser:
         open_live(browser, deployment.gateway, 30)
         before = read_page(browser)
+        ttft_before = deployment.gateway_metric("pd_coordinator_ttft_seconds_count")
         for i in range(N):
             prompt = f"dashboard {uuid.uuid4().hex if i % 2 == 0 else ''} {DEMO_PROMPT}"
-            deployment.complete(prompt, f"dashboard-{i}-{uuid.uuid4().hex[:8]}")
+            request_id = f"dashboard-{i}-{uuid.uuid4().hex[:8]}"
+            streamed = i >= N // 2  # the last half as SSE streams: they have a TTFT
+            response = deployment.post_completion(prompt, request_id, stream=streamed)
+            assert response.status_code == 200, response.text
         wait_matching(browser, lambda: httpx.get(f"{deployment.gateway}/metrics").text, 15)
         page = read_page(browser)
+        # Every stream's TTFT reached the gateway's histogram and the page's last minute.
+        ttft = deployment.gateway_metric("pd_coordinator_ttft_seconds_count") - ttft_before
+        assert ttft == N - N // 2
+        assert latency_count(browser, "TTFT (streams)") >= ttft
         assert page["requests"] == before["requests"] + N
         assert page["decisions"] >= before["decisions"] + N
         assert page["prompt_tokens"] > before["prompt_tokens"]

@@ -26,7 +26,13 @@ from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler
 from tests.browser import chromium, console_errors, wait_until
-from tests.dashboard_page import from_metrics, open_live, read_page, wait_matching
+from tests.dashboard_page import (
+    from_metrics,
+    latency_count,
+    open_live,
+    read_page,
+    wait_matching,
+)
 from tests.servers import FakeEngine, serve, wait_for
 
 N = 12  # requests per test
@@ -288,6 +294,9 @@ def test_page_in_a_browser_matches_metrics_and_shows_a_stopped_engine_down(
         page = read_page(browser)
         assert page["decisions"] == page["requests"] == N
         assert {e["health"] for e in page["endpoints"].values()} == {"up"}
+        streamed = sum(1 for i in range(N) if i % 3 == 0)  # Gateway.send streams every third
+        wait_until(lambda: latency_count(browser, "TTFT (streams)") == streamed, 5, "the TTFT row")
+        assert latency_count(browser, "TPOT (streams)") == streamed
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
 
         kv_gateway.stop("decode-b")
