@@ -91,6 +91,7 @@ class MetricsScraper:
         self.timeout_s = timeout_s
         self.unhealthy_after = unhealthy_after
         self.rounds = 0
+        self.round_errors = 0  # rounds that raised (logged; the loop goes on)
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
 
@@ -120,9 +121,16 @@ class MetricsScraper:
         self.rounds += 1
 
     async def _run(self) -> None:
+        # The loop must outlive anything a round raises: if it died, no endpoint marked
+        # unhealthy would ever be taken back (seen: an AttributeError from inside httpcore/anyio
+        # while a killed worker's port came back, which no except clause named).
         while True:
             started = time.monotonic()
-            await self.scrape_once()
+            try:
+                await self.scrape_once()
+            except Exception:
+                self.round_errors += 1
+                log.exception("metrics scrape round failed; the next round runs as usual")
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     async def _scrape(self, state: EndpointState) -> None:
@@ -171,7 +179,7 @@ class MetricsScraper:
                 values = parse_metrics(gauges)
             else:
                 values = await asyncio.to_thread(parse_metrics, text)
-        except (httpx.HTTPError, ValueError) as exc:
+        except Exception as exc:
             return _describe(exc)
         state.waiting = values.get(WAITING)
         state.running = values.get(RUNNING)
@@ -188,6 +196,6 @@ class MetricsScraper:
         try:
             response = await self._client.get(url)
             response.raise_for_status()
-        except httpx.HTTPError as exc:
+        except Exception as exc:
             return _describe(exc)
         return None

@@ -207,6 +207,53 @@ async def test_background_loop_scrapes_every_interval_and_stops(live: str) -> No
     await scraper.stop()  # idempotent
 
 
+async def test_an_unexpected_error_fails_the_scrape_and_never_stops_the_loop(
+    live: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Seen on real workers: while a killed worker's port came back, httpcore/anyio raised an
+    # AttributeError ("'NoneType' object has no attribute 'getpeername'") out of client.get; it
+    # ended the scraper's task, and the endpoint was never taken back into rotation.
+    state = endpoint_state(live)
+    scraper = MetricsScraper([state], interval_s=0.02, unhealthy_after=2)
+    await scraper.start()
+    assert scraper._client is not None
+    real_get = scraper._client.get
+    broken = {"on": True}
+
+    async def flaky_get(url: str, **kw: object) -> object:
+        if broken["on"]:
+            raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+        return await real_get(url, **kw)  # type: ignore[arg-type]
+
+    scraper._client.get = flaky_get  # type: ignore[method-assign]
+    real_scrape = scraper._scrape
+    calls = {"n": 0}
+
+    async def scrape_raising_once(e: EndpointState) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a round that raises")
+        await real_scrape(e)
+
+    scraper._scrape = scrape_raising_once  # type: ignore[method-assign]
+    try:
+        for _ in range(300):
+            if not state.healthy and scraper.round_errors:
+                break
+            await asyncio.sleep(0.01)
+        assert not state.healthy and scraper.round_errors == 1
+        assert "a round that raises" in caplog.text
+        broken["on"] = False
+        for _ in range(300):
+            if state.healthy:
+                break
+            await asyncio.sleep(0.01)
+        assert state.healthy and state.scrape_failures == 0 and state.waiting == 3.0
+        assert scraper._task is not None and not scraper._task.done()
+    finally:
+        await scraper.stop()
+
+
 # ---- decode endpoints behind a sidecar: the sidecar's /health is part of every round ----------
 
 
