@@ -33,9 +33,22 @@ def test_a_disaggregated_request_is_one_trace_across_all_four_processes(
     trace_id = str(decision["trace_id"])
     assert len(trace_id) == 32
 
+    # Each process exports in its own batches, so wait for every span the test reads (the
+    # sidecar's request span ends, and may be exported, after vLLM's spans have arrived).
+    expected = {
+        ("pd-coordinator", "coordinator.request"),
+        ("pd-coordinator", "coordinator.prepare"),
+        ("pd-coordinator", "coordinator.schedule"),
+        ("pd-coordinator", "coordinator.attempt"),
+        ("pd-sidecar", "sidecar.request"),
+        ("pd-sidecar", "sidecar.prefill"),
+        ("pd-sidecar", "sidecar.decode"),
+        ("pd-vllm-prefill", "llm_request"),
+        ("pd-vllm-decode", "llm_request"),
+    }
+
     def complete(_: list[Span]) -> bool:
-        names = [s.name for s in otlp.trace(trace_id)]
-        return "coordinator.request" in names and names.count("llm_request") >= 2
+        return expected <= {(s.service, s.name) for s in otlp.trace(trace_id)}
 
     otlp.wait_for(complete, timeout_s=60)
     spans = otlp.trace(trace_id)
