@@ -25,7 +25,7 @@ def test_a_disaggregated_request_is_one_trace_across_all_four_processes(
     # Unique from the first block on: cached nowhere, so the coordinator disaggregates it.
     tag = uuid.uuid4().hex
     request_id = f"traced-{tag[:8]}"
-    deployment.complete(f"{tag} traced: {DEMO_PROMPT}", request_id, max_tokens=8)
+    answer = deployment.complete(f"{tag} traced: {DEMO_PROMPT}", request_id, max_tokens=8)
 
     # The decision line ties the request id to the trace id.
     decision = deployment.decision(request_id)
@@ -82,7 +82,9 @@ def test_a_disaggregated_request_is_one_trace_across_all_four_processes(
     assert prefill_vllm.parent_id == prefill_hop.span_id
     assert decode_vllm.parent_id == decode_hop.span_id
     assert prefill_vllm.attributes["gen_ai.usage.completion_tokens"] == 1
-    assert 1 <= decode_vllm.attributes["gen_ai.usage.completion_tokens"] <= 8
+    # The decode worker's span counts exactly the tokens the client was given.
+    completion_tokens = answer.json()["usage"]["completion_tokens"]
+    assert decode_vllm.attributes["gen_ai.usage.completion_tokens"] == completion_tokens
     # Every span's parent is in the trace: no broken link between the processes.
     assert all(s.parent_id in by_id for s in spans if s is not root)
     assert len({s.service for s in spans}) == 4
