@@ -19,35 +19,15 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 PREFILLER_HEADER = "x-prefiller-host-port"
 REQUEST_ID_HEADER = "x-request-id"
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and ones the server recomputes.
-_DROP_REQUEST = frozenset(
-    {
-        "host",
-        "content-length",
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-connection",
-        "accept-encoding",
-    }
+# Hop-by-hop headers (RFC 9110 §7.6.1), and Content-Length (each hop recomputes it for the
+# body it sends): never forwarded, in either direction.
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"}
 )
-_DROP_RESPONSE = frozenset(
-    {
-        "content-length",
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "date",
-        "server",
-    }
-)
+# Besides them, what the next server recomputes (host, encoding) or must not see (proxy auth);
+# and on the way back, what our own server writes itself (date, server).
+_DROP_REQUEST = _HOP_BY_HOP | {"host", "proxy-authorization", "proxy-connection", "accept-encoding"}
+_DROP_RESPONSE = _HOP_BY_HOP | {"date", "server"}
 
 
 def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
