@@ -11,13 +11,21 @@ worker's prefix cache (vLLM's dev-mode ``POST /reset_prefix_cache``, so no front
 cache), scrape the workers' prefix-cache counters, run the workload, scrape again. Fronts (the
 ``FRONTS`` names):
 
-    pd-kv-aware     our coordinator, KV-aware scheduler, P/D (the deployment's coordinator config)
+    pd-kv-aware     our coordinator, KV-aware scheduler, P/D (the deployment's coordinator config:
+                    P/D when the uncached prompt is above a fixed token threshold)
+    pd-predicted    the same, deciding P/D by predicted TTFT (``pd_decider: predicted``) and
+                    scoring decode endpoints with ``predicted-latency`` as well
     kv-aware        our coordinator, KV-aware scheduler over the decode endpoints only (no P/D)
     round-robin     our coordinator, round-robin over the decode endpoints, no P/D
     direct          no front: every request to decode worker 0
     vllm-router     vLLM's Rust router, cache_aware policy over the two decode workers
     vllm-router-pd  vLLM's Rust router in P/D mode (--vllm-pd-disaggregation, NIXL) over the
                     prefill worker and the two decode workers, cache_aware policy
+
+``repetitions: N`` runs every (front, workload) cell N times, the fronts' order rotated each
+time (so no front always runs first, on a cold machine, or last), and writes per repetition the
+ratio of our best front's goodput to vllm-router's best (``ratios.json``, min and max in
+``summary.md``). A workload may carry its own ``slos`` (else the config's).
 
 Then an open-loop rate sweep on a few fronts and vLLM's own ``vllm bench serve`` against our
 gateway. Writes ``<out>/records/<front>/<workload>.json`` (per-request records), ``summary.json``,
@@ -105,6 +113,21 @@ def _pd_kv_aware(ctx: Context) -> Front:
     return _coordinator(ctx, "pd-kv-aware", "our coordinator: KV-aware scheduler, P/D over NIXL")
 
 
+def _pd_predicted(ctx: Context) -> Front:
+    from pd_runtime.scheduling.kv_aware import DEFAULT_PROFILES
+
+    scheduler = ctx.plan.coordinator.scheduler
+    profiles = {name: p.model_dump(mode="json") for name, p in DEFAULT_PROFILES.items()}
+    profiles["decode"]["scorers"].append({"type": "predicted-latency", "weight": 2})
+    params = {**scheduler.params, "pd_decider": "predicted", "profiles": profiles}
+    return _coordinator(
+        ctx,
+        "pd-predicted",
+        "our coordinator: KV-aware + predicted-latency scorer, P/D decided by predicted TTFT",
+        scheduler=scheduler.model_copy(update={"params": params}),
+    )
+
+
 def _kv_aware(ctx: Context) -> Front:
     decode = [e for e in ctx.plan.coordinator.endpoints if e.role == "decode"]
     return _coordinator(
@@ -176,6 +199,7 @@ def _vllm_router_pd(ctx: Context) -> Front:
 
 FRONTS: dict[str, Callable[[Context], Front]] = {
     "pd-kv-aware": _pd_kv_aware,
+    "pd-predicted": _pd_predicted,
     "kv-aware": _kv_aware,
     "round-robin": _round_robin,
     "direct": _direct,
@@ -303,6 +327,7 @@ def _bench_once(
     out: Path,
     label: str,
     rate: float | None = None,
+    repetition: int = 0,
 ) -> dict[str, Any]:
     workload = make_workload(spec["name"], spec.get("params") or {})
     convs = build_conversations(workload, text, spec["requests"], cfg["seed"])
@@ -324,7 +349,8 @@ def _bench_once(
     result = asyncio.run(run_bench(convs, bench))
     workers = _delta(before, _worker_counters(worker_urls))
     coord_after = _coordinator_counters(front)
-    summary = summarize(result.records, result.duration_s, cfg["slos"])
+    slos = spec.get("slos") or cfg["slos"]
+    summary = summarize(result.records, result.duration_s, slos)
     predicted = None
     if coord_before is not None and coord_after is not None:
         prompt = coord_after[0] - coord_before[0]
@@ -332,6 +358,7 @@ def _bench_once(
     row = {
         "scenario": front.name,
         "workload": label,
+        "repetition": repetition,
         **summary,
         "prefix_hit_rate": workers["prefix_hit_rate"],
         "coordinator_predicted_hit_rate": predicted,
@@ -339,6 +366,7 @@ def _bench_once(
         "mode": f"rate={rate}" if rate is not None else f"concurrency={cfg['concurrency']}",
         # The machine is shared: the 1-minute load average around the run says how much else ran.
         "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "slos": slos,
     }
     config = {
         "front": dataclasses.asdict(front),
@@ -350,10 +378,12 @@ def _bench_once(
         "seed": cfg["seed"],
         "worker_counters": workers,
     }
-    write_json(out / "records" / front.name / f"{label}.json", run_json(result, row, config))
+    name = f"{label}.json" if repetition == 0 else f"{label}-r{repetition}.json"
+    write_json(out / "records" / front.name / name, run_json(result, row, config))
     errors = [r.error for r in result.records if r.error]
     print(
-        f"  {front.name:15s} {label:24s} ok {summary['requests'] - summary['errors']}/"
+        f"  [r{repetition}] {front.name:15s} {label:24s} "
+        f"ok {summary['requests'] - summary['errors']}/"
         f"{summary['requests']} ttft p50 {summary['ttft_p50_ms']} ms, "
         f"{summary['throughput_rps']} req/s, hit {workers['prefix_hit_rate']}"
         + (f"; first error: {errors[0][:160]}" if errors else ""),
@@ -370,10 +400,77 @@ def _coordinator_counters(front: Front) -> tuple[float, float] | None:
     return c[COORDINATOR_COUNTERS[0]], c[COORDINATOR_COUNTERS[1]]
 
 
-def _failed_row(front: str, workload: str, why: str) -> dict[str, Any]:
+def _failed_row(front: str, workload: str, why: str, repetition: int = 0) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
-    row.update(scenario=front, workload=workload, requests=0, error=why)
+    row.update(scenario=front, workload=workload, repetition=repetition, requests=0, error=why)
     return row
+
+
+def is_ours(front: str) -> bool:
+    """Our coordinator's fronts (not vllm-router's, not the no-front baseline)."""
+    return not front.startswith("vllm-router") and front != "direct" and "(" not in front
+
+
+def goodput_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (repetition, workload): our best front's goodput over vllm-router's best, and our
+    best TTFT p50 over vllm-router cache_aware's. A cell that failed counts as missing."""
+    out = []
+    cells = sorted(
+        {(r.get("repetition", 0), r["workload"]) for r in rows if "@" not in r["workload"]}
+    )
+    for repetition, workload in cells:
+        here = [
+            r for r in rows
+            if r.get("repetition", 0) == repetition and r["workload"] == workload
+            and r.get("goodput_rps") is not None
+        ]  # fmt: skip
+        ours = [r for r in here if is_ours(r["scenario"])]
+        theirs = [r for r in here if r["scenario"].startswith("vllm-router")]
+        if not ours or not theirs:
+            continue
+        best_ours = max(ours, key=lambda r: r["goodput_rps"])
+        best_theirs = max(theirs, key=lambda r: r["goodput_rps"])
+        cache_aware = next((r for r in theirs if r["scenario"] == "vllm-router"), None)
+        ttfts = [r["ttft_p50_ms"] for r in ours if r.get("ttft_p50_ms") is not None]
+        ttft_ratio = None
+        if cache_aware and cache_aware.get("ttft_p50_ms") and ttfts:
+            ttft_ratio = round(min(ttfts) / cache_aware["ttft_p50_ms"], 3)
+        theirs_goodput = best_theirs["goodput_rps"]
+        out.append(
+            {
+                "repetition": repetition,
+                "workload": workload,
+                "ours_best": best_ours["scenario"],
+                "ours_goodput_rps": best_ours["goodput_rps"],
+                "vllm_router_best": best_theirs["scenario"],
+                "vllm_router_goodput_rps": theirs_goodput,
+                "goodput_ratio": round(best_ours["goodput_rps"] / theirs_goodput, 3)
+                if theirs_goodput
+                else None,
+                "ttft_p50_ratio_vs_cache_aware": ttft_ratio,
+            }
+        )
+    return out
+
+
+def ratio_table(ratios: list[dict[str, Any]]) -> str:
+    """Markdown: per workload, the goodput ratio of every repetition, its min and max."""
+    lines = [
+        "| workload | goodput ours / vllm-router, per repetition | min | max "
+        "| TTFT p50 ours / cache_aware (max) |",
+        "|---|---|---|---|---|",
+    ]
+    for workload in sorted({r["workload"] for r in ratios}):
+        mine = [r for r in ratios if r["workload"] == workload]
+        values = [r["goodput_ratio"] for r in mine if r["goodput_ratio"] is not None]
+        ttft = [r["ttft_p50_ratio_vs_cache_aware"] for r in mine]
+        ttft_known = [t for t in ttft if t is not None]
+        lines.append(
+            f"| {workload} | {', '.join(f'{v:.2f}' for v in values)} "
+            f"| {min(values, default=float('nan')):.2f} | {max(values, default=float('nan')):.2f} "
+            f"| {max(ttft_known, default=float('nan')):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _vllm_bench_serve(
@@ -440,7 +537,7 @@ def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
     for workload in sorted({r["workload"] for r in rows if "@" not in r["workload"]}):
         series = {}
         for row in rows:
-            if row["workload"] != workload or row.get("requests", 0) == 0:
+            if row["workload"] != workload or not row.get("requests") or row.get("repetition"):
                 continue
             path = out / "records" / row["scenario"] / f"{workload}.json"
             if not path.exists():
@@ -474,6 +571,65 @@ def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
             )  # fmt: skip
 
 
+def _run_front(
+    ctx: Context,
+    name: str,
+    model: str,
+    text: TextGen,
+    cfg: dict[str, Any],
+    out: Path,
+    repetition: int,
+    sweep: list[dict[str, Any]],
+    notes: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Start one front, run every workload through it (and, in the first repetition, its rate
+    sweep and vLLM's client), stop it. A failure is a row that says why, not an abort."""
+    rows: list[dict[str, Any]] = []
+    front = FRONTS[name](ctx)
+    notes[name] = front.description
+    print(f"[front] r{repetition} {name}: {front.description}", flush=True)
+    running = Running(front, ctx.run_dir / f"front-{name}.log")
+    try:
+        running.wait_ready(model)
+        time.sleep(2)  # KV-event subscriptions connect
+        for spec in cfg["workloads"]:
+            try:
+                row = _bench_once(
+                    ctx, front, model, text, spec, cfg, out, spec["name"], repetition=repetition
+                )
+            except Exception as exc:  # keep the other runs going; say what failed
+                why = f"{type(exc).__name__}: {exc}"
+                row = _failed_row(name, spec["name"], why, repetition)
+                print(f"  {name} {spec['name']} FAILED: {exc}", flush=True)
+            rows.append(row)
+        sw = cfg.get("rate_sweep")
+        if repetition == 0 and sw and name in sw["fronts"]:
+            for rate in sw["rates"]:
+                spec = next(w for w in cfg["workloads"] if w["name"] == sw["workload"])
+                spec = {**spec, "requests": sw["requests"]}
+                label = f"{sw['workload']}@{rate:g}rps"
+                row = _bench_once(ctx, front, model, text, spec, cfg, out, label, rate)
+                sweep.append({**row, "offered_rate": rate})
+        vb = cfg.get("vllm_bench_serve")
+        if repetition == 0 and vb and vb["front"] == name:
+            try:
+                _reset_prefix_caches(ctx.prefill_urls + ctx.decode_urls)
+                rows.append(
+                    _vllm_bench_serve(front.url, model, cfg["tokenizer"], vb, cfg["slos"], out)
+                )
+            except Exception as exc:
+                print(f"  vllm bench serve FAILED: {exc}", flush=True)
+                rows.append(_failed_row(f"{name} (vllm bench serve)", "random", str(exc)))
+    except Exception as exc:
+        print(f"[front] {name} FAILED: {exc}", flush=True)
+        for spec in cfg["workloads"]:
+            why = f"{type(exc).__name__}: {exc}"
+            rows.append(_failed_row(name, spec["name"], why, repetition))
+    finally:
+        running.stop()
+    return rows
+
+
 def run(config_path: Path, out: Path) -> int:
     from pd_runtime.config import DeploymentConfig
     from pd_runtime.launcher.local import LocalLauncher
@@ -504,48 +660,13 @@ def run(config_path: Path, out: Path) -> int:
     started = time.monotonic()
     try:
         launcher.start()
-        for i, name in enumerate(cfg["fronts"]):
-            ctx = Context(plan, run_dir, cfg["front_port"] + i)
-            front = FRONTS[name](ctx)
-            notes[name] = front.description
-            print(f"[front] {name}: {front.description}", flush=True)
-            running = Running(front, run_dir / f"front-{name}.log")
-            try:
-                running.wait_ready(model)
-                time.sleep(2)  # KV-event subscriptions connect
-                for spec in cfg["workloads"]:
-                    try:
-                        row = _bench_once(ctx, front, model, text, spec, cfg, out, spec["name"])
-                    except Exception as exc:  # keep the other runs going; say what failed
-                        row = _failed_row(name, spec["name"], f"{type(exc).__name__}: {exc}")
-                        print(f"  {name} {spec['name']} FAILED: {exc}", flush=True)
-                    rows.append(row)
-                sw = cfg.get("rate_sweep")
-                if sw and name in sw["fronts"]:
-                    for rate in sw["rates"]:
-                        spec = next(w for w in cfg["workloads"] if w["name"] == sw["workload"])
-                        spec = {**spec, "requests": sw["requests"]}
-                        label = f"{sw['workload']}@{rate:g}rps"
-                        row = _bench_once(ctx, front, model, text, spec, cfg, out, label, rate)
-                        sweep.append({**row, "offered_rate": rate})
-                vb = cfg.get("vllm_bench_serve")
-                if vb and vb["front"] == name:
-                    try:
-                        _reset_prefix_caches(ctx.prefill_urls + ctx.decode_urls)
-                        rows.append(
-                            _vllm_bench_serve(
-                                front.url, model, cfg["tokenizer"], vb, cfg["slos"], out
-                            )
-                        )
-                    except Exception as exc:
-                        print(f"  vllm bench serve FAILED: {exc}", flush=True)
-                        rows.append(_failed_row(f"{name} (vllm bench serve)", "random", str(exc)))
-            except Exception as exc:
-                print(f"[front] {name} FAILED: {exc}", flush=True)
-                for spec in cfg["workloads"]:
-                    rows.append(_failed_row(name, spec["name"], f"{type(exc).__name__}: {exc}"))
-            finally:
-                running.stop()
+        order = list(cfg["fronts"])
+        repetitions = int(cfg.get("repetitions", 1))
+        for repetition in range(repetitions):
+            shift = repetition % len(order)
+            for name in order[shift:] + order[:shift]:
+                ctx = Context(plan, run_dir, cfg["front_port"] + order.index(name))
+                rows += _run_front(ctx, name, model, text, cfg, out, repetition, sweep, notes)
     finally:
         launcher.stop()
     machine["wall_s"] = round(time.monotonic() - started, 1)
@@ -553,14 +674,20 @@ def run(config_path: Path, out: Path) -> int:
     write_json(out / "machine.json", machine)
     write_json(out / "summary.json", rows)
     write_json(out / "sweep.json", sweep)
-    keys = (*SUMMARY_KEYS, "coordinator_predicted_hit_rate", "nixl_transfers")
+    ratios = goodput_ratios(rows)
+    write_json(out / "ratios.json", ratios)
+    keys = ("repetition", *SUMMARY_KEYS, "coordinator_predicted_hit_rate", "nixl_transfers")
     md = [f"# {cfg['name']}: {machine['started']}\n", markdown_table(rows, keys)]
+    if ratios:
+        md += ["\n## Ours / vllm-router, per repetition\n", ratio_table(ratios)]
     if sweep:
         md += ["\n## Rate sweep\n", markdown_table(sweep, ("offered_rate", *SUMMARY_KEYS))]
     md += ["\n## Fronts\n"] + [f"- `{k}`: {v}\n" for k, v in notes.items()]
     (out / "summary.md").write_text("".join(md))
     _plots(out, rows, sweep)
     print(markdown_table(rows, keys))
+    if ratios:
+        print(ratio_table(ratios))
     print(f"results in {out} ({machine['wall_s']} s)")
     return 0
 

@@ -1,0 +1,80 @@
+"""The scenario comparison's per-repetition verdict: ours / vllm-router, and the fronts' order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pd_runtime.bench.scenarios import FRONTS, goodput_ratios, is_ours, ratio_table
+
+
+def _row(front: str, workload: str, repetition: int, goodput: float | None, ttft: float) -> dict:
+    return {
+        "scenario": front,
+        "workload": workload,
+        "repetition": repetition,
+        "goodput_rps": goodput,
+        "ttft_p50_ms": ttft,
+    }
+
+
+def test_ratio_is_our_best_front_over_vllm_routers_best_per_repetition() -> None:
+    rows: list[dict[str, Any]] = [
+        _row("pd-kv-aware", "random", 0, 0.5, 900.0),
+        _row("kv-aware", "random", 0, 1.2, 400.0),
+        _row("direct", "random", 0, 9.0, 100.0),  # the no-front baseline is not "ours"
+        _row("vllm-router", "random", 0, 1.0, 500.0),
+        _row("vllm-router-pd", "random", 0, 0.6, 2000.0),
+        _row("kv-aware", "random", 1, 0.9, 450.0),
+        _row("vllm-router", "random", 1, 0.8, 300.0),
+        _row("vllm-router-pd", "random", 1, 1.5, 2500.0),
+        _row("kv-aware", "long-doc", 0, None, 0.0),  # failed cell: missing, not zero
+        _row("vllm-router", "long-doc", 0, 1.0, 100.0),
+        _row("kv-aware", "random@1rps", 0, 5.0, 1.0),  # the rate sweep is not a cell
+    ]
+    ratios = goodput_ratios(rows)
+    assert [(r["repetition"], r["workload"]) for r in ratios] == [(0, "random"), (1, "random")]
+    first, second = ratios
+    assert first["ours_best"] == "kv-aware" and first["vllm_router_best"] == "vllm-router"
+    assert first["goodput_ratio"] == 1.2
+    assert first["ttft_p50_ratio_vs_cache_aware"] == 0.8  # 400 / 500
+    assert second["vllm_router_best"] == "vllm-router-pd"
+    assert second["goodput_ratio"] == 0.6  # 0.9 / 1.5
+    assert second["ttft_p50_ratio_vs_cache_aware"] == 1.5  # 450 / 300
+    table = ratio_table(ratios)
+    assert "| random | 1.20, 0.60 | 0.60 | 1.20 | 1.50 |" in table
+
+
+def test_ours_means_our_coordinator_fronts() -> None:
+    assert {f for f in FRONTS if is_ours(f)} == {
+        "pd-kv-aware",
+        "pd-predicted",
+        "kv-aware",
+        "round-robin",
+    }
+    assert not is_ours("pd-kv-aware (vllm bench serve)")
+
+
+def test_every_front_of_ours_writes_a_coordinator_config_that_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pd-predicted's profiles and decider are valid scheduler params (checked as the
+    coordinator would check them), and it differs from pd-kv-aware where it should."""
+    import yaml
+
+    from pd_runtime.bench.scenarios import DEFAULT_CONFIG, Context
+    from pd_runtime.config import DeploymentConfig
+    from pd_runtime.config.coordinator import CoordinatorConfig
+    from pd_runtime.launcher.prepare import prepare_deployment
+    from pd_runtime.scheduling.kv_aware import KVAwareParams
+
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    deployment = DeploymentConfig.model_validate(cfg["deployment"])
+    plan = prepare_deployment(deployment, tmp_path, progress=lambda _: None, generate_model=False)
+    params = {}
+    for name in ("pd-kv-aware", "pd-predicted"):
+        FRONTS[name](Context(plan, tmp_path, 12000))
+        written = yaml.safe_load((tmp_path / f"coordinator-{name}.yaml").read_text())
+        config = CoordinatorConfig.model_validate(written)
+        params[name] = KVAwareParams.model_validate(config.scheduler.params)
+    assert params["pd-kv-aware"].pd_decider == "threshold"
+    assert params["pd-predicted"].pd_decider == "predicted"
+    scorers = [s.type for s in params["pd-predicted"].profiles["decode"].scorers]
+    assert "predicted-latency" in scorers and "prefix-cache" in scorers
