@@ -123,8 +123,10 @@ def _pd_predicted(ctx: Context) -> Front:
     return _coordinator(
         ctx,
         "pd-predicted",
-        "our coordinator: KV-aware + predicted-latency scorer, P/D decided by predicted TTFT",
+        "our coordinator: KV-aware + predicted-latency scorer, P/D decided by predicted TTFT, "
+        "requests served without prefill straight to the decode worker (one Python hop)",
         scheduler=scheduler.model_copy(update={"params": params}),
+        direct_to_worker=True,
     )
 
 

@@ -17,9 +17,18 @@ this decider). Without any prefill endpoint, nothing is disaggregated.
 
 So a machine where the transfer and the extra hop cost more than the decode endpoint's own
 prefill stops disaggregating by itself, and long prompts on a busy decode endpoint still go to a
-prefill worker. Until the decode endpoint and at least one prefill endpoint are warm (enough
-samples), the threshold rule decides and the reason says ``cold-threshold``. ``p`` is an
-estimate: the prefill profile, run afterwards, may pick another prefill endpoint.
+prefill worker. ``p`` is an estimate: the prefill profile, run afterwards, may pick another
+prefill endpoint.
+
+Cold start. Each side is learnt only by taking it: the decode endpoint's own prefill line only
+from requests served directly, a prefill endpoint's line only from disaggregated ones. Following
+the threshold rule while cold would therefore never warm the side it does not take (with every
+prompt above the threshold, the decode endpoint would never be timed and the decider would stay
+cold for good: the scenario benchmark showed it). So while a side is cold, a request the threshold
+would send the other way goes to the cold side instead: ``cold-explore-direct`` (the decode
+endpoint has fewer than ``min_samples`` direct TTFTs) or ``cold-explore-pd`` (no healthy prefill
+endpoint is warm; only for a prompt with uncached tokens). Otherwise, while cold, the threshold
+decides: ``cold-threshold``. Exploring costs at most ``min_samples`` requests per endpoint.
 """
 
 from __future__ import annotations
@@ -58,23 +67,25 @@ class PDDecider:
         if ctx.token_ids is None:
             return Decision(True, "prompt-not-tokenized", None)
         uncached = ctx.uncached_tokens(decode.address)
-        if self.mode == "predicted":
+        if self.mode == "predicted" and ctx.latency is not None:
             model = ctx.latency
-            if model is not None and model.warm(decode.address):
+            decode_warm = model.warm(decode.address)
+            warm = [p for p in prefills if p.healthy and model.warm(p.address)]
+            if decode_warm and warm:
                 pd = min(
-                    (
-                        model.pd_ttft(p.address, decode.address, ctx.prefill_work(p), uncached)
-                        for p in prefills
-                        if p.healthy and model.warm(p.address)
-                    ),
-                    default=None,
+                    model.pd_ttft(p.address, decode.address, ctx.prefill_work(p), uncached)
+                    for p in warm
                 )
-                if pd is not None:
-                    direct = model.ttft(decode.address, ctx.prefill_work(decode))
-                    if pd * (1.0 + self.margin) < direct:
-                        return Decision(True, "predicted-pd-faster", uncached)
-                    return Decision(False, "predicted-direct-faster", uncached)
-            return Decision(uncached >= self.threshold_tokens, "cold-threshold", uncached)
+                direct = model.ttft(decode.address, ctx.prefill_work(decode))
+                if pd * (1.0 + self.margin) < direct:
+                    return Decision(True, "predicted-pd-faster", uncached)
+                return Decision(False, "predicted-direct-faster", uncached)
+            above = uncached >= self.threshold_tokens
+            if above and not decode_warm:
+                return Decision(False, "cold-explore-direct", uncached)
+            if not above and uncached > 0 and not warm and any(p.healthy for p in prefills):
+                return Decision(True, "cold-explore-pd", uncached)
+            return Decision(above, "cold-threshold", uncached)
         if uncached >= self.threshold_tokens:
             return Decision(True, "uncached-above-threshold", uncached)
         return Decision(False, "uncached-below-threshold", uncached)

@@ -1,5 +1,6 @@
 """PDDecider's predicted mode: direct when the transfer costs more than it saves, P/D when the
-decode endpoint is busy and the prompt long, the margin, and the threshold rule while cold."""
+decode endpoint is busy and the prompt long, the margin, and while cold the threshold rule or
+the exploring of the side that has not been timed."""
 
 from __future__ import annotations
 
@@ -51,20 +52,33 @@ def test_predicted_needs_the_margin() -> None:
     assert no_margin.decide(ctx, state(A), True, prefills).reason == "predicted-pd-faster"
 
 
-def test_predicted_falls_back_to_the_threshold_until_both_sides_are_warm() -> None:
+def test_while_cold_the_threshold_decides_unless_it_would_leave_a_side_unlearnt() -> None:
     model = LatencyModel(min_samples=8)
     teach(model, A, 0.01, 1e-4)  # decode warm, prefill cold
-    ctx = with_model(context(list(range(300))), model)
     prefills = [state(P, "prefill")]
-    assert PREDICTED.decide(ctx, state(A), True, prefills) == Decision(True, "cold-threshold", 300)
-    ctx = with_model(context(list(range(100))), model)
-    assert PREDICTED.decide(ctx, state(A), True, prefills) == Decision(False, "cold-threshold", 100)
-    # A warm prefill endpoint that is unhealthy does not count either.
+    long, short = (with_model(context(list(range(n))), model) for n in (300, 100))
+    assert PREDICTED.decide(long, state(A), True, prefills) == Decision(True, "cold-threshold", 300)
+    # The threshold would serve it directly, which teaches the cold prefill side nothing.
+    assert PREDICTED.decide(short, state(A), True, prefills) == Decision(
+        True, "cold-explore-pd", 100
+    )
+    # A warm prefill endpoint that is unhealthy does not count, and no healthy one: no exploring.
     model = warm_pair(1e-5)
     unhealthy = [state(P, "prefill", healthy=False)]
-    assert PREDICTED.decide(ctx, state(A), True, unhealthy).reason == "cold-threshold"
+    short = with_model(context(list(range(100))), model)
+    assert PREDICTED.decide(short, state(A), True, unhealthy) == Decision(
+        False, "cold-threshold", 100
+    )
+    # The decode endpoint cold: a long prompt is served directly to time it, a short one anyway.
+    cold_decode = LatencyModel(min_samples=8)
+    long = with_model(context(list(range(300))), cold_decode)
+    assert PREDICTED.decide(long, state(A), True, prefills) == Decision(
+        False, "cold-explore-direct", 300
+    )
+    short = with_model(context(list(range(100))), cold_decode)
+    assert PREDICTED.decide(short, state(A), True, prefills).reason == "cold-explore-pd"
     # Nothing to weigh without a prefill endpoint or a tokenized prompt: as before.
-    assert PREDICTED.decide(ctx, state(A), False, prefills).reason == "no-prefill-endpoint"
+    assert PREDICTED.decide(short, state(A), False, prefills).reason == "no-prefill-endpoint"
     untokenized = with_model(context(None), model)
     assert PREDICTED.decide(untokenized, state(A), True, prefills).reason == (
         "prompt-not-tokenized"

@@ -112,8 +112,8 @@ def test_slo_mark_reaches_the_result() -> None:
 def test_predicted_decider_from_the_config() -> None:
     s = make(pd_decider="predicted", pd_margin=0.5)
     assert s.decider.mode == "predicted" and s.decider.margin == 0.5
-    result = s.schedule(request(PROMPT))
-    assert result.reason == "cold-threshold" and result.prefill is not None
+    result = s.schedule(request(PROMPT))  # above the threshold; the decode endpoint untimed
+    assert result.reason == "cold-explore-direct" and result.prefill is None
     assert s.debug_state()["pd_decider"] == "predicted"
     with pytest.raises(ConfigError, match="pd_decider"):
         make(pd_decider="sometimes")
@@ -135,23 +135,28 @@ def test_the_latency_model_forgets_removed_endpoints() -> None:
 
 
 def test_predicted_decider_stops_disaggregating_where_pd_does_not_pay() -> None:
+    """Every prompt above the threshold (the case the scenario benchmark caught: the threshold
+    rule alone never timed the decode endpoint, so the decider stayed cold for good)."""
     s = make(pd_decider="predicted", latency_min_samples=2)
     reasons = []
-    for i in range(2):  # long prompts, cold: the threshold sends them to P/D, which is slow here
-        req = on(request(prompt(i, 20), rid=f"pd{i}"), D0)
+
+    def serve(i: int, ttft_s: float) -> None:
+        req = on(request(prompt(i, 20), rid=f"r{i}"), D0)
         result = s.schedule(req)
-        reasons.append(result.reason)
-        assert result.prefill is not None
-        s.first_chunk(req, result, 1.0)
+        reasons.append((result.reason, result.prefill is not None))
+        s.first_chunk(req, result, ttft_s)
         s.release(req, result)
-    for i in range(2):  # short ones, cold: served directly, fast
-        req = on(request(prompt(10 + i, 4), rid=f"d{i}"), D0)
-        result = s.schedule(req)
-        reasons.append(result.reason)
-        assert result.prefill is None
-        s.first_chunk(req, result, 0.01)
-        s.release(req, result)
-    assert reasons == ["cold-threshold"] * 4
+
+    serve(0, 0.01)  # the decode endpoint is timed first: fast
+    serve(1, 0.01)
+    serve(2, 1.0)  # then the prefill side, by the threshold: slow here
+    serve(3, 1.0)
+    assert reasons == [
+        ("cold-explore-direct", False),
+        ("cold-explore-direct", False),
+        ("cold-threshold", True),
+        ("cold-threshold", True),
+    ]
     result = s.schedule(on(request(prompt(20, 20), rid="long"), D0))
     assert result.prefill is None and result.reason == "predicted-direct-faster"
 
