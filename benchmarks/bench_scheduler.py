@@ -341,7 +341,9 @@ def components(sched: KVAwareScheduler, prompts: list[Prompt], driver: Driver) -
         for f in prof.filters:
             survivors = timed(f"decode filter {f.name}", f.filter, ctx, survivors)
         for scorer, _ in prof.scorers:
-            timed(f"decode scorer {scorer.name}", scorer.score, ctx, survivors)
+            # what the profile calls: score_array where the version has it (arrays), else score
+            score = getattr(scorer, "score_array", scorer.score)
+            timed(f"decode scorer {scorer.name}", score, ctx, survivors)
         timed("decode profile.run", prof.run, ctx, sched.decode_states)
         timed("prefill profile.run", sched.prefill_profile.run, ctx, sched.prefill_states)
         address = sched.decode_states[i % len(sched.decode_states)].address

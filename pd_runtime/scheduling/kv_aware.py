@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pd_runtime.config.endpoint import EndpointConfig
@@ -164,24 +165,22 @@ def _breakdown(runs: Sequence[ProfileResult], top_k: int | None) -> dict[str, di
     if top_k == 0:
         return breakdown
     for run in runs:
-        totals = run.totals
-        if top_k is None or len(totals) <= top_k:
+        if top_k is None or len(run.addresses) <= top_k:
             for scorer, values in run.scores.items():
                 breakdown.setdefault(scorer, {}).update(values)
-            breakdown.setdefault("total", {}).update(totals)
+            breakdown.setdefault("total", {}).update(run.totals)
             continue
-        # = heapq.nlargest(top_k, ...) (documented as this sort), but the sort runs in C
-        keep = sorted(totals, key=totals.__getitem__, reverse=True)[:top_k]
-        if run.picked.address not in keep:
-            keep.append(run.picked.address)
-        for scorer, values in run.scores.items():
-            row = breakdown.setdefault(scorer, {})
-            for address in keep:
-                if address in values:
-                    row[address] = values[address]
-        row = breakdown.setdefault("total", {})
-        for address in keep:
-            row[address] = totals[address]
+        # = sorted(totals, key=..., reverse=True)[:top_k] (stable: ties keep candidate order),
+        # on the arrays, so no dict of every endpoint is built
+        addrs = run.addresses
+        keep = np.argsort(-run.total, kind="stable")[:top_k].tolist()
+        picked = addrs.index(run.picked.address)
+        if picked not in keep:
+            keep.append(picked)
+        kept = [addrs[i] for i in keep]
+        for scorer, array in run.arrays.items():
+            breakdown.setdefault(scorer, {}).update(zip(kept, array[keep].tolist(), strict=True))
+        breakdown.setdefault("total", {}).update(zip(kept, run.total[keep].tolist(), strict=True))
     return breakdown
 
 

@@ -9,10 +9,13 @@ Every plugin is a small class registered by name with a decorator in a module of
 imported on first use, so a new scorer is one file and YAML names it by its registered name.
 Plugins must be fast (a decision at 64 endpoints has a budget of ~100 µs) and must not block:
 everything they read is already in :class:`EndpointState` and :class:`RequestContext`. At that
-budget a Python expression per endpoint per plugin is most of it, so the built-in plugins read
-attributes with :func:`addresses` / ``map(attrgetter(...))`` and build their dicts with
-``dict(zip(...))``/``dict.fromkeys`` (the loops run in C), and the scrape-only scorers memoize
-their last answer (:class:`Memo`).
+budget a Python expression per endpoint per plugin is most of it, so the profile works on arrays
+over all candidates at once: it calls :meth:`Scorer.score_array` (one float64 array, the
+candidates' order) and :meth:`Picker.pick_array`, and sums the weighted arrays with numpy. The
+built-in plugins implement those; a plugin that implements only the dict methods (``score`` /
+``pick``) still works through the base class's conversion (one dict per call, the slower path).
+The built-ins read attributes with ``map(attrgetter(...))`` into ``np.fromiter`` (the loops run
+in C), and the scrape-only scorers memoize their last answer (:class:`Memo`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, sub, truediv
 from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
 
 from pd_runtime.common.registry import Registry
 from pd_runtime.config.endpoint import EndpointConfig
@@ -42,9 +48,11 @@ __all__ = [
     "Picker",
     "RequestContext",
     "Scorer",
+    "Scores",
     "addresses",
     "load_builtin_plugins",
     "min_max_inverse",
+    "min_max_inverse_array",
     "register",
 ]
 
@@ -168,23 +176,53 @@ class Filter(Plugin, ABC):
     ) -> list[EndpointState]: ...
 
 
-class Scorer(Plugin, ABC):
-    """Scores candidates in [0, 1], higher is better; every candidate gets a score."""
+#: A scorer's scores (or a profile's totals) over the candidates, in their order.
+Scores = NDArray[np.float64]
 
-    @abstractmethod
-    def score(
-        self, ctx: RequestContext, endpoints: Sequence[EndpointState]
-    ) -> dict[str, float]: ...
+
+class Scorer(Plugin, ABC):
+    """Scores candidates in [0, 1], higher is better; every candidate gets a score.
+
+    Implement one of the two methods; each default is the other one converted. The profile calls
+    ``score_array`` (an array aligned with ``endpoints``), so a scorer that implements it costs a
+    few C-level passes per decision; one that implements only ``score`` (address -> score) still
+    works, at the price of a dict and its conversion. A returned array may be shared between
+    calls (memoized): callers must not modify it."""
+
+    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+        values = self.score_array(ctx, endpoints).tolist()
+        return dict(zip(addresses(endpoints), values, strict=True))
+
+    def score_array(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> Scores:
+        scores = self.score(ctx, endpoints)
+        # An address the dict lacks adds 0 to its total, as the dict path always did.
+        values = map(scores.get, addresses(endpoints), repeat(0.0))
+        return np.fromiter(values, np.float64, len(endpoints))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.score is Scorer.score and cls.score_array is Scorer.score_array:
+            raise TypeError(f"{cls.__name__}: a scorer implements score or score_array")
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         """The profile chose ``endpoint`` for this request (stateful scorers remember it)."""
 
 
 class Picker(Plugin, ABC):
+    """Chooses one of the candidates from their totals. The profile calls ``pick_array`` (totals
+    aligned with ``endpoints``); its default converts to the dict of ``pick``."""
+
     @abstractmethod
     def pick(
         self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: dict[str, float]
     ) -> EndpointState: ...
+
+    def pick_array(
+        self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: Scores
+    ) -> EndpointState:
+        return self.pick(
+            ctx, endpoints, dict(zip(addresses(endpoints), totals.tolist(), strict=True))
+        )
 
 
 FILTERS: Registry[Filter] = Registry("filter")
@@ -232,6 +270,16 @@ def min_max_inverse(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, scores, strict=True))
 
 
+def min_max_inverse_array(values: Scores) -> Scores:
+    """:func:`min_max_inverse` on an array (the same operations, so the same floats)."""
+    if not len(values):
+        return values
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.ones(len(values))
+    return (high - values) / (high - low)
+
+
 #: The candidates' addresses, in order (one C-level pass).
 _address = attrgetter("address")
 
@@ -243,23 +291,22 @@ def addresses(endpoints: Sequence[EndpointState]) -> list[str]:
 class Memo:
     """The last answer of a scorer that reads only scraped signals, reused while the candidates
     and the signal are the same (they change per scrape, not per decision). ``compute`` gets the
-    addresses and the signal's values, in the candidates' order; callers get a copy."""
+    signal's values in the candidates' order; the array it returns is shared (read-only)."""
 
-    __slots__ = ("_addresses", "_compute", "_get", "_result", "_values")
+    __slots__ = ("_compute", "_endpoints", "_get", "_result", "_values")
 
-    def __init__(
-        self, attribute: str, compute: Callable[[list[str], list[Any]], dict[str, float]]
-    ) -> None:
+    def __init__(self, attribute: str, compute: Callable[[list[Any]], Scores]) -> None:
         self._get = attrgetter(attribute)
         self._compute = compute
-        self._addresses: list[str] | None = None
+        self._endpoints: list[EndpointState] | None = None
         self._values: list[Any] | None = None
-        self._result: dict[str, float] = {}
+        self._result: Scores = np.zeros(0)
 
-    def __call__(self, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+    def __call__(self, endpoints: Sequence[EndpointState]) -> Scores:
         values = list(map(self._get, endpoints))
-        addrs = addresses(endpoints)
-        if values != self._values or addrs != self._addresses:
-            self._result = self._compute(addrs, values)
-            self._addresses, self._values = addrs, values
-        return dict(self._result)
+        # The same state objects (identity: EndpointState has no __eq__) with the same values.
+        if values != self._values or self._endpoints != endpoints:
+            result = self._compute(values)
+            result.flags.writeable = False
+            self._result, self._endpoints, self._values = result, list(endpoints), values
+        return self._result

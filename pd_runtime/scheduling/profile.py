@@ -14,9 +14,10 @@ plugin's constructor, so a typo is an error at start-up, not a silently ignored 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pd_runtime.errors import ConfigError, NoEndpointError
@@ -29,6 +30,7 @@ from pd_runtime.scheduling.plugins import (
     Picker,
     RequestContext,
     Scorer,
+    Scores,
     addresses,
     load_builtin_plugins,
 )
@@ -55,12 +57,37 @@ class ProfileConfig(BaseModel):
     picker: PluginSpec = PluginSpec(type="max-score")
 
 
-@dataclass(frozen=True)
 class ProfileResult:
-    picked: EndpointState
-    totals: dict[str, float]
-    scores: dict[str, dict[str, float]]  # scorer name -> endpoint address -> score
-    filtered_out: tuple[str, ...]
+    """One run's outcome. The scores are kept as arrays over the survivors (``addresses``'
+    order); ``totals`` and ``scores`` are their dict views, built on first use (the decision
+    line's breakdown reads the arrays directly, for its top-k endpoints only)."""
+
+    def __init__(
+        self,
+        picked: EndpointState,
+        addresses: list[str],
+        total: Scores,
+        arrays: dict[str, Scores],
+        filtered_out: tuple[str, ...],
+    ) -> None:
+        self.picked = picked
+        self.addresses = addresses  # the survivors of the filters, in candidate order
+        self.total = total
+        self.arrays = arrays  # scorer name -> its scores, aligned with addresses
+        self.filtered_out = filtered_out
+
+    @cached_property
+    def totals(self) -> dict[str, float]:
+        """Endpoint address -> weighted total in [0, 1]."""
+        return dict(zip(self.addresses, self.total.tolist(), strict=True))
+
+    @cached_property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """Scorer name -> endpoint address -> score."""
+        return {
+            name: dict(zip(self.addresses, values.tolist(), strict=True))
+            for name, values in self.arrays.items()
+        }
 
 
 def _build(registry: Any, spec: PluginSpec, where: str) -> Any:
@@ -97,20 +124,23 @@ class SchedulingProfile:
                 raise NoEndpointError(f"no {self.role} endpoint can take the request ({f.name})")
         if not survivors:
             raise NoEndpointError(f"no {self.role} endpoint is configured")
-        totals = dict.fromkeys(addresses(survivors), 0.0)
-        scores: dict[str, dict[str, float]] = {}
+        # Every scorer scores all survivors at once (an array in their order); the weighted
+        # sum is accumulated in the scorers' order, so each total is the same float as a sum
+        # per endpoint would give.
+        total = np.zeros(len(survivors))
+        arrays: dict[str, Scores] = {}
         for scorer, weight in self._weighted:
-            s = scorer.score(ctx, survivors)
-            scores[scorer.name] = s
-            for address, value in s.items():
-                totals[address] += weight * value
-        picked = self.picker.pick(ctx, survivors, totals)
+            values = scorer.score_array(ctx, survivors)
+            arrays[scorer.name] = values
+            total += weight * values
+        picked = self.picker.pick_array(ctx, survivors, total)
         for scorer, _ in self.scorers:
             scorer.picked(ctx, picked)
+        addrs = addresses(survivors)
         gone: tuple[str, ...] = ()
         if len(survivors) != len(candidates):
-            gone = tuple(sorted({e.address for e in candidates} - totals.keys()))
-        return ProfileResult(picked, totals, scores, gone)
+            gone = tuple(sorted({e.address for e in candidates}.difference(addrs)))
+        return ProfileResult(picked, addrs, total, arrays, gone)
 
     def describe(self) -> dict[str, Any]:
         return {

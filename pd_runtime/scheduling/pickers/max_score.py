@@ -17,11 +17,14 @@ from itertools import compress, repeat
 from operator import ge
 from typing import Any, Literal
 
+import numpy as np
+
 from pd_runtime.scheduling.plugins import (
     PICKERS,
     EndpointState,
     Picker,
     RequestContext,
+    Scores,
     addresses,
     register,
 )
@@ -56,6 +59,17 @@ class MaxScorePicker(Picker):
         values = list(map(totals.__getitem__, addresses(endpoints)))
         best = max(values)
         top = list(compress(endpoints, map(ge, values, repeat(best - self.tolerance))))
+        return self._among(ctx, top)
+
+    def pick_array(
+        self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: Scores
+    ) -> EndpointState:
+        best = float(totals.max())
+        top = np.flatnonzero(totals >= best - self.tolerance).tolist()
+        return self._among(ctx, [endpoints[i] for i in top])
+
+    def _among(self, ctx: RequestContext, top: list[EndpointState]) -> EndpointState:
+        """The tie-break among the candidates within ``tolerance`` of the best (in order)."""
         if len(top) == 1:
             return top[0]
         if self.tie_break == "prefix" and ctx.block_keys:

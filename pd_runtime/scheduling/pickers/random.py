@@ -5,12 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pd_runtime.scheduling.plugins import PICKERS, EndpointState, Picker, RequestContext, register
+from pd_runtime.scheduling.plugins import (
+    PICKERS,
+    EndpointState,
+    Picker,
+    RequestContext,
+    Scores,
+    register,
+)
 
 
 @register(PICKERS, "random")
 class RandomPicker(Picker):
     def pick(
         self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: dict[str, float]
+    ) -> EndpointState:
+        return ctx.rng.choice(list(endpoints))
+
+    def pick_array(
+        self, ctx: RequestContext, endpoints: Sequence[EndpointState], totals: Scores
     ) -> EndpointState:
         return ctx.rng.choice(list(endpoints))

@@ -16,13 +16,16 @@ from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
 
+import numpy as np
+
 from pd_runtime.scheduling.plugins import (
     SCORERS,
     EndpointState,
     RequestContext,
     Scorer,
+    Scores,
     addresses,
-    min_max_inverse,
+    min_max_inverse_array,
     register,
 )
 
@@ -42,14 +45,14 @@ class ColdSpreaderScorer(Scorer):
     def is_cold(ctx: RequestContext, endpoints: Sequence[EndpointState]) -> bool:
         return not any(map(ctx.cached_blocks.get, addresses(endpoints)))
 
-    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+    def score_array(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> Scores:
         addrs = addresses(endpoints)
-        cold = not any(map(ctx.cached_blocks.get, addrs))
+        cold = not any(map(ctx.cached_blocks.get, addrs)) if ctx.cached_blocks else True
         self._cold = (ctx, cold)
         if not cold:
-            return dict.fromkeys(addrs, 1.0)
+            return np.ones(len(addrs))
         homes = map(self._homes.get, addrs, repeat(0.0))
-        return min_max_inverse(dict(zip(addrs, homes, strict=True)))
+        return min_max_inverse_array(np.fromiter(homes, np.float64, len(addrs)))
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
         last, self._cold = self._cold, None

@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from pd_runtime.scheduling.plugins import (
     SCORERS,
     EndpointState,
     RequestContext,
     Scorer,
-    addresses,
+    Scores,
     register,
 )
 
@@ -33,9 +35,9 @@ class InFlightLoadScorer(Scorer):
             raise ValueError(f"in-flight-load: token_share must be in [0, 1], got {token_share}")
         self.token_share = token_share
 
-    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
-        # The counts read and their ranges taken in C; one Python pass for the scores.
-        addrs = addresses(endpoints)
+    def score_array(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> Scores:
+        # The counts read and their ranges taken in C (counts are below 2**53: exact as floats).
+        n = len(endpoints)
         reqs = list(map(_requests, endpoints))
         toks = list(map(_tokens, endpoints))
         req_lo, req_hi = min(reqs), max(reqs)
@@ -43,14 +45,15 @@ class InFlightLoadScorer(Scorer):
         w_req, w_tok = 1.0 - self.token_share, self.token_share
         req_span, tok_span = req_hi - req_lo, tok_hi - tok_lo
         if not req_span and not tok_span:
-            return dict.fromkeys(addrs, 1.0)
+            return np.ones(n)
         req_scale = w_req / req_span if req_span else 0.0
         tok_scale = w_tok / tok_span if tok_span else 0.0
         base = (0.0 if req_span else w_req) + (0.0 if tok_span else w_tok)
-        return {
-            a: base + (req_hi - r) * req_scale + (tok_hi - t) * tok_scale
-            for a, r, t in zip(addrs, reqs, toks, strict=True)
-        }
+        # base + (hi_r - r) * scale_r + (hi_t - t) * scale_t per endpoint, in that order
+        out = (req_hi - np.array(reqs, np.float64)) * req_scale
+        out = base + out
+        out += (tok_hi - np.array(toks, np.float64)) * tok_scale
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.name, "token_share": self.token_share}

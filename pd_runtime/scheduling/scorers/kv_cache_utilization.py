@@ -6,21 +6,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from pd_runtime.scheduling.plugins import (
     SCORERS,
     EndpointState,
     Memo,
     RequestContext,
     Scorer,
+    Scores,
     register,
 )
 
 
-def _scores(addresses: list[str], usages: list[float | None]) -> dict[str, float]:
-    scores = {}
-    for address, usage in zip(addresses, usages, strict=True):
-        scores[address] = 1.0 if not usage or usage < 0 else 0.0 if usage >= 1 else 1 - usage
-    return scores
+def _scores(usages: list[float | None]) -> Scores:
+    return np.array(
+        [1.0 if not u or u < 0 else 0.0 if u >= 1 else 1 - u for u in usages], np.float64
+    )
 
 
 @register(SCORERS, "kv-cache-utilization")
@@ -29,5 +31,5 @@ class KVCacheUtilizationScorer(Scorer):
         super().__init__(**params)
         self._memo = Memo("kv_usage", _scores)  # a scraped signal: same until the next scrape
 
-    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+    def score_array(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> Scores:
         return self._memo(endpoints)

@@ -10,24 +10,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import repeat
-from operator import truediv
+from operator import attrgetter
+
+import numpy as np
 
 from pd_runtime.scheduling.plugins import (
     SCORERS,
     EndpointState,
     RequestContext,
     Scorer,
-    addresses,
+    Scores,
     register,
 )
+
+_address = attrgetter("address")
 
 
 @register(SCORERS, "prefix-cache")
 class PrefixCacheScorer(Scorer):
-    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+    def score_array(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> Scores:
         total = len(ctx.block_keys)
-        addrs = addresses(endpoints)
-        if not total:
-            return dict.fromkeys(addrs, 0.0)
-        held = map(ctx.cached_blocks.get, addrs, repeat(0))
-        return dict(zip(addrs, map(truediv, held, repeat(total)), strict=True))  # held / total
+        n = len(endpoints)
+        if not total or not ctx.cached_blocks:
+            return np.zeros(n)
+        held = map(ctx.cached_blocks.get, map(_address, endpoints), repeat(0))
+        return np.fromiter(held, np.float64, n) / total

@@ -6,19 +6,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from pd_runtime.scheduling.plugins import (
     SCORERS,
     EndpointState,
     Memo,
     RequestContext,
     Scorer,
-    min_max_inverse,
+    Scores,
+    min_max_inverse_array,
     register,
 )
 
 
-def _scores(addresses: list[str], waiting: list[float | None]) -> dict[str, float]:
-    return min_max_inverse({a: w or 0.0 for a, w in zip(addresses, waiting, strict=True)})
+def _scores(waiting: list[float | None]) -> Scores:
+    return min_max_inverse_array(np.array([w or 0.0 for w in waiting], np.float64))
 
 
 @register(SCORERS, "queue-depth")
@@ -27,5 +30,5 @@ class QueueDepthScorer(Scorer):
         super().__init__(**params)
         self._memo = Memo("waiting", _scores)  # a scraped signal: same until the next scrape
 
-    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+    def score_array(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> Scores:
         return self._memo(endpoints)

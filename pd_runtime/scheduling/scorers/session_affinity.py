@@ -12,11 +12,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from pd_runtime.scheduling.plugins import (
     SCORERS,
     EndpointState,
     RequestContext,
     Scorer,
+    Scores,
     addresses,
     register,
 )
@@ -29,11 +32,13 @@ class SessionAffinityScorer(Scorer):
         self.max_sessions = max_sessions
         self._where: OrderedDict[str, str] = OrderedDict()
 
-    def score(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> dict[str, float]:
+    def score_array(self, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> Scores:
+        scores = np.zeros(len(endpoints))
         last = self._where.get(ctx.session) if ctx.session else None
-        scores = dict.fromkeys(addresses(endpoints), 0.0)
-        if last in scores:
-            scores[last] = 1.0
+        if last is not None:
+            addrs = addresses(endpoints)
+            if last in addrs:
+                scores[addrs.index(last)] = 1.0
         return scores
 
     def picked(self, ctx: RequestContext, endpoint: EndpointState) -> None:
