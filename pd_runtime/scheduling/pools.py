@@ -24,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from hashlib import blake2b
 from typing import Any
 
 from pd_runtime.config.endpoint import EndpointConfig
@@ -53,6 +54,16 @@ class Pool:
             for adapter in e.adapters:
                 holders.setdefault(adapter, set()).add(e.address)
         return cls(model, scheduler, holders)
+
+
+def _salt(adapter: str) -> int:
+    """An adapter's prompt keys are the base keys re-hashed with this (deterministic: blake2b,
+    not ``hash`` of a str). vLLM caches an adapter's blocks apart from the base model's (its block
+    hash has the LoRA name and path as extra keys), so an adapter request must not count the base
+    model's blocks as cached. Its keys match only other requests of the same adapter through the
+    pending overlay; the adapter's own KV events (keyed with vLLM's extra keys) are not matched,
+    so its prefix affinity lasts as long as the overlay's entries (``pending_ttl_s``)."""
+    return int.from_bytes(blake2b(adapter.encode(), digest_size=8).digest(), "little")
 
 
 class PooledScheduler(Scheduler):
@@ -118,7 +129,11 @@ class PooledScheduler(Scheduler):
         pool, adapter = self.resolve(request.model)
         prepared = await pool.scheduler.prepare(request)
         if adapter is not None:
-            prepared = replace(prepared, eligible=frozenset(pool.holders[adapter]))
+            keys = prepared.block_keys
+            if keys:  # apart from the base model's blocks (see _salt)
+                salt = _salt(adapter)
+                keys = [hash((key, salt)) for key in keys]
+            prepared = replace(prepared, eligible=frozenset(pool.holders[adapter]), block_keys=keys)
         return prepared
 
     def schedule(self, request: SchedulingRequest) -> SchedulingResult:

@@ -142,3 +142,21 @@ async def test_debug_state_keeps_recent_decisions_with_pool_and_adapter() -> Non
         ("r1", "a", "lora-x"),
         ("r2", "b", None),
     ]
+
+
+async def test_an_adapter_prompt_does_not_count_the_base_model_blocks_as_cached() -> None:
+    """vLLM caches an adapter's KV apart from the base model's: the base request's blocks (here
+    pending on decode-a0) must not make the adapter request look cached there."""
+    s = pooled()
+    prompt = list(range(1000, 1020))
+    base = await s.prepare(request("a", "base", prompt))
+    s.schedule(base)  # books its blocks on the chosen decode endpoint (pending overlay)
+    lora = await s.prepare(request("lora-x", "x1", prompt))
+    assert set(lora.block_keys or []).isdisjoint(base.block_keys or [])
+    first = s.schedule(lora)
+    assert first.prefill is not None and first.cached_tokens == 0  # all 20 tokens uncached
+    # A second request of the same adapter and prompt finds the first one's blocks.
+    again = await s.prepare(request("lora-x", "x2", prompt))
+    assert again.block_keys == lora.block_keys
+    second = s.schedule(again)
+    assert second.decode == first.decode and second.cached_tokens == 20
