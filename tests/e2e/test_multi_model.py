@@ -49,6 +49,7 @@ NIXL = "vllm:nixl_xfer_time_seconds_count"
 OFFSET = 7000  # 8000 -> 15000 ...
 READY_TIMEOUT_S = 600
 A, B, LORA = "tiny-qwen3", "tiny-qwen3-b", "tiny-lora"
+CANARY_SEED = 8  # the first 10 draws of the 9:1 split: 8 x A, 2 x B
 SHORT = "The river ran quietly past the old mill, where the miller kept a small garden."
 
 
@@ -70,7 +71,7 @@ def two_models_config(cache: Path) -> DeploymentConfig:
     data["sidecar"]["port"] += OFFSET
     data["pools"][0]["sidecar_port"] += OFFSET
     data["coordinator"]["port"] += OFFSET
-    data["coordinator"]["canary_seed"] = 0
+    data["coordinator"]["canary_seed"] = CANARY_SEED
     data["startup_timeout_s"] = READY_TIMEOUT_S
     return parse_config(DeploymentConfig, data, "two-models-e2e")
 
@@ -198,7 +199,7 @@ def test_aliases_models_list_and_unknown_model(two_models: Deployment) -> None:
     assert token_ids(complete(d.gateway, "chat-default", SHORT, "alias-1")) == direct
     line = d.decision("alias-1")
     assert (line["model"], line["served"], line["pool"]) == ("chat-default", A, A)
-    # The canary (9:1, seeded): every answer is one of the two models' own.
+    # The canary (9:1, seeded): both models are drawn; every answer is its model's own.
     b_answer = token_ids(complete(d.gateway, B, SHORT, "canary-b"))
     pools = []
     for i in range(10):
@@ -206,7 +207,7 @@ def test_aliases_models_list_and_unknown_model(two_models: Deployment) -> None:
         pool = d.decision(f"canary-{i}")["pool"]
         assert answer == (direct if pool == A else b_answer)
         pools.append(pool)
-    assert pools.count(A) >= 6, pools
+    assert pools.count(A) == 8 and pools.count(B) == 2, pools
     listed = httpx.get(f"{d.gateway}/v1/models", timeout=30).json()["data"]
     assert [m["id"] for m in listed] == [A, LORA, B, "chat-default", "chat-canary"]
     assert next(m for m in listed if m["id"] == LORA)["parent"] == A
