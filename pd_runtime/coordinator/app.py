@@ -273,7 +273,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         scheduler = build_scheduler(config)
     # Several models (pools): the scheduler knows which pool and adapter serve a name.
     pooled = scheduler if isinstance(scheduler, PooledScheduler) else None
-    router = ModelRouter(config, pooled.served_names if pooled is not None else None)
+    router = ModelRouter(config, pooled)
     state: dict[str, UpstreamClient] = {}
     keys = ApiKeys(resolve_api_keys(config))
     lifecycle = Lifecycle()

@@ -40,11 +40,16 @@ _ASK_ERRORS: tuple[type[BaseException], ...] = (*TRANSPORT_ERRORS, ValueError, A
 
 
 class ModelRouter:
-    """Resolves a request's ``model``. ``served`` is called for the names workers serve now (a
-    pooled scheduler adds adapters it learnt from the workers)."""
+    """Resolves a request's ``model``. ``pooled``: the scheduler whose pools serve the names (it
+    adds adapters it learns from the workers); none: the config's ``models``."""
 
-    def __init__(self, config: CoordinatorConfig, served: Callable[[], list[str]] | None = None):
-        self._served = served or (lambda: config.served_names)
+    def __init__(self, config: CoordinatorConfig, pooled: PooledScheduler | None = None):
+        self._pooled = pooled
+        fixed = config.served_names
+        self._served: Callable[[], list[str]] = (
+            pooled.served_names if pooled is not None else lambda: fixed
+        )
+        self._cache: tuple[int, list[str], frozenset[str]] | None = None
         self._rng = random.Random(config.canary_seed)
         # alias -> (targets, cumulative weights)
         self._aliases: dict[str, tuple[list[str], list[float]]] = {}
@@ -55,11 +60,19 @@ class ModelRouter:
                 weights = list(itertools.accumulate(t.weight for t in target))
                 self._aliases[name] = ([t.model for t in target], weights)
 
+    def _names(self) -> tuple[list[str], frozenset[str]]:
+        """(every name a client may ask for, the served ones), rebuilt only when they change."""
+        version = self._pooled.version if self._pooled is not None else 0
+        if self._cache is None or self._cache[0] != version:
+            served = self._served()
+            names = [*served, *(a for a in self._aliases if a not in served)]
+            self._cache = (version, names, frozenset(served))
+        return self._cache[1], self._cache[2]
+
     @property
     def names(self) -> list[str]:
         """Every name a client may ask for: served names, then aliases."""
-        served = self._served()
-        return [*served, *(a for a in self._aliases if a not in served)]
+        return self._names()[0]
 
     def aliases(self) -> dict[str, list[str]]:
         return {name: targets for name, (targets, _) in self._aliases.items()}
@@ -73,7 +86,7 @@ class ModelRouter:
                 return targets[0]
             draw = self._rng.random() * cumulative[-1]
             return targets[bisect.bisect_right(cumulative, draw)]
-        if model in self._served():
+        if model in self._names()[1]:
             return model
         raise NotFoundError(
             f"The model `{model}` does not exist. Models served here: {', '.join(self.names)}",

@@ -77,6 +77,8 @@ class PooledScheduler(Scheduler):
             e.address: pool for pool in self.pools.values() for e in pool.scheduler.endpoints
         }
         self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
+        #: Bumped whenever the served names change (an adapter learnt): callers cache on it.
+        self.version = 0
 
     # -- which pool, which adapter ---------------------------------------------------------------
 
@@ -118,6 +120,8 @@ class PooledScheduler(Scheduler):
             if address not in holders:
                 holders.add(address)
                 new.append(name)
+        if new:
+            self.version += 1
         return new
 
     # -- the Scheduler contract, delegated -------------------------------------------------------
