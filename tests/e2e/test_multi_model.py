@@ -13,6 +13,8 @@ never more than three vLLM instances hold the two cores. Shown:
   holds it: the KV blocks move over NIXL), and model B's routed output == its worker's own;
 * aliases and the canary rewrite the model; ``/v1/models`` lists models, adapter and aliases; an
   unknown model is a 404 that lists them;
+* an adapter loaded at runtime on the decode worker alone (vLLM's ``/v1/load_lora_adapter``) is
+  learnt from the worker's ``/v1/models`` and served direct, never prefilled by a worker without it;
 * model B's decode worker killed: model A's requests are served as before.
 
 Start-up: three workers one after the other plus warm-up, ~2-3 min on 2 cores; the tests ~1 min.
@@ -40,6 +42,7 @@ from pd_runtime.config.loader import dump_yaml, parse_config
 from pd_runtime.demo import DEMO_PROMPT
 from pd_runtime.launcher.prepare import prepare_deployment
 from pd_runtime.launcher.supervisor import _child_setup
+from pd_runtime.model.tiny_lora import write_lora
 from tests.e2e.conftest import Deployment, _part_processes, _tail, parts_left, stop_launcher
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment, pytest.mark.timeout(900)]
@@ -72,6 +75,10 @@ def two_models_config(cache: Path) -> DeploymentConfig:
     data["pools"][0]["sidecar_port"] += OFFSET
     data["coordinator"]["port"] += OFFSET
     data["coordinator"]["canary_seed"] = CANARY_SEED
+    # Adapters loaded at runtime (vLLM's /v1/load_lora_adapter) are found by asking the workers.
+    data["coordinator"]["adapter_refresh_s"] = 1
+    for group in (data["prefill"], data["decode"]):
+        group["env"] = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     data["startup_timeout_s"] = READY_TIMEOUT_S
     return parse_config(DeploymentConfig, data, "two-models-e2e")
 
@@ -216,6 +223,37 @@ def test_aliases_models_list_and_unknown_model(two_models: Deployment) -> None:
     error = missing.json()["error"]
     assert error["type"] == "NotFoundError"
     assert f"{A}, {LORA}, {B}, chat-default, chat-canary" in error["message"]
+
+
+def test_an_adapter_loaded_at_runtime_on_the_decode_worker_only_is_served_direct(
+    two_models: Deployment, tmp_path: Path
+) -> None:
+    """vLLM's dynamic LoRA endpoint loads an adapter on decode-0 alone: the coordinator learns it
+    from the worker's /v1/models, and a long prompt for it is not disaggregated to prefill-0
+    (which lacks it) but served direct, with the decode worker's own greedy output."""
+    d = two_models
+    decode = endpoints_of(d, A)["decode-0"]
+    path = write_lora(tmp_path / "late-lora", "tiny", seed=5)
+    loaded = httpx.post(
+        f"http://{decode.address}/v1/load_lora_adapter",
+        json={"lora_name": "late-lora", "lora_path": str(path)},
+        timeout=60,
+    )
+    assert loaded.status_code == 200, loaded.text
+    d.eventually(
+        lambda: (
+            "late-lora" in {m["id"] for m in httpx.get(f"{d.gateway}/v1/models").json()["data"]}
+        ),
+        "the coordinator to learn late-lora from decode-0's /v1/models",
+        timeout_s=30,
+    )
+    routed = token_ids(complete(d.gateway, "late-lora", DEMO_PROMPT, "late-1"))
+    decision = d.decision("late-1")
+    assert (decision["pool"], decision["adapter"]) == (A, "late-lora")
+    assert (decision["target"], decision["prefill"]) == (decode.address, None), decision
+    assert decision["reason"] == "no-prefill-endpoint"
+    assert routed == token_ids(complete(f"http://{decode.address}", "late-lora", DEMO_PROMPT, "c"))
+    assert routed != token_ids(complete(d.gateway, LORA, DEMO_PROMPT, "late-vs-tiny-lora"))
 
 
 def test_model_b_down_does_not_affect_model_a(two_models: Deployment) -> None:
