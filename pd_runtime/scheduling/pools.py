@@ -46,6 +46,8 @@ class Pool:
     model: str
     scheduler: Scheduler
     holders: dict[str, set[str]]
+    #: (adapter, address) pairs from the config: kept whatever the workers list.
+    configured: frozenset[tuple[str, str]] = frozenset()
 
     @classmethod
     def of(cls, model: str, scheduler: Scheduler) -> Pool:
@@ -53,7 +55,8 @@ class Pool:
         for e in scheduler.endpoints:
             for adapter in e.adapters:
                 holders.setdefault(adapter, set()).add(e.address)
-        return cls(model, scheduler, holders)
+        configured = frozenset((a, addr) for a, held in holders.items() for addr in held)
+        return cls(model, scheduler, holders, configured)
 
 
 def _salt(adapter: str) -> int:
@@ -102,10 +105,21 @@ class PooledScheduler(Scheduler):
 
     def learn_adapters(self, address: str, models: Sequence[Mapping[str, Any]]) -> list[str]:
         """Record the adapters a worker's ``/v1/models`` lists (entries whose ``parent`` is the
-        endpoint's pool model); return the ones that were new."""
+        endpoint's pool model); return the ones that were new. An adapter learnt earlier that the
+        worker no longer lists (unloaded) is forgotten there; those in the config never are."""
         pool = self._owner.get(address)
         if pool is None:
             return []
+        listed = {e.get("id") for e in models if e.get("parent") == pool.model}
+        for adapter, holders in list(pool.holders.items()):
+            if address not in holders or adapter in listed:
+                continue
+            if (adapter, address) not in pool.configured:
+                holders.discard(address)
+                log.info("%s no longer lists adapter %r", address, adapter)
+                self.version += 1
+                if not holders:
+                    del pool.holders[adapter]
         new: list[str] = []
         for entry in models:
             name, parent = entry.get("id"), entry.get("parent")

@@ -160,3 +160,17 @@ async def test_an_adapter_prompt_does_not_count_the_base_model_blocks_as_cached(
     assert again.block_keys == lora.block_keys
     second = s.schedule(again)
     assert second.decode == first.decode and second.cached_tokens == 20
+
+
+def test_an_unloaded_adapter_is_forgotten_but_a_configured_one_is_kept() -> None:
+    s = pooled()
+    s.learn_adapters("127.0.0.1:8201", [{"id": "lora-y", "parent": "a"}])
+    version = s.version
+    # decode-a1 unloaded lora-y; decode-a0 does not list lora-x (in the config): kept.
+    s.learn_adapters("127.0.0.1:8201", [{"id": "a", "parent": None}])
+    s.learn_adapters("127.0.0.1:8200", [{"id": "a", "parent": None}])
+    assert s.version > version
+    assert "lora-y" not in s.served_names()
+    with pytest.raises(NoEndpointError):
+        s.resolve("lora-y")
+    assert s.pools["a"].holders["lora-x"] == {"127.0.0.1:8101", "127.0.0.1:8200"}
