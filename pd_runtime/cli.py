@@ -38,8 +38,13 @@ DEFAULT_CONFIG = "configs/local-cpu.yaml"
 def _add_model(sub: argparse._SubParsersAction) -> None:
     from pd_runtime.model.tiny import MODEL_SIZES
 
-    p = sub.add_parser("model", help="write a local model (no downloads)")
-    p.add_argument("kind", choices=["tiny"], help="'tiny': a seeded random Qwen3 model")
+    p = sub.add_parser("model", help="write a local model or LoRA adapter (no downloads)")
+    p.add_argument(
+        "kind",
+        choices=["tiny", "lora"],
+        help="'tiny': a seeded random Qwen3 model; 'lora': a seeded random LoRA adapter for it "
+        "(peft's format; vLLM --lora-modules NAME=DIR)",
+    )
     p.add_argument("dir", help="output directory")
     p.add_argument("--size", choices=sorted(MODEL_SIZES), default="tiny")
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +106,11 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
 
 def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("coordinator", help="start the OpenAI-compatible gateway and scheduler")
-    p.add_argument("--config", required=True, help="coordinator YAML (endpoints, models, policy)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="coordinator YAML (models + endpoints, or one pool per model; aliases; policy)",
+    )
     p.add_argument("--host", help="override the config's host")
     p.add_argument("--port", type=int, help="override the config's port")
     p.add_argument(
@@ -118,7 +127,10 @@ def _add_up_and_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="bring the local deployment up, show what it does, stop")
     for p in (up, demo):
         p.add_argument(
-            "--config", default=DEFAULT_CONFIG, help=f"deployment YAML (default {DEFAULT_CONFIG})"
+            "--config",
+            default=DEFAULT_CONFIG,
+            help=f"deployment YAML (default {DEFAULT_CONFIG}; several models and LoRA adapters: "
+            "configs/local-cpu-two-models.yaml)",
         )
         p.add_argument("--run-dir", default=None, help="where logs go (default runs/<name>)")
         p.add_argument(
@@ -271,6 +283,11 @@ def _run_bench(argv: list[str]) -> int:
 def _run_model(args: argparse.Namespace) -> int:
     from pd_runtime.model.tiny import describe, write_model
 
+    if args.kind == "lora":
+        from pd_runtime.model.tiny_lora import write_lora
+
+        print(f"LoRA adapter written to {write_lora(args.dir, args.size, seed=args.seed)}")
+        return 0
     path = write_model(args.dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(f"model written to {path}: {describe(path)}")
     return 0

@@ -72,7 +72,7 @@ PROMPT_TOKENS = "vllm:prompt_tokens_total"
 
 def run_demo(plan: DeploymentPlan, run_dir: Path) -> int:
     gateway = plan.gateway_url
-    model = plan.coordinator.models[0]
+    model = plan.coordinator.served_names[0]  # with several models: the first
     with httpx.Client(base_url=gateway, timeout=300.0) as client:
         _step(1, f"The gateway {gateway} lists the models it serves (GET /v1/models)")
         models = client.get("/v1/models").json()

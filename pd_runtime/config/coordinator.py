@@ -18,7 +18,13 @@ from pd_runtime.config.discovery import DiscoveryConfig
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.config.observability import ObservabilityConfig
 
-__all__ = ["CoordinatorConfig", "CoordinatorEdge", "SchedulerConfig"]
+__all__ = [
+    "AliasTarget",
+    "CoordinatorConfig",
+    "CoordinatorEdge",
+    "PoolConfig",
+    "SchedulerConfig",
+]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -32,6 +38,32 @@ class SchedulerConfig(BaseModel):
         "pd_runtime.registries at start-up)",
     )
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PoolConfig(BaseModel):
+    """One served base model with its own workers and policy (a multi-model coordinator has one
+    per model). Its LoRA adapters are the union of its endpoints' ``adapters``."""
+
+    model_config = _STRICT
+
+    model: str = Field(min_length=1, description="the served model name (the workers' own)")
+    endpoints: list[EndpointConfig]
+    scheduler: SchedulerConfig | None = Field(
+        default=None, description="this pool's policy; none: the coordinator's ``scheduler``"
+    )
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted({a for e in self.endpoints for a in e.adapters})
+
+
+class AliasTarget(BaseModel):
+    """One served name behind a public name, with its share of the traffic (a canary split)."""
+
+    model_config = _STRICT
+
+    model: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
 
 
 class CoordinatorEdge(BaseModel):
@@ -100,6 +132,22 @@ class CoordinatorEdge(BaseModel):
         description="longest wait in the admission queue before a 429 (Retry-After is this, "
         "rounded up to whole seconds)",
     )
+    aliases: dict[str, str | list[AliasTarget]] = Field(
+        default_factory=dict,
+        description="public name -> served name (a model or an adapter), the body's 'model' "
+        "rewritten before forwarding; a list of {model, weight} splits the name's requests by "
+        "weight (a canary)",
+    )
+    canary_seed: int | None = Field(
+        default=None, description="seed of the canary split's random draws (tests); none: random"
+    )
+    adapter_refresh_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="with pools: ask every worker's /v1/models this often for the LoRA adapters "
+        "it serves (vLLM lists each with its base model as parent), beside those in the "
+        "config; 0: the config's only",
+    )
 
 
 class CoordinatorConfig(CoordinatorEdge):
@@ -111,9 +159,18 @@ class CoordinatorConfig(CoordinatorEdge):
         "(replicas) share it and the kernel spreads new connections across them (the launcher "
         "sets it from the deployment's coordinator.replicas)",
     )
-    models: list[str] = Field(min_length=1, description="served model names clients may ask for")
-    endpoints: list[EndpointConfig]
+    models: list[str] = Field(
+        default_factory=list,
+        description="served model names clients may ask for (one pool: every endpoint serves "
+        "them all); with ``pools``, leave empty",
+    )
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
     scheduler: SchedulerConfig = SchedulerConfig()
+    pools: list[PoolConfig] = Field(
+        default_factory=list,
+        description="several models behind one gateway: one pool per served model, each with "
+        "its own endpoints and (optionally) policy; replaces ``models`` and ``endpoints``",
+    )
     discovery: DiscoveryConfig = Field(
         default_factory=DiscoveryConfig,
         description="where endpoints come from: 'static' (the endpoints above) or 'kubernetes' "
@@ -175,14 +232,64 @@ class CoordinatorConfig(CoordinatorEdge):
 
     @model_validator(mode="after")
     def _has_decode_and_unique_names(self) -> CoordinatorConfig:
-        # With discovery, decode endpoints may all arrive (and leave) while serving.
-        if not self.discovery.dynamic and not any(e.role == "decode" for e in self.endpoints):
-            raise ValueError("endpoints: at least one endpoint with role 'decode' is required")
-        names = [e.name for e in self.endpoints]
+        if self.pools:
+            self._check_pools()
+        else:
+            if not self.models:
+                raise ValueError("models: at least one served model name is required")
+            if any(e.adapters for e in self.endpoints):
+                raise ValueError("endpoints: LoRA adapters need pools (one pool is enough)")
+            # With discovery, decode endpoints may all arrive (and leave) while serving.
+            if not self.discovery.dynamic and not any(e.role == "decode" for e in self.endpoints):
+                raise ValueError("endpoints: at least one endpoint with role 'decode' is required")
+        names = [e.name for e in self.all_endpoints]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"endpoints: duplicate names {duplicates}")
+        self._check_aliases()
         return self
 
+    def _check_pools(self) -> None:
+        if self.models or self.endpoints:
+            raise ValueError("pools: give either pools or models + endpoints, not both")
+        if self.discovery.dynamic:
+            raise ValueError("pools: only static discovery is supported with several pools")
+        served: list[str] = []
+        for i, pool in enumerate(self.pools):
+            if not any(e.role == "decode" for e in pool.endpoints):
+                raise ValueError(f"pools[{i}] ({pool.model}): at least one decode endpoint")
+            served += [pool.model, *pool.adapters]
+        duplicates = sorted({n for n in served if served.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"pools: names served twice (models or adapters) {duplicates}")
+
+    def _check_aliases(self) -> None:
+        served = set(self.served_names)
+        for name, target in self.aliases.items():
+            if name in served:
+                raise ValueError(f"aliases.{name}: shadows a served model or adapter")
+            targets = [target] if isinstance(target, str) else [t.model for t in target]
+            if not targets:
+                raise ValueError(f"aliases.{name}: no target")
+            unknown = sorted(set(targets) - served)
+            if unknown:
+                raise ValueError(
+                    f"aliases.{name}: {unknown} not served here (served: {sorted(served)})"
+                )
+
+    @property
+    def all_endpoints(self) -> list[EndpointConfig]:
+        """Every configured endpoint, of every pool."""
+        if not self.pools:
+            return list(self.endpoints)
+        return [e for pool in self.pools for e in pool.endpoints]
+
+    @property
+    def served_names(self) -> list[str]:
+        """Names a worker answers to: models and LoRA adapters (aliases not included)."""
+        if not self.pools:
+            return list(self.models)
+        return [name for pool in self.pools for name in (pool.model, *pool.adapters)]
+
     def by_role(self, role: str) -> list[EndpointConfig]:
-        return [e for e in self.endpoints if e.role == role]
+        return [e for e in self.all_endpoints if e.role == role]

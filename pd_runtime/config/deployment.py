@@ -26,9 +26,11 @@ from pd_runtime.config.sidecar import SidecarTuning
 from pd_runtime.platform import PlatformChoice
 
 __all__ = [
+    "AdapterConfig",
     "DeploymentConfig",
     "EngineConfig",
     "ModelConfig",
+    "PoolDeployment",
     "SidecarConfig",
     "TransportConfig",
     "WorkerGroupConfig",
@@ -36,6 +38,20 @@ __all__ = [
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 Port = Field(ge=1, le=65535)
+
+
+class AdapterConfig(BaseModel):
+    """A LoRA adapter every worker of its model serves (vLLM ``--lora-modules name=path``)."""
+
+    model_config = _STRICT
+
+    name: str = Field(min_length=1, description="the name clients ask for (as 'model')")
+    path: str = Field(description="adapter directory (peft format)")
+    generate: Literal["tiny"] | None = Field(
+        default=None, description="write a local random adapter for the tiny model at `path`"
+    )
+    seed: int = 1
+    rank: int = Field(default=8, ge=1, description="LoRA rank (vLLM --max-lora-rank covers it)")
 
 
 class ModelConfig(BaseModel):
@@ -51,6 +67,11 @@ class ModelConfig(BaseModel):
         default=None,
         gt=0,
         description="approximate weight size; GPU placement refuses a TP group that cannot hold it",
+    )
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters served by every worker of this model (prefill and decode: a "
+        "disaggregated adapter request needs both)",
     )
 
     @property
@@ -168,6 +189,26 @@ class CoordinatorSection(CoordinatorEdge):
         return [base + k for k in range(self.replicas)]
 
 
+class PoolDeployment(BaseModel):
+    """A further model behind the same gateway, with workers of its own (the top-level model is
+    the first pool). Ports follow the same layout as the top-level groups."""
+
+    model_config = _STRICT
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="short name: its parts are NAME-prefill-i, NAME-decode-i, NAME-sidecar-i",
+    )
+    model: ModelConfig
+    engine: EngineConfig | None = Field(default=None, description="none: the top-level engine")
+    prefill: WorkerGroupConfig
+    decode: WorkerGroupConfig
+    sidecar_port: int = Field(ge=1, le=65535, description="sidecar-i listens on sidecar_port + i")
+    scheduler: SchedulerConfig | None = Field(
+        default=None, description="this model's policy; none: coordinator.scheduler"
+    )
+
+
 class DeploymentConfig(BaseModel):
     model_config = _STRICT
 
@@ -202,6 +243,31 @@ class DeploymentConfig(BaseModel):
         description="start workers all at once; default one at a time, which on a few cores is "
         "as fast and keeps a slow start from being blamed on a neighbour",
     )
+    pools: list[PoolDeployment] = Field(
+        default_factory=list,
+        description="further models behind the same gateway, each with its own prefill/decode "
+        "workers, engine settings and scheduler (the top-level model is the first)",
+    )
+
+    def single_models(self) -> list[tuple[str, DeploymentConfig]]:
+        """Each model as a deployment of its own, with the prefix of its part names: the
+        top-level one first (prefix ''), then every pool (``NAME-``); none has ``pools``."""
+        out: list[tuple[str, DeploymentConfig]] = [("", self.model_copy(update={"pools": []}))]
+        for pool in self.pools:
+            coordinator = self.coordinator
+            if pool.scheduler is not None:
+                coordinator = coordinator.model_copy(update={"scheduler": pool.scheduler})
+            update = {
+                "model": pool.model,
+                "engine": pool.engine or self.engine,
+                "prefill": pool.prefill,
+                "decode": pool.decode,
+                "sidecar": self.sidecar.model_copy(update={"port": pool.sidecar_port}),
+                "coordinator": coordinator,
+                "pools": [],
+            }
+            out.append((f"{pool.name}-", self.model_copy(update=update)))
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:
@@ -215,16 +281,42 @@ class DeploymentConfig(BaseModel):
                 if owner != field:
                     raise ValueError(f"{field}: port {base + i} collides with {owner}")
 
-        claim("prefill.port", self.prefill.port, self.prefill.replicas)
-        claim("prefill.side_channel_port", self.prefill.side_channel_port, self.prefill.replicas)
-        claim("prefill.kv_events_port", self.prefill.kv_events_port, self.prefill.replicas)
-        claim("decode.port", self.decode.port, self.decode.replicas)
-        claim("decode.side_channel_port", self.decode.side_channel_port, self.decode.replicas)
-        claim("decode.kv_events_port", self.decode.kv_events_port, self.decode.replicas)
-        for role, group in (("prefill", self.prefill), ("decode", self.decode)):
-            if group.kv_events_replay_port is not None:
-                claim(f"{role}.kv_events_replay_port", group.kv_events_replay_port, group.replicas)
+        def claim_groups(at: str, prefill: WorkerGroupConfig, decode: WorkerGroupConfig) -> None:
+            for role, group in ((f"{at}prefill", prefill), (f"{at}decode", decode)):
+                claim(f"{role}.port", group.port, group.replicas)
+                claim(f"{role}.side_channel_port", group.side_channel_port, group.replicas)
+                claim(f"{role}.kv_events_port", group.kv_events_port, group.replicas)
+                if group.kv_events_replay_port is not None:
+                    claim(
+                        f"{role}.kv_events_replay_port", group.kv_events_replay_port, group.replicas
+                    )
+
+        claim_groups("", self.prefill, self.decode)
         claim("sidecar.port", self.sidecar.port, self.decode.replicas)
+        names = [self.model.name]
+        for i, pool in enumerate(self.pools):
+            if pool.decode.replicas < 1:
+                raise ValueError(f"pools[{i}].decode.replicas: at least one decode worker")
+            claim_groups(f"pools[{i}].", pool.prefill, pool.decode)
+            claim(f"pools[{i}].sidecar_port", pool.sidecar_port, pool.decode.replicas)
+            names.append(pool.model.name)
+        served = names + [
+            a.name for m in (self.model, *(p.model for p in self.pools)) for a in m.adapters
+        ]
+        twice = sorted({n for n in served if served.count(n) > 1})
+        if twice:
+            raise ValueError(f"pools: names served twice (models or adapters) {twice}")
+        for alias, target in self.coordinator.aliases.items():
+            targets = [target] if isinstance(target, str) else [t.model for t in target]
+            unknown = sorted(set(targets) - set(served))
+            if alias in served or unknown:
+                raise ValueError(
+                    f"coordinator.aliases.{alias}: shadows a served name or targets one not "
+                    f"served here ({unknown}; served: {served})"
+                )
+        pool_names = [p.name for p in self.pools]
+        if len(set(pool_names)) != len(pool_names):
+            raise ValueError("pools: duplicate pool names")
         claim("coordinator.port", self.coordinator.port, 1)
         ports = self.coordinator.replica_ports
         if ports:

@@ -34,6 +34,11 @@ class EndpointConfig(BaseModel):
     kv_events_replay: str | None = Field(
         default=None, description="tcp://HOST:PORT of the worker's replay socket (vLLM binds it)"
     )
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="LoRA adapters this endpoint's worker serves (vLLM --lora-modules names): an "
+        "adapter request goes only to endpoints holding it, prefill and decode alike",
+    )
     kv_events_bind: bool = Field(
         default=True,
         description="True: the coordinator binds kv_events and the worker connects to it (local "

@@ -36,7 +36,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -86,6 +86,7 @@ from pd_runtime.coordinator.edge import (
     resolve_api_keys,
 )
 from pd_runtime.coordinator.metrics import CoordinatorMetrics
+from pd_runtime.coordinator.routing import ModelRouter, build_scheduler, watch_adapters
 from pd_runtime.coordinator.validation import validate_generation_body
 from pd_runtime.discovery import create_discovery
 from pd_runtime.errors import (
@@ -97,7 +98,7 @@ from pd_runtime.errors import (
     UpstreamError,
 )
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
-from pd_runtime.scheduling.registry import SCHEDULERS
+from pd_runtime.scheduling.pools import PooledScheduler
 
 __all__ = [
     "RETRY_STATUSES",
@@ -130,16 +131,27 @@ def pod_scores_line(
     *,
     full: bool = False,
     trace_id: str | None = None,
+    pool: str | None = None,
+    adapter: str | None = None,
+    served: str | None = None,
 ) -> str:
     """The ``Got pod scores {...}`` decision line. Its ``breakdown`` is what the policy kept for
     the line (kv-aware: the best ``log_breakdown_top_k`` endpoints), or with ``full`` (the
     coordinator logs at DEBUG) every endpoint's. ``trace_id`` (tracing on) ties the line to the
-    request's trace."""
+    request's trace. With several models: ``pool`` (the served base model whose workers were
+    chosen), ``adapter`` (the LoRA adapter, if any) and ``served`` (the name sent to the worker,
+    when an alias or canary rewrote the client's)."""
     record: dict[str, Any] = {"x-request-id": request_id}
     if trace_id is not None:
         record["trace_id"] = trace_id
+    record["model"] = model
+    if served is not None and served != model:
+        record["served"] = served
+    if pool is not None:
+        record["pool"] = pool
+    if adapter is not None:
+        record["adapter"] = adapter
     record |= {
-        "model": model,
         "scores": result.scores,
         "target": result.decode.address,
         "prefill": result.prefill.address if result.prefill else None,
@@ -258,9 +270,10 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     observability = config.observability
     tracing = create_tracing(observability.otlp_endpoint, observability.service_name("coordinator"))
     if scheduler is None:
-        scheduler = SCHEDULERS.create(
-            config.scheduler.policy, config.endpoints, **config.scheduler.params
-        )
+        scheduler = build_scheduler(config)
+    # Several models (pools): the scheduler knows which pool and adapter serve a name.
+    pooled = scheduler if isinstance(scheduler, PooledScheduler) else None
+    router = ModelRouter(config, pooled)
     state: dict[str, UpstreamClient] = {}
     keys = ApiKeys(resolve_api_keys(config))
     lifecycle = Lifecycle()
@@ -285,7 +298,16 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         state["client"] = make_client(config.connect_timeout_s, config.request_timeout_s)
         await scheduler.start()
         await discovery.start(on_endpoints)
+        watcher = None
+        if pooled is not None and config.adapter_refresh_s > 0:
+            watcher = asyncio.create_task(
+                watch_adapters(pooled, state["client"], config.adapter_refresh_s)
+            )
         yield
+        if watcher is not None:
+            watcher.cancel()
+            with suppress(asyncio.CancelledError):
+                await watcher
         await discovery.stop()
         await scheduler.stop()
         await state["client"].aclose()
@@ -305,6 +327,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.scheduler = scheduler
+    app.state.router = router
     app.state.discovery = discovery
     app.state.lifecycle = lifecycle
     app.state.tracing = tracing
@@ -343,12 +366,17 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             raw_body = await receive_body(receive, headers, config.max_body_bytes)
             body = parse_json_body(raw_body)
             model = validate_generation_body(
-                route, body, models=config.models, max_tokens_limit=config.max_tokens_limit
+                route, body, models=router.names, max_tokens_limit=config.max_tokens_limit
             )
+            served = router.resolve(model)  # an alias or canary: the name the worker serves
+            if served != model:
+                body = {**body, "model": served}
+                raw_body = encode_json(body)
+            pool, adapter = pooled.resolve(served) if pooled is not None else (None, None)
             request_id = headers.get(REQUEST_ID_HEADER) or _new_request_id()
-            sched_request = SchedulingRequest(request_id, model, route, body, headers=headers)
+            sched_request = SchedulingRequest(request_id, served, route, body, headers=headers)
             if tracing.enabled:
-                tracing.set_attributes({"pd.request_id": request_id, "pd.model": model})
+                tracing.set_attributes({"pd.request_id": request_id, "pd.model": served})
             prepared = time.perf_counter()
             with tracing.span("coordinator.prepare"):
                 sched_request = await scheduler.prepare(sched_request)
@@ -456,7 +484,14 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 if logger.isEnabledFor(logging.INFO):
                     full = logger.isEnabledFor(logging.DEBUG)
                     line = pod_scores_line(
-                        request_id, model, result, full=full, trace_id=tracing.trace_id()
+                        request_id,
+                        model,
+                        result,
+                        full=full,
+                        trace_id=tracing.trace_id(),
+                        pool=pool.model if pool is not None else None,
+                        adapter=adapter,
+                        served=served,
                     )
                     logger.info(line)
                 mode = "disaggregated" if result.disaggregated else "direct"
@@ -517,10 +552,21 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "pd-runtime"}
-            for name in config.models
-        ]
+        parents = pooled.adapter_parents() if pooled is not None else {}
+        aliases = router.aliases()
+        data = []
+        for name in router.names:
+            entry: dict[str, Any] = {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "pd-runtime",
+            }
+            if name in parents:  # a LoRA adapter, as vLLM lists it
+                entry["parent"] = parents[name]
+            if name in aliases:
+                entry["alias_of"] = aliases[name]
+            data.append(entry)
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/health")
@@ -545,7 +591,13 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             body = parse_json_body(await read_body(request, config.max_body_bytes))
         except ServingError as exc:
             return error_response(exc)
-        probe = SchedulingRequest("debug-match", str(body.get("model", "")), route, body)
+        model = str(body.get("model", ""))
+        if pooled is not None:  # the pool to ask is the one serving the (resolved) name
+            try:
+                model = router.resolve(model)
+            except ServingError as exc:
+                return error_response(exc)
+        probe = SchedulingRequest("debug-match", model, route, body)
         return JSONResponse(scheduler.explain(await scheduler.prepare(probe)))
 
     add_dashboard_routes(app, scheduler, metrics)  # GET /dashboard, /dashboard/state

@@ -62,7 +62,10 @@ def validate_generation_body(
     if not isinstance(model, str):
         raise BadRequestError("'model' is required and must be a string", param="model")
     if model not in models:
-        raise NotFoundError(f"The model `{model}` does not exist.", param="model")
+        raise NotFoundError(
+            f"The model `{model}` does not exist. Models served here: {', '.join(models)}",
+            param="model",
+        )
 
     if route == CHAT_PATH:
         if "messages" not in body:

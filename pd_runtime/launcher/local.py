@@ -215,12 +215,13 @@ class LocalLauncher:
 
     def _warm(self, only: frozenset[str] | None) -> None:
         coordinator = self.plan.coordinator
-        warm_up(
-            coordinator.endpoints,
-            coordinator.models[0],
-            only=only,
-            progress=self.progress,
-        )
+        if not coordinator.pools:
+            warm_up(coordinator.endpoints, coordinator.models[0], only=only, progress=self.progress)
+            return
+        for pool in coordinator.pools:  # pairs within a model only: P and D must share weights
+            names = {e.name for e in pool.endpoints}
+            if only is None or only & names:
+                warm_up(pool.endpoints, pool.model, only=only, progress=self.progress)
 
     def write_status(self) -> dict[str, Any]:
         """Every part's state into ``status.json`` (what ``pd-runtime status`` reads); returned."""

@@ -232,6 +232,8 @@ class RayLauncher:
     ) -> None:
         if not isinstance(config.launcher, RayLauncherConfig):
             raise ConfigError("launcher.type: the Ray launcher needs `launcher: {type: ray}`")
+        if config.pools or config.model.adapters:
+            raise ConfigError("pools, model.adapters: the Ray launcher serves one model (for now)")
         self.config = config
         self.settings: RayLauncherConfig = config.launcher
         self.run_dir = Path(run_dir).resolve()

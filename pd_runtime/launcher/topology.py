@@ -13,13 +13,19 @@ The plan is pure data (no processes started), so it is what ``up`` runs and what
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pd_runtime.common.flags import to_argv
 from pd_runtime.common.tracing import ENDPOINT_ENV, SERVICE_ENV
-from pd_runtime.config.coordinator import CoordinatorConfig, CoordinatorEdge, SchedulerConfig
+from pd_runtime.config.coordinator import (
+    CoordinatorConfig,
+    CoordinatorEdge,
+    PoolConfig,
+    SchedulerConfig,
+)
 from pd_runtime.config.deployment import DeploymentConfig, WorkerGroupConfig
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.config.sidecar import SidecarTuning
@@ -69,33 +75,64 @@ class DeploymentPlan:
         return f"http://{self.coordinator.host}:{self.coordinator.port}"
 
 
+def _groups(
+    config: DeploymentConfig,
+) -> list[tuple[Literal["prefill", "decode"], WorkerGroupConfig]]:
+    return [("prefill", config.prefill), ("decode", config.decode)]
+
+
+def _lora_args(config: DeploymentConfig) -> tuple[str, ...]:
+    """vLLM's flags for the model's LoRA adapters (every worker of the model serves them all)."""
+    adapters = config.model.adapters
+    if not adapters:
+        return ()
+    rank = max(a.rank for a in adapters)
+    modules = [f"{a.name}={Path(a.path).resolve()}" for a in adapters]
+    return ("--enable-lora", "--max-lora-rank", str(rank), "--lora-modules", *modules)
+
+
 def _worker_specs(
-    config: DeploymentConfig, platform: Platform, machine: MachineDescription
+    models: list[tuple[str, DeploymentConfig]], platform: Platform, machine: MachineDescription
 ) -> list[tuple[str, WorkerSpec, WorkerPlacement]]:
-    engine, host = config.engine, config.host
-    groups: list[tuple[Literal["prefill", "decode"], WorkerGroupConfig]] = [
-        ("prefill", config.prefill),
-        ("decode", config.decode),
-    ]
+    """Every model's workers, placed together (one model's workers never share another's GPUs;
+    on CPU the cores are dealt out across all of them), each part name with its model's prefix."""
     requests = [
         WorkerRequest(
-            f"{role}-{i}", role, group.tensor_parallel_size or engine.tensor_parallel_size
+            f"{prefix}{role}-{i}",
+            role,
+            group.tensor_parallel_size or config.engine.tensor_parallel_size,
         )
-        for role, group in groups
+        for prefix, config in models
+        for role, group in _groups(config)
         for i in range(group.replicas)
     ]
+    first = models[0][1]
     placements = iter(
         place_workers(
             requests,
             machine,
             device=platform.name,
             cpu_cores=platform.cpu_cores,
-            weights_gib=config.model.weights_gib,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
+            weights_gib=max(
+                (c.model.weights_gib for _, c in models if c.model.weights_gib is not None),
+                default=None,
+            ),
+            gpu_memory_utilization=first.engine.gpu_memory_utilization,
         )
     )
     specs: list[tuple[str, WorkerSpec, WorkerPlacement]] = []
-    for role, group in groups:
+    for _, config in models:
+        specs += _model_worker_specs(config, platform, placements)
+    return specs
+
+
+def _model_worker_specs(
+    config: DeploymentConfig, platform: Platform, placements: Iterator[WorkerPlacement]
+) -> list[tuple[str, WorkerSpec, WorkerPlacement]]:
+    engine, host = config.engine, config.host
+    lora = _lora_args(config)
+    specs: list[tuple[str, WorkerSpec, WorkerPlacement]] = []
+    for role, group in _groups(config):
         for i in range(group.replicas):
             where = next(placements)
             on_cpu = where.device == "cpu"
@@ -130,7 +167,7 @@ def _worker_specs(
                 kv_lease_s=config.transport.kv_lease_s,
                 otlp_endpoint=config.observability.otlp_endpoint,
                 service_name=config.observability.service_name(f"vllm-{role}"),
-                extra_args=tuple(engine.extra_args) + tuple(group.extra_args),
+                extra_args=tuple(engine.extra_args) + lora + tuple(group.extra_args),
                 extra_env=dict(group.env),
             )
             specs.append((where.name, spec, where))
@@ -189,10 +226,11 @@ def plan_deployment(
     default: what ``platform`` alone says (GPU count and cores, no NUMA/NVLink/RDMA knowledge)."""
     host = config.host
     python = [sys.executable, "-m", "pd_runtime"]
-    parts: list[PartSpec] = []
-    endpoints: list[EndpointConfig] = []
+    worker_parts: list[PartSpec] = []
+    sidecar_parts: list[PartSpec] = []
     machine = machine or MachineDescription.from_platform(platform)
-    placed = _worker_specs(config, platform, machine)
+    models = config.single_models()
+    placed = _worker_specs(models, platform, machine)
     replicated = config.coordinator.replicas > 1
     if replicated:  # each worker binds its publisher; every coordinator replica connects
         placed = [
@@ -202,79 +240,103 @@ def plan_deployment(
             for name, spec, where in placed
         ]
     workers = [(name, spec) for name, spec, _ in placed]
-    prefill_addresses = [f"{host}:{s.port}" for _, s in workers if s.role == "prefill"]
-
-    for name, spec, where in placed:
-        argv, env = build_worker_command(spec)
-        gpu = where.device == "cuda"
-        parts.append(
-            PartSpec(
-                name,
-                "worker",
-                argv,
-                env,
-                host,
-                spec.port,
-                where.where,
-                gpus=where.gpus,
-                cpu_affinity=where.cpu_cores if gpu else (),
-            )
-        )
-        if spec.role == "prefill":
-            endpoints.append(
-                EndpointConfig(
-                    name=name,
-                    role="prefill",
-                    address=f"{host}:{spec.port}",
-                    url=f"http://{host}:{spec.port}",
-                    **_kv_events_source(host, spec),
-                )
-            )
 
     # The sidecars trace when the deployment does, told as OpenTelemetry's own variables say.
     sidecar_env = {"PYTHONUNBUFFERED": "1"}
     if config.observability.otlp_endpoint is not None:
         sidecar_env[ENDPOINT_ENV] = config.observability.otlp_endpoint
         sidecar_env[SERVICE_ENV] = config.observability.service_name("sidecar")
-    for i, (_, spec) in enumerate(s for s in workers if s[1].role == "decode"):
-        sidecar_port = config.sidecar.port + i
-        argv = [
-            *python,
-            "sidecar",
-            "--host",
-            host,
-            "--port",
-            str(sidecar_port),
-            "--decode-url",
-            f"http://{host}:{spec.port}",
-            *to_argv(config.sidecar, SidecarTuning),
-        ]
-        for address in prefill_addresses:
-            argv += ["--prefiller", address]
-        parts.append(
-            PartSpec(f"sidecar-{i}", "sidecar", argv, dict(sidecar_env), host, sidecar_port)
-        )
-        endpoints.append(
-            EndpointConfig(
-                name=f"decode-{i}",
-                role="decode",
-                address=f"{host}:{spec.port}",
-                url=f"http://{host}:{sidecar_port}",
-                **_kv_events_source(host, spec),
+    pools: list[PoolConfig] = []
+    remaining = iter(placed)
+    for prefix, sub in models:
+        count = sub.prefill.replicas + sub.decode.replicas
+        own = [next(remaining) for _ in range(count)]
+        adapters = [a.name for a in sub.model.adapters]
+        endpoints: list[EndpointConfig] = []
+        prefill_addresses = [f"{host}:{s.port}" for _, s, _ in own if s.role == "prefill"]
+        for name, spec, where in own:
+            argv, env = build_worker_command(spec)
+            gpu = where.device == "cuda"
+            worker_parts.append(
+                PartSpec(
+                    name,
+                    "worker",
+                    argv,
+                    env,
+                    host,
+                    spec.port,
+                    where.where,
+                    gpus=where.gpus,
+                    cpu_affinity=where.cpu_cores if gpu else (),
+                )
+            )
+            if spec.role == "prefill":
+                endpoints.append(
+                    EndpointConfig(
+                        name=name,
+                        role="prefill",
+                        address=f"{host}:{spec.port}",
+                        url=f"http://{host}:{spec.port}",
+                        adapters=adapters,
+                        **_kv_events_source(host, spec),
+                    )
+                )
+        decodes = [spec for _, spec, _ in own if spec.role == "decode"]
+        for i, spec in enumerate(decodes):
+            sidecar_port = sub.sidecar.port + i
+            argv = [
+                *python,
+                "sidecar",
+                "--host",
+                host,
+                "--port",
+                str(sidecar_port),
+                "--decode-url",
+                f"http://{host}:{spec.port}",
+                *to_argv(sub.sidecar, SidecarTuning),
+            ]
+            for address in prefill_addresses:
+                argv += ["--prefiller", address]
+            sidecar_parts.append(
+                PartSpec(
+                    f"{prefix}sidecar-{i}", "sidecar", argv, dict(sidecar_env), host, sidecar_port
+                )
+            )
+            endpoints.append(
+                EndpointConfig(
+                    name=f"{prefix}decode-{i}",
+                    role="decode",
+                    address=f"{host}:{spec.port}",
+                    url=f"http://{host}:{sidecar_port}",
+                    adapters=adapters,
+                    **_kv_events_source(host, spec),
+                )
+            )
+        first = own[0][1] if own else None
+        pools.append(
+            PoolConfig(
+                model=sub.model.name, endpoints=endpoints, scheduler=_scheduler_for(sub, first)
             )
         )
+    parts = worker_parts + sidecar_parts
 
     # The section's edge settings (API keys, admission, body limit, draining) are
     # CoordinatorConfig's own fields (both are a CoordinatorEdge), so they pass through as they are.
     edge = config.coordinator.model_dump(include=set(CoordinatorEdge.model_fields))
+    # One model without adapters: the coordinator config as it always was. Several models, or
+    # adapters: one pool per model (its own scheduler, index and scorers).
+    layout: dict[str, Any]
+    if len(pools) == 1 and not config.model.adapters:
+        layout = {"models": [pools[0].model], "endpoints": pools[0].endpoints}
+        layout["scheduler"] = pools[0].scheduler
+    else:
+        layout = {"pools": pools, "scheduler": config.coordinator.scheduler}
     coordinator = CoordinatorConfig(
         host=host,
         port=config.coordinator.port,
-        models=[config.model.name],
-        endpoints=endpoints,
-        scheduler=_scheduler_for(config, workers[0][1] if workers else None),
         reuse_port=replicated,
         observability=config.observability,
+        **layout,
         **edge,
     )
     coordinator_path = run_dir / "coordinator.yaml"

@@ -44,6 +44,10 @@ class SchedulingRequest:
     block_keys: list[int] | None = None
     #: Addresses of decode endpoints already tried for this request (failover): never pick these.
     exclude: frozenset[str] = frozenset()
+    #: Addresses that may serve this request at all, decode and prefill alike (a LoRA adapter's
+    #: holders); None: every endpoint. A policy never picks another one, and disaggregates only
+    #: to an eligible prefill endpoint (none: it serves direct).
+    eligible: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)

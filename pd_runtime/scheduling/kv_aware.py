@@ -338,17 +338,23 @@ class KVAwareScheduler(Scheduler):
     def schedule(self, request: SchedulingRequest) -> SchedulingResult:
         ctx = self.context(request)
         candidates = self.decode_states
+        prefills = self.prefill_states
+        if request.eligible is not None:  # e.g. a LoRA adapter's holders
+            candidates = [s for s in candidates if s.address in request.eligible]
+            prefills = [s for s in prefills if s.address in request.eligible]
+            if not candidates:
+                raise NoEndpointError(f"no decode endpoint serves the model {request.model!r}")
         if request.exclude:
             candidates = [s for s in candidates if s.address not in request.exclude]
             if not candidates:
                 raise NoEndpointError("every decode endpoint has been tried for this request")
         decode_run = self.decode_profile.run(ctx, candidates)
         decode = decode_run.picked
-        decision = self.decider.decide(ctx, decode, bool(self.prefill_states), self.prefill_states)
+        decision = self.decider.decide(ctx, decode, bool(prefills), prefills)
         prefill_run = None
         if decision.disaggregate:
             try:
-                prefill_run = self.prefill_profile.run(ctx, self.prefill_states)
+                prefill_run = self.prefill_profile.run(ctx, prefills)
             except NoEndpointError:
                 # Every prefill endpoint is down or filtered: the decode worker prefills itself,
                 # slower but served (a P/D deployment must not fail because P is gone).

@@ -42,14 +42,22 @@ class RoundRobinScheduler(Scheduler):
         if not self.decode:
             raise NoEndpointError("no decode endpoint is configured or discovered")
         decode = self.decode[next(self._decode_turn) % len(self.decode)]
-        if decode.address in request.exclude:
-            # Failover: the next endpoint in turn that has not been tried for this request.
-            untried = [e for e in self.decode if e.address not in request.exclude]
+        eligible = request.eligible
+        if decode.address in request.exclude or (
+            eligible is not None and decode.address not in eligible
+        ):
+            # Failover (or an adapter's holders): the next endpoint in turn that may serve it.
+            untried = [
+                e
+                for e in self.decode
+                if e.address not in request.exclude and (eligible is None or e.address in eligible)
+            ]
             if not untried:
-                raise NoEndpointError("every decode endpoint has been tried for this request")
+                raise NoEndpointError("no untried decode endpoint can serve this request")
             start = self.decode.index(decode)
             decode = min(untried, key=lambda e: (self.decode.index(e) - start) % len(self.decode))
-        prefill = (
-            self.prefill[next(self._prefill_turn) % len(self.prefill)] if self.prefill else None
-        )
+        prefills = self.prefill
+        if eligible is not None:
+            prefills = [e for e in prefills if e.address in eligible]
+        prefill = prefills[next(self._prefill_turn) % len(prefills)] if prefills else None
         return SchedulingResult(decode=decode, prefill=prefill, scores=None)

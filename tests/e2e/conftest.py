@@ -98,7 +98,7 @@ class Deployment:
         self.run_dir = run_dir
         self.up = up
         self.gateway = plan.gateway_url
-        self.model = plan.coordinator.models[0]
+        self.model = plan.coordinator.served_names[0]
         self.decode = plan.coordinator.by_role("decode")
         self.prefill = plan.coordinator.by_role("prefill")
 
