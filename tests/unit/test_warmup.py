@@ -9,10 +9,7 @@ a request carries kv_transfer_params; a real sidecar sits in front of the decode
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,17 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from pd_runtime.cli import main as cli_main
 from pd_runtime.config.endpoint import EndpointConfig
-from pd_runtime.launcher import warmup
 from pd_runtime.launcher.warmup import WarmupError, warm_up
 from tests.servers import serve
-
-
-class PrefillStep:
-    """Set when the prefill stand-in serves a plain request after a pull began waiting."""
-
-    def __init__(self) -> None:
-        self.waiting = False
-        self.stepped = threading.Event()
 
 
 @dataclass
@@ -46,9 +34,6 @@ class StandInEngine:
     prefill_fails: bool = False
     pull_fails: bool = False  # the pull fails and the engine recomputes: right answer, no KV
     pull_fails_first: int = 0  # only the first N pulls fail (a pair's first-transfer stall)
-    # The first pull hangs until the prefill stand-in serves another request (a real pair's first
-    # NIXL read lands only when the idle prefill engine steps), or fails after 10 s.
-    first_pull_needs: PrefillStep | None = None
     transfers: int = 0
     failed: int = 0
 
@@ -60,9 +45,6 @@ class StandInEngine:
             body: dict[str, Any] = await request.json()
             params = body.get("kv_transfer_params") or {}
             ids = [b % 251 for b in hashlib.sha256(body["prompt"].encode()).digest()[:8]]
-            step = self.first_pull_needs
-            if step is not None and step.waiting and not params:  # a prefill-side engine step
-                step.stepped.set()
             if params.get("do_remote_decode"):  # the prefill hop
                 if self.prefill_fails:
                     return JSONResponse({"error": {"message": "boom"}}, 500)
@@ -75,12 +57,6 @@ class StandInEngine:
                 )
             if params.get("remote_engine_id"):  # the decode hop pulls the blocks
                 self.transfers += 1
-                if step is not None and self.transfers == 1:
-                    step.waiting = True
-                    deadline = time.monotonic() + 10
-                    while not step.stepped.is_set() and time.monotonic() < deadline:
-                        await asyncio.sleep(0.02)
-                    self.failed += not step.stepped.is_set()  # the lease expired: recomputed
                 self.failed += self.pull_fails or self.transfers <= self.pull_fails_first
                 if self.corrupt:
                     ids = [(i + 1) % 251 for i in ids]
@@ -201,32 +177,3 @@ def test_probe_targets_reads_workers_and_pairs_from_the_flags() -> None:
     assert (decode.address, decode.url) == ("10.0.0.3:8200", "http://10.0.0.3:8300")
     with pytest.raises(ConfigError, match="want PREFILL,DECODE,SIDECAR_URL"):
         probe_targets([], ["10.0.0.2:8100"])
-
-
-def test_a_first_pull_waiting_for_the_idle_prefill_worker_is_nudged_through(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(warmup, "NUDGE_AFTER_S", 0.3)
-    step = PrefillStep()
-    prefill, decode = StandInEngine(first_pull_needs=step), StandInEngine(first_pull_needs=step)
-    messages: list[str] = []
-    started = time.perf_counter()
-    with pair(prefill, decode) as endpoints:
-        warm_up(endpoints, "m", progress=messages.append)
-    assert time.perf_counter() - started < 8  # not the stand-in's 10 s "lease"
-    assert decode.transfers == 1 and decode.failed == 0  # no retry was needed
-    assert any("nudged it 1 time(s)" in m for m in messages), messages
-    assert "output equals colocated" in messages[-1]
-
-
-def test_without_nudges_the_first_pull_would_stall(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stand-in above really waits for a prefill step: with nudges later than its lease the
-    first pull fails and the pair is tried again."""
-    monkeypatch.setattr(warmup, "NUDGE_AFTER_S", 60.0)
-    step = PrefillStep()
-    decode = StandInEngine(first_pull_needs=step)
-    messages: list[str] = []
-    with pair(StandInEngine(first_pull_needs=step), decode) as endpoints:
-        warm_up(endpoints, "m", progress=messages.append)
-    assert decode.failed == 1 and decode.transfers == 2
-    assert any("WARNING pair check prefill-0 -> decode-0: the KV pull" in m for m in messages)
