@@ -15,6 +15,7 @@ cache), scrape the workers' prefix-cache counters, run the workload, scrape agai
                     P/D when the uncached prompt is above a fixed token threshold)
     pd-predicted    the same, deciding P/D by predicted TTFT (``pd_decider: predicted``) and
                     scoring decode endpoints with ``predicted-latency`` as well
+    pd-latency-led  pd-predicted with decode placement led by ``predicted-latency``
     kv-aware        our coordinator, KV-aware scheduler over the decode endpoints only (no P/D)
     round-robin     our coordinator, round-robin over the decode endpoints, no P/D
     direct          no front: every request to decode worker 0
@@ -113,20 +114,50 @@ def _pd_kv_aware(ctx: Context) -> Front:
     return _coordinator(ctx, "pd-kv-aware", "our coordinator: KV-aware scheduler, P/D over NIXL")
 
 
-def _pd_predicted(ctx: Context) -> Front:
+def _predicted(ctx: Context, name: str, description: str, decode_scorers: list[dict]) -> Front:
+    """Our coordinator with the predicted P/D decider, ``direct_to_worker``, and these decode
+    scorers (the other profiles: the defaults)."""
     from pd_runtime.scheduling.kv_aware import DEFAULT_PROFILES
 
     scheduler = ctx.plan.coordinator.scheduler
     profiles = {name: p.model_dump(mode="json") for name, p in DEFAULT_PROFILES.items()}
-    profiles["decode"]["scorers"].append({"type": "predicted-latency", "weight": 2})
+    profiles["decode"]["scorers"] = decode_scorers
     params = {**scheduler.params, "pd_decider": "predicted", "profiles": profiles}
     return _coordinator(
+        ctx,
+        name,
+        description,
+        scheduler=scheduler.model_copy(update={"params": params}),
+        direct_to_worker=True,
+    )
+
+
+def _pd_predicted(ctx: Context) -> Front:
+    from pd_runtime.scheduling.kv_aware import DEFAULT_PROFILES
+
+    defaults = [s.model_dump(mode="json") for s in DEFAULT_PROFILES["decode"].scorers]
+    return _predicted(
         ctx,
         "pd-predicted",
         "our coordinator: KV-aware + predicted-latency scorer, P/D decided by predicted TTFT, "
         "requests served without prefill straight to the decode worker (one Python hop)",
-        scheduler=scheduler.model_copy(update={"params": params}),
-        direct_to_worker=True,
+        [*defaults, {"type": "predicted-latency", "weight": 2}],
+    )
+
+
+def _pd_latency_led(ctx: Context) -> Front:
+    # The predicted TTFT already counts the uncached tokens at each endpoint and the prefill work
+    # queued there (what prefix-cache and the load scorers approximate), so it leads here.
+    return _predicted(
+        ctx,
+        "pd-latency-led",
+        "our coordinator: decode placement led by predicted latency (weight 4; prefix-cache and "
+        "in-flight-load 1 each), P/D by predicted TTFT, direct requests straight to the worker",
+        [
+            {"type": "predicted-latency", "weight": 4},
+            {"type": "prefix-cache", "weight": 1},
+            {"type": "in-flight-load", "weight": 1},
+        ],
     )
 
 
@@ -202,6 +233,7 @@ def _vllm_router_pd(ctx: Context) -> Front:
 FRONTS: dict[str, Callable[[Context], Front]] = {
     "pd-kv-aware": _pd_kv_aware,
     "pd-predicted": _pd_predicted,
+    "pd-latency-led": _pd_latency_led,
     "kv-aware": _kv_aware,
     "round-robin": _round_robin,
     "direct": _direct,

@@ -48,6 +48,7 @@ def test_ours_means_our_coordinator_fronts() -> None:
     assert {f for f in FRONTS if is_ours(f)} == {
         "pd-kv-aware",
         "pd-predicted",
+        "pd-latency-led",
         "kv-aware",
         "round-robin",
     }
@@ -69,7 +70,7 @@ def test_every_front_of_ours_writes_a_coordinator_config_that_loads(tmp_path) ->
     deployment = DeploymentConfig.model_validate(cfg["deployment"])
     plan = prepare_deployment(deployment, tmp_path, progress=lambda _: None, generate_model=False)
     params = {}
-    for name in ("pd-kv-aware", "pd-predicted"):
+    for name in ("pd-kv-aware", "pd-predicted", "pd-latency-led"):
         FRONTS[name](Context(plan, tmp_path, 12000))
         written = yaml.safe_load((tmp_path / f"coordinator-{name}.yaml").read_text())
         config = CoordinatorConfig.model_validate(written)
@@ -78,3 +79,5 @@ def test_every_front_of_ours_writes_a_coordinator_config_that_loads(tmp_path) ->
     assert params["pd-predicted"].pd_decider == "predicted"
     scorers = [s.type for s in params["pd-predicted"].profiles["decode"].scorers]
     assert "predicted-latency" in scorers and "prefix-cache" in scorers
+    led = {s.type: s.weight for s in params["pd-latency-led"].profiles["decode"].scorers}
+    assert led == {"predicted-latency": 4, "prefix-cache": 1, "in-flight-load": 1}
