@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -274,50 +275,45 @@ def otlp() -> Iterator[OtlpReceiver]:
         yield receiver
 
 
-@pytest.fixture(scope="session")
-def deployment(
-    tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver
+@contextmanager
+def running_up(
+    config: DeploymentConfig,
+    run_dir: Path,
+    *,
+    ready_timeout_s: float,
+    env: dict[str, str] | None = None,
+    label: str = "up",
 ) -> Iterator[Deployment]:
-    cache = Path(os.environ.get("PD_RUNTIME_CACHE", REPO / ".cache"))
-    run_dir = tmp_path_factory.mktemp("run")
-    config = e2e_config(cache / "models" / "tiny-qwen3-e2e", otlp_endpoint=otlp.url)
+    """``pd-runtime up`` on ``config`` in its own process group until the gateway serves; yields
+    the deployment, then stops it with SIGTERM and checks that no part outlived it."""
     # The same config `up` reads, so the same ports and urls; this also writes the model.
     plan = prepare_deployment(config, run_dir, progress=lambda m: print(f"[e2e] {m}", flush=True))
-    config_path = run_dir / "e2e.yaml"
+    config_path = run_dir / f"{label}.yaml"
     dump_yaml(config, config_path)
     out_path = run_dir / "up.out"
+    started = time.monotonic()
+    argv = [sys.executable, "-m", "pd_runtime", "up", "--config", str(config_path)]
     with out_path.open("wb") as out:
         up = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pd_runtime",
-                "up",
-                "--config",
-                str(config_path),
-                "--run-dir",
-                str(run_dir),
-            ],
+            [*argv, "--run-dir", str(run_dir)],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            # Spans leave every part (and vLLM) within half a second, not the SDK's 5 s.
-            env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "500"},
+            env={**os.environ, **(env or {})},
             # Its own process group, SIGTERM'd by the kernel if pytest dies (a timeout), so that
             # `up` stops its parts instead of outliving the run.
             preexec_fn=functools.partial(_child_setup, None),
         )
     deployment = Deployment(plan, run_dir, up)
     try:
-        deadline = time.monotonic() + UP_READY_TIMEOUT_S
         while "\ngateway: " not in "\n" + out_path.read_text(errors="replace"):
             if up.poll() is not None:
                 pytest.fail(f"`up` exited with {up.returncode}:\n{_tail(out_path)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"`up` not serving after {UP_READY_TIMEOUT_S}s:\n{_tail(out_path)}")
+            if time.monotonic() - started > ready_timeout_s:
+                pytest.fail(f"`up` not serving after {ready_timeout_s}s:\n{_tail(out_path)}")
             time.sleep(1)
-        print(f"[e2e] up serving after {time.monotonic() - deadline + UP_READY_TIMEOUT_S:.0f}s")
+        print(f"[e2e] {label} serving after {time.monotonic() - started:.0f}s")
         yield deployment
     finally:
         try:
@@ -330,3 +326,22 @@ def deployment(
             pytest.fail(f"`up` did not stop within 60s of SIGTERM:\n{_tail(out_path)}")
         left = parts_left(pids)
         assert not left, f"parts still alive after `up` stopped: {left}\n{_tail(out_path)}"
+        print(f"[e2e] {label}: {time.monotonic() - started:.0f}s from start to stopped")
+
+
+@pytest.fixture(scope="session")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver
+) -> Iterator[Deployment]:
+    cache = Path(os.environ.get("PD_RUNTIME_CACHE", REPO / ".cache"))
+    run_dir = tmp_path_factory.mktemp("run")
+    config = e2e_config(cache / "models" / "tiny-qwen3-e2e", otlp_endpoint=otlp.url)
+    # Spans leave every part (and vLLM) within half a second, not the SDK's 5 s.
+    with running_up(
+        config,
+        run_dir,
+        ready_timeout_s=UP_READY_TIMEOUT_S,
+        env={"OTEL_BSP_SCHEDULE_DELAY": "500"},
+        label="e2e",
+    ) as deployment:
+        yield deployment

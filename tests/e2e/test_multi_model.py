@@ -3,30 +3,28 @@
 The shipped preset ``configs/local-cpu-two-models.yaml`` on ports of its own (15000-15999), run by
 ``python -m pd_runtime up`` as the shared deployment is: model A (``tiny-qwen3``, seed 0, with the
 generated LoRA adapter ``tiny-lora`` on both of its workers) on one prefill + one decode worker,
-model B (``tiny-qwen3-b``, seed 7) on one decode worker; the sidecars; one coordinator with a pool
-per model. Its own deployment (``own_deployment``), so it runs before the shared one starts and
-never more than three vLLM instances hold the two cores. Shown:
+model B (``tiny-qwen3-b``, seed 7) on one prefill + one decode worker of its own; the sidecars; one
+coordinator with a pool per model. Its own deployment (``own_deployment``), so it runs before the
+shared one starts and never more than these four vLLM instances hold the two cores. Shown:
 
 * each model's and the adapter's requests reach their own pool (decision line: ``pool``,
   ``adapter``), and the three answer differently (different weights);
-* P/D greedy output == colocated greedy output for model A and for the adapter (prefill worker
-  holds it: the KV blocks move over NIXL), and model B's routed output == its worker's own;
+* P/D greedy output == colocated greedy output for model A, for the adapter (the prefill worker
+  holds it: the KV blocks move over NIXL) and for model B (its own prefill worker, never A's), and
+  model B's directly served output == its worker's own;
 * aliases and the canary rewrite the model; ``/v1/models`` lists models, adapter and aliases; an
   unknown model is a 404 that lists them;
 * an adapter loaded at runtime on the decode worker alone (vLLM's ``/v1/load_lora_adapter``) is
   learnt from the worker's ``/v1/models`` and served direct, never prefilled by a worker without it;
 * model B's decode worker killed: model A's requests are served as before.
 
-Start-up: three workers one after the other plus warm-up, ~2-3 min on 2 cores; the tests ~1 min.
+Start-up: four workers one after the other plus warm-up, ~3 min on 2 cores; the tests ~1 min.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,12 +36,10 @@ import yaml
 
 from pd_runtime.common.prom import scrape_metrics
 from pd_runtime.config import DeploymentConfig
-from pd_runtime.config.loader import dump_yaml, parse_config
+from pd_runtime.config.loader import parse_config
 from pd_runtime.demo import DEMO_PROMPT
-from pd_runtime.launcher.prepare import prepare_deployment
-from pd_runtime.launcher.supervisor import _child_setup
 from pd_runtime.model.tiny_lora import write_lora
-from tests.e2e.conftest import Deployment, _part_processes, _tail, parts_left, stop_launcher
+from tests.e2e.conftest import Deployment, running_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment, pytest.mark.timeout(900)]
 
@@ -88,43 +84,10 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     cache = Path(os.environ.get("PD_RUNTIME_CACHE", REPO / ".cache"))
     run_dir = tmp_path_factory.mktemp("two-models")
     config = two_models_config(cache)
-    plan = prepare_deployment(config, run_dir, progress=lambda m: print(f"[e2e] {m}", flush=True))
-    config_path = run_dir / "two-models.yaml"
-    dump_yaml(config, config_path)
-    out_path = run_dir / "up.out"
-    started = time.monotonic()
-    with out_path.open("wb") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "pd_runtime", "up", "--config", str(config_path),
-             "--run-dir", str(run_dir)],
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=functools.partial(_child_setup, None),  # SIGTERM'd if pytest dies
-        )  # fmt: skip
-    deployment = Deployment(plan, run_dir, up)
-    try:
-        while "\ngateway: " not in "\n" + out_path.read_text(errors="replace"):
-            if up.poll() is not None:
-                pytest.fail(f"`up` exited with {up.returncode}:\n{_tail(out_path)}")
-            if time.monotonic() - started > READY_TIMEOUT_S:
-                pytest.fail(f"`up` not serving after {READY_TIMEOUT_S}s:\n{_tail(out_path)}")
-            time.sleep(1)
-        print(f"[e2e] two models serving after {time.monotonic() - started:.0f}s")
+    with running_up(
+        config, run_dir, ready_timeout_s=READY_TIMEOUT_S, label="two-models"
+    ) as deployment:
         yield deployment
-    finally:
-        try:
-            pids = [p for p in deployment.pids.values() if p]
-        except (OSError, ValueError):
-            pids = []
-        if not stop_launcher(up, signal.SIGTERM):
-            for process in _part_processes(pids):
-                process.kill()
-            pytest.fail(f"`up` did not stop within 60s of SIGTERM:\n{_tail(out_path)}")
-        left = parts_left(pids)
-        assert not left, f"parts still alive after `up` stopped: {left}\n{_tail(out_path)}"
-        print(f"[e2e] two-models module took {time.monotonic() - started:.0f}s")
 
 
 def complete(url: str, model: str, prompt: str, rid: str, max_tokens: int = 12) -> httpx.Response:
@@ -169,20 +132,22 @@ def test_each_model_and_the_adapter_reach_their_own_pool(two_models: Deployment)
     )
 
 
-@pytest.mark.parametrize("model", [A, LORA])
+@pytest.mark.parametrize(("model", "pool", "prefix"), [(A, A, ""), (LORA, A, ""), (B, B, "b-")])
 def test_pd_output_equals_colocated_per_model_and_adapter(
-    two_models: Deployment, model: str
+    two_models: Deployment, model: str, pool: str, prefix: str
 ) -> None:
-    """A long prompt (above the 128-token threshold) is disaggregated to prefill-0, which holds
-    the adapter too; the decode worker pulls the KV blocks over NIXL and its greedy answer is the
-    one the decode worker gives on its own."""
+    """A long prompt (above the 128-token threshold) is disaggregated to its own model's prefill
+    worker (for the adapter: prefill-0, which holds it too); the decode worker pulls the KV
+    blocks over NIXL and its greedy answer is the one the decode worker gives on its own."""
     d = two_models
-    decode = endpoints_of(d, A)["decode-0"]
+    mine = endpoints_of(d, pool)
+    decode = mine[f"{prefix}decode-0"]
     nixl_before = scrape_metrics(decode.metrics_url).get(NIXL, 0.0)
     rid = f"pd-{model}"
     routed = token_ids(complete(d.gateway, model, f"{DEMO_PROMPT} ({model})", rid))
     decision = d.decision(rid)
-    assert decision["prefill"] == endpoints_of(d, A)["prefill-0"].address, decision
+    assert (decision["pool"], decision["target"]) == (pool, decode.address), decision
+    assert decision["prefill"] == mine[f"{prefix}prefill-0"].address, decision
     assert decision.get("adapter") == (LORA if model == LORA else None)
     assert scrape_metrics(decode.metrics_url)[NIXL] >= nixl_before + 1
     colocated = token_ids(
@@ -194,10 +159,10 @@ def test_pd_output_equals_colocated_per_model_and_adapter(
 def test_model_b_routed_output_equals_its_worker_and_differs_from_a(two_models: Deployment) -> None:
     d = two_models
     worker = endpoints_of(d, B)["b-decode-0"]
-    routed = token_ids(complete(d.gateway, B, DEMO_PROMPT, "b-long"))
-    assert d.decision("b-long")["prefill"] is None  # pool B has no prefill worker
-    assert routed == token_ids(complete(f"http://{worker.address}", B, DEMO_PROMPT, "b-direct"))
-    assert routed != token_ids(complete(d.gateway, A, DEMO_PROMPT, "a-long"))
+    routed = token_ids(complete(d.gateway, B, SHORT, "b-short"))
+    assert d.decision("b-short")["prefill"] is None  # below the threshold: served direct
+    assert routed == token_ids(complete(f"http://{worker.address}", B, SHORT, "b-direct"))
+    assert routed != token_ids(complete(d.gateway, A, SHORT, "a-short"))
 
 
 def test_aliases_models_list_and_unknown_model(two_models: Deployment) -> None:

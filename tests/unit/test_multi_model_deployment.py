@@ -31,7 +31,8 @@ def test_the_preset_plans_one_pool_per_model(tmp_path: Path) -> None:
     plan = plan_deployment(config, tmp_path, CPU)
     names = [p.name for p in plan.parts]
     assert names == [
-        "prefill-0", "decode-0", "b-decode-0", "sidecar-0", "b-sidecar-0", "coordinator",
+        "prefill-0", "decode-0", "b-prefill-0", "b-decode-0", "sidecar-0", "b-sidecar-0",
+        "coordinator",
     ]  # fmt: skip
     coordinator = plan.coordinator
     assert coordinator.models == [] and coordinator.endpoints == []
@@ -43,7 +44,8 @@ def test_the_preset_plans_one_pool_per_model(tmp_path: Path) -> None:
         ("decode-0", "decode", ["tiny-lora"]),
     ]
     assert [(e.name, e.url, e.adapters) for e in b.endpoints] == [
-        ("b-decode-0", "http://127.0.0.1:8310", [])
+        ("b-prefill-0", "http://127.0.0.1:8110", []),
+        ("b-decode-0", "http://127.0.0.1:8310", []),
     ]
     # Each pool's kv-aware scheduler keys prompts with its own model's tokenizer.
     assert a.scheduler is not None and b.scheduler is not None
@@ -51,9 +53,12 @@ def test_the_preset_plans_one_pool_per_model(tmp_path: Path) -> None:
     assert b.scheduler.params["tokenizer"].endswith("tiny-qwen3-b")
     assert coordinator.served_names == ["tiny-qwen3", "tiny-lora", "tiny-qwen3-b"]
     assert set(coordinator.aliases) == {"chat-default", "chat-canary"}
-    # b's sidecar knows no prefill worker (a's would compute the prompt with other weights).
-    b_sidecar = next(p for p in plan.parts if p.name == "b-sidecar-0")
-    assert "--prefiller" not in b_sidecar.argv
+    # Each sidecar knows its own model's prefill worker only (the other model's would compute
+    # the prompt with other weights).
+    for sidecar, own in (("sidecar-0", "127.0.0.1:8100"), ("b-sidecar-0", "127.0.0.1:8110")):
+        argv = next(p for p in plan.parts if p.name == sidecar).argv
+        prefillers = [argv[i + 1] for i, a in enumerate(argv) if a == "--prefiller"]
+        assert prefillers == [own], (sidecar, prefillers)
     # The adapter's flags on its model's workers only; KV-event topics name each worker's model.
     by_name = {p.name: " ".join(p.argv) for p in plan.parts}
     for name in ("prefill-0", "decode-0"):
@@ -71,7 +76,8 @@ def test_cores_are_dealt_across_every_model(tmp_path: Path) -> None:
     assert where == {
         "prefill-0": "cpu core 0",
         "decode-0": "cpu core 1",
-        "b-decode-0": "cpu core 0",
+        "b-prefill-0": "cpu core 0",
+        "b-decode-0": "cpu core 1",
     }
 
 
