@@ -147,11 +147,10 @@ def warm_pair(
     """Step 2 for one pair; returns the disaggregated request's seconds. Raises WarmupError.
 
     A first pull that stalls is tried once more: on vLLM-CPU with UCX over TCP and shared memory a
-    pair's very first pull can wait a minute or more, past the prefill worker's KV lease, while the
-    prefill worker process is blocked inside a step (seen on 2 cores for the decode worker sharing
-    the prefill worker's core; README, Known issues); the pulls after it take milliseconds. Paying
-    that here, not in a client's first request, is what the warm-up is for. A second stall is an
-    error."""
+    pair's very first pull can wait until the prefill worker next does NIXL work, often past its
+    KV lease (seen on 2 cores for the decode worker sharing the prefill worker's core: 30 s to
+    171 s; README, Known issues); the pulls after it take milliseconds. Paying that here, not in a
+    client's first request, is what the warm-up is for. A second stall is an error."""
     try:
         return _check_pair(client, prefill, decode, model)
     except _Stalled as first:
