@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -53,6 +54,9 @@ NIXL_TRANSFERS = "vllm:nixl_xfer_time_seconds_count"
 NIXL_FAILED = "vllm:nixl_num_failed_transfers_total"
 NIXL_EXPIRED = "vllm:nixl_num_kv_expired_reqs_total"
 WARMUP_TOKENS = 8
+#: A pair's disaggregated request that has not answered after this long counts as a stalled first
+#: pull (it takes under a second once the pair has moved KV once) and the pair is tried again.
+PAIR_TIMEOUT_S = 60.0
 
 # ~100 words: long enough that a worker's first forward is a real prefill (several KV blocks of
 # 32 tokens, so the pair check moves more than one block), short enough to cost ~1 s on a CPU.
@@ -93,7 +97,9 @@ def _complete(
     prompt: str,
     request_id: str,
     headers: dict[str, str] | None = None,
+    timeout_s: float | None = None,
 ) -> Completion:
+    extra: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
     response = client.post(
         f"{url}/v1/completions",
         json={
@@ -105,6 +111,7 @@ def _complete(
             "return_token_ids": True,
         },
         headers={REQUEST_ID_HEADER: request_id, **(headers or {})},
+        **extra,
     )
     if response.status_code != 200:
         raise WarmupError(f"{url} answered {response.status_code}: {response.text[:300]}")
@@ -170,17 +177,26 @@ def _check_pair(
         before = _nixl_counts(client, decode)
         prefill_before = _nixl_counts(client, prefill)
         started = time.perf_counter()
-        served = _complete(
-            client,
-            decode.url,  # the sidecar: the chain a client's request takes
-            model,
-            prompt,
-            f"warmup-pair-{time.time_ns()}",
-            headers={PREFILLER_HEADER: prefill.address},
-        )
+        try:
+            served = _complete(
+                client,
+                decode.url,  # the sidecar: the chain a client's request takes
+                model,
+                prompt,
+                f"warmup-pair-{time.time_ns()}",
+                headers={PREFILLER_HEADER: prefill.address},
+                timeout_s=PAIR_TIMEOUT_S,
+            )
+        except httpx.TimeoutException:
+            raise _Stalled(
+                f"pair check {pair}: the disaggregated request did not answer within "
+                f"{PAIR_TIMEOUT_S:g}s (a first KV pull that stalls)"
+            ) from None
         seconds = time.perf_counter() - started
         after = _nixl_counts(client, decode)
         prefill_after = _nixl_counts(client, prefill)
+    except _Stalled:
+        raise
     except (httpx.HTTPError, WarmupError) as exc:
         raise WarmupError(f"pair check {pair} failed: {exc}") from exc
     if after[NIXL_TRANSFERS] <= before[NIXL_TRANSFERS]:

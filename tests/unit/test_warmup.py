@@ -9,6 +9,7 @@ a request carries kv_transfer_params; a real sidecar sits in front of the decode
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from pd_runtime.cli import main as cli_main
 from pd_runtime.config.endpoint import EndpointConfig
+from pd_runtime.launcher import warmup
 from pd_runtime.launcher.warmup import WarmupError, warm_up
 from tests.servers import serve
 
@@ -34,6 +36,7 @@ class StandInEngine:
     prefill_fails: bool = False
     pull_fails: bool = False  # the pull fails and the engine recomputes: right answer, no KV
     pull_fails_first: int = 0  # only the first N pulls fail (a pair's first-transfer stall)
+    pull_hangs_first_s: float = 0.0  # the first pull answers only after this long
     transfers: int = 0
     failed: int = 0
 
@@ -57,6 +60,8 @@ class StandInEngine:
                 )
             if params.get("remote_engine_id"):  # the decode hop pulls the blocks
                 self.transfers += 1
+                if self.transfers == 1 and self.pull_hangs_first_s:
+                    await asyncio.sleep(self.pull_hangs_first_s)
                 self.failed += self.pull_fails or self.transfers <= self.pull_fails_first
                 if self.corrupt:
                     ids = [(i + 1) % 251 for i in ids]
@@ -177,3 +182,16 @@ def test_probe_targets_reads_workers_and_pairs_from_the_flags() -> None:
     assert (decode.address, decode.url) == ("10.0.0.3:8200", "http://10.0.0.3:8300")
     with pytest.raises(ConfigError, match="want PREFILL,DECODE,SIDECAR_URL"):
         probe_targets([], ["10.0.0.2:8100"])
+
+
+def test_a_first_pull_that_does_not_answer_in_time_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(warmup, "PAIR_TIMEOUT_S", 0.5)
+    decode = StandInEngine(pull_hangs_first_s=3.0)
+    messages: list[str] = []
+    with pair(StandInEngine(), decode) as endpoints:
+        warm_up(endpoints, "m", progress=messages.append)
+    assert decode.transfers == 2
+    assert any("did not answer within 0.5s" in m for m in messages), messages
+    assert "output equals colocated" in messages[-1]
