@@ -138,20 +138,22 @@ def test_pd_output_equals_colocated_per_model_and_adapter(
 ) -> None:
     """A long prompt (above the 128-token threshold) is disaggregated to its own model's prefill
     worker (for the adapter: prefill-0, which holds it too); the decode worker pulls the KV
-    blocks over NIXL and its greedy answer is the one the decode worker gives on its own."""
+    blocks over NIXL, and its greedy answer equals the prompt computed colocated on the prefill
+    worker, where the blocks were made, not received (asked on the decode worker, the reference
+    would reuse the very blocks the transfer delivered and share any fault in them)."""
     d = two_models
     mine = endpoints_of(d, pool)
-    decode = mine[f"{prefix}decode-0"]
+    decode, prefill = mine[f"{prefix}decode-0"], mine[f"{prefix}prefill-0"]
     nixl_before = scrape_metrics(decode.metrics_url).get(NIXL, 0.0)
     rid = f"pd-{model}"
     routed = token_ids(complete(d.gateway, model, f"{DEMO_PROMPT} ({model})", rid))
     decision = d.decision(rid)
     assert (decision["pool"], decision["target"]) == (pool, decode.address), decision
-    assert decision["prefill"] == mine[f"{prefix}prefill-0"].address, decision
+    assert decision["prefill"] == prefill.address, decision
     assert decision.get("adapter") == (LORA if model == LORA else None)
     assert scrape_metrics(decode.metrics_url)[NIXL] >= nixl_before + 1
     colocated = token_ids(
-        complete(f"http://{decode.address}", model, f"{DEMO_PROMPT} ({model})", "c")
+        complete(f"http://{prefill.address}", model, f"{DEMO_PROMPT} ({model})", "c")
     )
     assert routed == colocated
 
