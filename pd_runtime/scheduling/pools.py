@@ -82,19 +82,26 @@ class PooledScheduler(Scheduler):
         self.recent: deque[dict[str, Any]] = deque(maxlen=_RECENT)
         #: Bumped whenever the served names change (an adapter learnt): callers cache on it.
         self.version = 0
+        #: served name -> (pool, adapter), rebuilt when ``version`` moves (see resolve).
+        self._by_name: tuple[int, dict[str, tuple[Pool, str | None]]] | None = None
 
     # -- which pool, which adapter ---------------------------------------------------------------
 
     def resolve(self, served: str) -> tuple[Pool, str | None]:
         """The pool serving ``served`` (a model or an adapter) and the adapter (None: the base
         model). Raises NoEndpointError when nothing serves it."""
-        pool = self.pools.get(served)
-        if pool is not None:
-            return pool, None
-        for pool in self.pools.values():
-            if served in pool.holders:
-                return pool, served
-        raise NoEndpointError(f"no pool serves the model {served!r}")
+        if self._by_name is None or self._by_name[0] != self.version:
+            # Asked several times per request (gateway, prepare, schedule, release, stream end):
+            # one dict lookup each, not a walk over the pools' adapters.
+            by_name: dict[str, tuple[Pool, str | None]] = {}
+            for pool in self.pools.values():
+                by_name.update((a, (pool, a)) for a in pool.holders)
+            by_name.update((model, (pool, None)) for model, pool in self.pools.items())
+            self._by_name = (self.version, by_name)
+        found = self._by_name[1].get(served)
+        if found is None:
+            raise NoEndpointError(f"no pool serves the model {served!r}")
+        return found
 
     def served_names(self) -> list[str]:
         """Models and adapters, in pool order (adapters learnt from workers included)."""

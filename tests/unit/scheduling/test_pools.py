@@ -120,6 +120,8 @@ def test_adapters_learnt_from_a_worker_models_list() -> None:
         {"id": "lora-z", "parent": "other-base"},  # not this pool's base: ignored
         {"id": "b", "parent": "a"},  # another pool's model: refused
     ]
+    with pytest.raises(NoEndpointError):  # not served yet (and the name index is built now)
+        s.resolve("lora-y")
     assert s.learn_adapters("127.0.0.1:8201", listing) == ["lora-y"]
     assert s.learn_adapters("127.0.0.1:8201", listing) == []  # known now
     assert s.learn_adapters("127.0.0.1:9999", listing) == []  # not an endpoint of any pool
