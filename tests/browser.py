@@ -53,7 +53,10 @@ def chromium() -> Iterator[Any]:
             pytest.fail(f"the browser tests need Chromium under CI: {missing}", pytrace=False)
         # Outside CI, a machine where `make browser` could not install Chromium (not root, no
         # apt-get) skips the browser tests rather than failing the suite; the reason is shown.
-        pytest.skip(f"no headless Chromium to drive (only these browser tests skip): {missing}")
+        pytest.skip(
+            f"the dashboard's browser tests need headless Chromium, and `make browser` could not "
+            f"install it here (needs root and apt-get; under CI=true this fails instead): {missing}"
+        )
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never fetch a driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
