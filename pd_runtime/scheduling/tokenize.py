@@ -24,6 +24,15 @@ no neighbouring whitespace (``normalized``, ``lstrip``, ``rstrip`` and ``single_
 anything else switches the cache off) and no special tokens are added around the whole text
 (``add_special_tokens`` false, the chat default). The first prompts are encoded both ways and the
 cache switches itself off, with a warning, if they ever differ.
+
+Long pieces are cut further, into chunks of about ``chunk_chars`` characters, each cut made just
+before a single space that sits between two letters (``...word| next...``): byte-level BPE
+pre-tokenizers (GPT-2, Llama 3, Qwen) never join a word to the space-led word after it, so
+encoding the chunks one by one gives the same ids as encoding the piece. The cuts are counted
+from the start of the piece, so two prompts that share a long head (a document asked about
+again, a long system prompt with a new question after it) share its chunks, and only the chunk
+where they part and those after it are encoded again. Plain-text completion prompts go the same
+way (with the tokenizer's own leading special tokens, if any, put in front).
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ __all__ = ["PromptTokenizer", "SegmentEncoder", "chat_messages"]
 
 log = logging.getLogger(__name__)
 
+# Where a long piece may be cut: before a single space between two letters (see the docstring).
+_CHUNK_CUT = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")
+
 
 class SegmentEncoder:
     """``encode(text)`` (no special tokens added) as the concatenation of the encodings of the
@@ -51,9 +63,19 @@ class SegmentEncoder:
     disables the encoder (the caller falls back to the whole encode) and is logged.
     """
 
-    def __init__(self, tokenizer: Any, *, max_tokens: int = 1_000_000, verify_first: int = 16):
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_tokens: int = 1_000_000,
+        verify_first: int = 16,
+        chunk_chars: int = 1024,
+    ):
+        if chunk_chars < 1:
+            raise ValueError("chunk_chars must be >= 1")
         self._tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.chunk_chars = chunk_chars
         self._verify = verify_first
         self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._tokens = 0
@@ -72,11 +94,40 @@ class SegmentEncoder:
         # Longest first: the tokenizer matches added tokens leftmost-longest.
         alternatives = sorted(self._ids, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")").split
+        # The special tokens the tokenizer puts around a text when asked to (a leading BOS is
+        # the common case); None when they are not a pure prefix (then only add_special=False).
+        self._leading: list[int] | None = None
+        if self.enabled:
+            bare = list(tokenizer.encode("hello", add_special_tokens=False))
+            full = list(tokenizer.encode("hello", add_special_tokens=True))
+            if full[len(full) - len(bare) :] == bare:
+                self._leading = full[: len(full) - len(bare)]
 
-    def encode(self, text: str) -> list[int] | None:
+    def _chunks(self, piece: str) -> list[str]:
+        """``piece`` cut before a space between two letters, every ``chunk_chars`` or so."""
+        size = self.chunk_chars
+        if len(piece) <= size:
+            return [piece]
+        out: list[str] = []
+        start, search = 0, _CHUNK_CUT.search
+        while len(piece) - start > size:
+            found = search(piece, start + size)
+            if found is None:
+                break
+            out.append(piece[start : found.start()])
+            start = found.start()
+        out.append(piece[start:])
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int] | None:
         if not self.enabled:
             return None
-        out: list[int] = []
+        if add_special_tokens:
+            if self._leading is None:
+                return None
+            out = list(self._leading)
+        else:
+            out = []
         ids, cache = self._ids, self._cache
         pieces = self._split(text)
         # split with one group: text, token, text, token, ..., text
@@ -86,19 +137,20 @@ class SegmentEncoder:
                 continue
             if not piece:
                 continue
-            cached = cache.get(piece)
-            if cached is not None:
-                cache.move_to_end(piece)
-                self.hits += 1
-                out.extend(cached)
-                continue
-            self.misses += 1
-            encoded = self._backend.encode(piece, add_special_tokens=False).ids
-            out.extend(encoded)
-            self._put(piece, array("I", encoded))
+            for chunk in self._chunks(piece):
+                cached = cache.get(chunk)
+                if cached is not None:
+                    cache.move_to_end(chunk)
+                    self.hits += 1
+                    out.extend(cached)
+                    continue
+                self.misses += 1
+                encoded = self._backend.encode(chunk, add_special_tokens=False).ids
+                out.extend(encoded)
+                self._put(chunk, array("I", encoded))
         if self._verify > 0:
             self._verify -= 1
-            whole = list(self._tokenizer.encode(text, add_special_tokens=False))
+            whole = list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
             if whole != out:
                 self.enabled = False
                 self._cache.clear()
@@ -193,8 +245,12 @@ class PromptTokenizer:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            add_special = body.get("add_special_tokens", True)
-            return list(self._tokenizer.encode(prompt, add_special_tokens=bool(add_special)))
+            add_special = bool(body.get("add_special_tokens", True))
+            if self._segments is not None:
+                ids = self._segments.encode(prompt, add_special)
+                if ids is not None:
+                    return ids
+            return list(self._tokenizer.encode(prompt, add_special_tokens=add_special))
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         return None

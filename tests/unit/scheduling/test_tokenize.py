@@ -271,6 +271,41 @@ def test_segment_encoder_equals_the_whole_encode_on_random_text(hf: Any) -> None
     assert enc.describe()["tokens"] <= 200
 
 
+@pytest.mark.parametrize("add_special", [False, True])
+def test_long_pieces_cut_into_chunks_still_equal_the_whole_encode(
+    hf: Any, add_special: bool
+) -> None:
+    """Chunks of a few characters (cut before a space between two letters) on random text of
+    words, numbers, accents, CJK, emoji, whitespace runs and added tokens."""
+    import random
+
+    from pd_runtime.scheduling.tokenize import SegmentEncoder
+
+    rng = random.Random(1)
+    words = [*_PIECES, " the", " a", " word", " Word", "x", " é", " 日本", " 2", ".", ",", " "]
+    for chunk_chars in (1, 3, 8, 40):
+        enc = SegmentEncoder(hf, max_tokens=500, verify_first=0, chunk_chars=chunk_chars)
+        for _ in range(200):
+            text = "".join(rng.choice(words) for _ in range(rng.randint(0, 80)))
+            want = hf.encode(text, add_special_tokens=add_special)
+            assert enc.encode(text, add_special) == want, (chunk_chars, repr(text))
+        assert enc.hits and enc.misses
+
+
+def test_completions_sharing_a_long_document_reuse_its_chunks(hf: Any) -> None:
+    from pd_runtime.scheduling.tokenize import SegmentEncoder
+
+    enc = SegmentEncoder(hf, chunk_chars=64)
+    document = " ".join(f"word{i % 7} alpha beta gamma" for i in range(200))
+    first = enc.encode(f"{document} Question: what is alpha? Answer:", True)
+    assert first == hf.encode(f"{document} Question: what is alpha? Answer:")
+    misses = enc.misses
+    prompt = f"{document} Question: and beta, then? Answer:"
+    assert enc.encode(prompt, True) == hf.encode(prompt)
+    # Only the chunk where the two prompts part (and the rest after it) was encoded again.
+    assert enc.misses - misses <= 2 and enc.hits >= len(document) // 64 - 1
+
+
 def test_chat_prompts_sharing_a_system_prompt_reuse_its_tokens(
     tok: PromptTokenizer, hf: Any
 ) -> None:
