@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from typing import Any, Literal
@@ -279,6 +280,7 @@ class KVAwareScheduler(Scheduler):
                 state.in_flight_requests = old.in_flight_requests
                 state.in_flight_tokens = old.in_flight_tokens
                 state.pending_prefill_tokens = old.pending_prefill_tokens
+                state.awaiting_first_token = old.awaiting_first_token
             states[address] = state
             attach.append(state)
         if not removed and not attach:
@@ -333,7 +335,14 @@ class KVAwareScheduler(Scheduler):
             session=request.headers.get(self.params.session_header),
             rng=self.rng,
             latency=self.latency,
+            max_new_tokens=self._max_new_tokens(request.body),
         )
+
+    def _max_new_tokens(self, body: dict[str, Any]) -> int:
+        max_new = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(max_new, int) or max_new < 0:
+            return self.params.default_max_tokens
+        return max_new
 
     def schedule(self, request: SchedulingRequest) -> SchedulingResult:
         ctx = self.context(request)
@@ -413,6 +422,7 @@ class KVAwareScheduler(Scheduler):
         state = self.states.get(booked.prefilled_at)
         if state is not None:
             state.pending_prefill_tokens -= booked.prefill_tokens
+            state.awaiting_first_token.pop(id(booked.request), None)
 
     def first_chunk(
         self, request: SchedulingRequest, result: SchedulingResult, ttft_s: float | None
@@ -469,11 +479,7 @@ class KVAwareScheduler(Scheduler):
         decode: EndpointState,
         prefill: EndpointState | None,
     ) -> None:
-        body = request.body
-        max_new = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not isinstance(max_new, int) or max_new < 0:
-            max_new = self.params.default_max_tokens
-        tokens = ctx.prompt_tokens + max_new
+        tokens = ctx.prompt_tokens + ctx.max_new_tokens
         decode.in_flight_requests += 1
         decode.in_flight_tokens += tokens
         # Who prefills, and its u + Q before this request (the latency model's x).
@@ -491,6 +497,7 @@ class KVAwareScheduler(Scheduler):
             tokenized=ctx.token_ids is not None,
         )
         at.pending_prefill_tokens += uncached
+        at.awaiting_first_token[id(request)] = time.monotonic()
         # Claim only the blocks beyond what the endpoint already holds: the walk in context()
         # joins the claims to the indexed prefix.
         keys, held = ctx.block_keys, ctx.cached_blocks

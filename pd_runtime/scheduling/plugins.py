@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,9 @@ class EndpointState:
     work queued ahead, :mod:`pd_runtime.scheduling.latency`). ``nixl_xfer_seconds_sum`` /
     ``nixl_xfer_count`` are the worker's cumulative ``vllm:nixl_xfer_time_seconds_sum`` /
     ``_count`` when whatever fills this state reads them (None: not read; the latency model then
-    uses ``transfer_s_per_token``).
+    uses ``transfer_s_per_token``). ``awaiting_first_token`` maps each of those queued requests to
+    when it was sent (monotonic seconds), oldest first: a request unanswered for long is evidence
+    of a slow or stalled endpoint before any answer can teach the latency model.
     """
 
     config: EndpointConfig
@@ -79,6 +82,7 @@ class EndpointState:
     running: float | None = None
     kv_usage: float | None = None
     pending_prefill_tokens: int = 0
+    awaiting_first_token: dict[int, float] = field(default_factory=dict)
     nixl_xfer_seconds_sum: float | None = None
     nixl_xfer_count: float | None = None
     scraped_at: float | None = None
@@ -91,6 +95,12 @@ class EndpointState:
     def __post_init__(self) -> None:
         self.address = self.config.address
         self.role = self.config.role
+
+    def first_token_wait(self, now: float) -> float:
+        """Seconds the oldest request prefilling here has waited for its first token (0: none)."""
+        for sent in self.awaiting_first_token.values():
+            return max(0.0, now - sent)
+        return 0.0
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -105,6 +115,7 @@ class EndpointState:
             "running": self.running,
             "kv_usage": self.kv_usage,
             "pending_prefill_tokens": self.pending_prefill_tokens,
+            "first_token_wait_s": round(self.first_token_wait(time.monotonic()), 3),
             "scraped_at": self.scraped_at,
             "scrape_failures": self.scrape_failures,
         }
@@ -119,7 +130,9 @@ class RequestContext:
     endpoint address holding a leading part of the prompt (KV events, or a request routed there
     whose events have not arrived yet) to how many leading blocks it holds. ``latency`` is the
     scheduler's learned latency model (None: the policy has none); a filter that checks SLO
-    targets sets ``slo`` to ``"met"`` or ``"unmet"`` for the decision record.
+    targets sets ``slo`` to ``"met"`` or ``"unmet"`` for the decision record. ``max_new_tokens``
+    is the most tokens the answer may have (the request's ``max_tokens``, else the scheduler's
+    default): what a scorer predicting the whole answer's time multiplies the TPOT by.
     """
 
     request: SchedulingRequest
@@ -131,6 +144,7 @@ class RequestContext:
     rng: random.Random = field(default_factory=random.Random)
     latency: LatencyModel | None = None
     slo: str | None = None
+    max_new_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:

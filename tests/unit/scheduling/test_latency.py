@@ -151,6 +151,65 @@ def test_scorer_keeps_a_cold_endpoint_neutral_among_warm_ones() -> None:
     assert PredictedLatencyScorer().score(context([1, 2]), [state(A)]) == {A: 1.0}  # no model
 
 
+def test_scorer_counts_the_whole_answer_where_one_endpoint_decodes_slower() -> None:
+    # Same prefill speed; B decodes 5x slower. On TTFT alone they tie; over a 32-token answer
+    # A wins, by the ratio of their predicted completion times.
+    model = LatencyModel(min_samples=8)
+    teach(model, A, 0.01, 1e-4)
+    teach(model, B, 0.01, 1e-4)
+    for batch in range(1, 9):
+        model.observe_tpot(A, batch, 0.008 + 0.001 * batch)
+        model.observe_tpot(B, batch, 0.040 + 0.005 * batch)
+    ctx = with_model(context(list(range(400))), model)
+    ctx.max_new_tokens = 32
+    a, b = state(A, in_flight_requests=3), state(B)
+    scores = PredictedLatencyScorer().score(ctx, [a, b])
+    ttft = 0.01 + 0.04
+    assert scores[A] == 1.0
+    assert scores[B] == pytest.approx((ttft + 31 * 0.012) / (ttft + 31 * 0.045))
+    # The batch counts: A with 40 requests in flight (TPOT 49 ms) is now the slower one.
+    a.in_flight_requests = 40
+    assert PredictedLatencyScorer().score(ctx, [a, b])[A] < 1.0
+    # objective ttft: the old behaviour, a tie.
+    assert PredictedLatencyScorer(objective="ttft").score(ctx, [a, b]) == {A: 1.0, B: 1.0}
+
+
+def test_scorer_compares_on_ttft_while_a_warm_candidate_has_no_tpot_yet() -> None:
+    model = LatencyModel(min_samples=8)
+    teach(model, A, 0.01, 1e-4)
+    teach(model, B, 0.01, 2e-4)
+    for batch in range(1, 9):
+        model.observe_tpot(A, batch, 0.5)  # very slow decode, but B's is unknown
+    ctx = with_model(context(list(range(400))), model)
+    ctx.max_new_tokens = 32
+    scores = PredictedLatencyScorer().score(ctx, [state(A), state(B)])
+    assert scores[A] == 1.0 and scores[B] == pytest.approx(0.05 / 0.09)
+    with pytest.raises(ValueError, match="objective"):
+        PredictedLatencyScorer(objective="e2e")  # type: ignore[arg-type]
+
+
+def test_an_unanswered_request_bounds_the_predicted_ttft_warm_or_cold() -> None:
+    import time
+
+    model = LatencyModel(min_samples=8)
+    teach(model, A, 0.01, 1e-4)
+    teach(model, B, 0.01, 1e-4)
+    ctx = with_model(context(list(range(400))), model)  # 0.05 s predicted at A and B
+    a, b, c = state(A), state(B), state(C)  # C is cold
+    assert PredictedLatencyScorer().score(ctx, [a, b, c]) == {A: 1.0, B: 1.0, C: 1.0}
+    now = time.monotonic()
+    b.awaiting_first_token[1] = now - 0.5  # B: a request waiting 0.5 s for its first token
+    b.awaiting_first_token[2] = now - 0.1  # (the oldest one counts)
+    c.awaiting_first_token[3] = now - 2.0  # C: cold, but one request stuck for 2 s
+    scores = PredictedLatencyScorer().score(ctx, [a, b, c])
+    assert scores[A] == 1.0
+    assert scores[B] == pytest.approx(0.05 / 0.5, rel=0.05)
+    assert scores[C] == pytest.approx(0.05 / 2.0, rel=0.05)
+    # A cold endpoint's short wait never makes it the reference nor lifts it above neutral.
+    c.awaiting_first_token[3] = time.monotonic() - 0.01
+    assert PredictedLatencyScorer().score(ctx, [a, c])[C] == 1.0
+
+
 def test_scorer_is_registered_by_name() -> None:
     from pd_runtime.scheduling.plugins import SCORERS, load_builtin_plugins
 

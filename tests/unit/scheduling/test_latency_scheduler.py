@@ -55,6 +55,23 @@ def test_direct_request_queues_its_prefill_until_the_first_chunk_and_teaches_ttf
     assert s.debug_state()["pd_decider"] == "threshold"
 
 
+def test_the_wait_for_the_first_token_is_tracked_per_prefilling_endpoint() -> None:
+    import time
+
+    s = make(prefill=False)
+    req, req2 = on(request(prompt(0)), D0), on(request(prompt(1), rid="r2"), D0)
+    result, result2 = s.schedule(req), s.schedule(req2)
+    state = s.states[D0]
+    assert list(state.awaiting_first_token) == [id(req), id(req2)]  # oldest first
+    assert state.first_token_wait(time.monotonic() + 1.0) >= 1.0
+    assert s.states[D1].first_token_wait(time.monotonic()) == 0.0
+    s.first_chunk(req, result, 0.1)
+    assert list(state.awaiting_first_token) == [id(req2)]
+    s.release(req, result)
+    s.release(req2, result2)  # never answered: unqueued on release
+    assert state.awaiting_first_token == {} and state.first_token_wait(time.monotonic()) == 0.0
+
+
 def test_non_streamed_answer_unqueues_without_teaching() -> None:
     s = make(prefill=False)
     req = on(request(PROMPT), D0)
