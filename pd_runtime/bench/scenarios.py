@@ -97,6 +97,11 @@ class Context:
     def decode_urls(self) -> list[str]:
         return [p.url for p in self.plan.by_kind("worker") if p.name.startswith("decode")]
 
+    @property
+    def worker_names(self) -> dict[str, str]:
+        """Worker URL -> its name in the plan (``decode-0``, ...)."""
+        return {p.url: p.name for p in self.plan.by_kind("worker")}
+
 
 def _coordinator(ctx: Context, name: str, description: str, **update: Any) -> Front:
     from pd_runtime.config.loader import dump_yaml
@@ -279,6 +284,26 @@ class Running:
                 time.sleep(1)
         raise RuntimeError(f"{self.front.name} not ready after {timeout_s:.0f}s: {last}")
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU the front's processes have used so far (None: no process of
+        ours, e.g. ``direct``). Living children count too: a front may run several long-lived
+        processes (coordinator replicas)."""
+        if self.process is None:
+            return None
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.process.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            return None
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
     def stop(self) -> None:
         if self.process is None:
             return
@@ -362,25 +387,22 @@ def _bench_once(
     label: str,
     rate: float | None = None,
     repetition: int = 0,
+    running: Running | None = None,
 ) -> dict[str, Any]:
     workload = make_workload(spec["name"], spec.get("params") or {})
-    convs = build_conversations(workload, text, spec["requests"], cfg["seed"])
     worker_urls = ctx.prefill_urls + ctx.decode_urls
     _reset_prefix_caches(worker_urls)
     time.sleep(0.5)  # let the KV events of the reset reach a KV-aware front
     before = _worker_counters(worker_urls)
     coord_before = _coordinator_counters(front)
     load_before = os.getloadavg()[0]
-    bench = BenchConfig(
-        base_url=front.url,
-        model=model,
-        num_requests=spec["requests"],
-        rate=rate,
-        concurrency=None if rate is not None else cfg["concurrency"],
-        seed=cfg["seed"],
-        progress=sys.stderr.isatty(),
-    )
+    front_cpu_before = running.cpu_seconds() if running is not None else None
+    client_cpu_before = time.process_time()
+    bench = _bench_config(front, model, spec["requests"], cfg, rate, cfg["seed"])
+    convs = build_conversations(workload, text, spec["requests"], cfg["seed"])
     result = asyncio.run(run_bench(convs, bench))
+    client_cpu = time.process_time() - client_cpu_before
+    front_cpu_after = running.cpu_seconds() if running is not None else None
     workers = _delta(before, _worker_counters(worker_urls))
     coord_after = _coordinator_counters(front)
     slos = spec.get("slos") or cfg["slos"]
@@ -397,6 +419,15 @@ def _bench_once(
         "prefix_hit_rate": workers["prefix_hit_rate"],
         "coordinator_predicted_hit_rate": predicted,
         "nixl_transfers": workers["nixl_transfers"],
+        "token_share": _token_share(workers["workers"], ctx.worker_names),
+        # CPU spent per request by the front's processes and by this client (both share the
+        # machine with the workers: a front's CPU is taken from the engines).
+        "front_cpu_ms_per_request": (
+            round(1000 * (front_cpu_after - front_cpu_before) / spec["requests"], 2)
+            if front_cpu_before is not None and front_cpu_after is not None
+            else None
+        ),
+        "client_cpu_ms_per_request": round(1000 * client_cpu / spec["requests"], 2),
         "mode": f"rate={rate}" if rate is not None else f"concurrency={cfg['concurrency']}",
         # The machine is shared: the 1-minute load average around the run says how much else ran.
         "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -419,11 +450,58 @@ def _bench_once(
         f"  [r{repetition}] {front.name:15s} {label:24s} "
         f"ok {summary['requests'] - summary['errors']}/"
         f"{summary['requests']} ttft p50 {summary['ttft_p50_ms']} ms, "
-        f"{summary['throughput_rps']} req/s, hit {workers['prefix_hit_rate']}"
+        f"{summary['throughput_rps']} req/s, hit {workers['prefix_hit_rate']}, "
+        f"front cpu {row['front_cpu_ms_per_request']} ms/req, shares {row['token_share']}"
         + (f"; first error: {errors[0][:160]}" if errors else ""),
         flush=True,
     )
     return row
+
+
+def _bench_config(
+    front: Front, model: str, requests: int, cfg: dict[str, Any], rate: float | None, seed: int
+) -> BenchConfig:
+    return BenchConfig(
+        base_url=front.url,
+        model=model,
+        num_requests=requests,
+        rate=rate,
+        concurrency=None if rate is not None else cfg["concurrency"],
+        seed=seed,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def _warm_up(front: Front, model: str, text: TextGen, cfg: dict[str, Any]) -> None:
+    """``warmup_requests`` of every workload through the front, unmeasured, with prompts of
+    another seed: what a front learns (a latency model, which worker is slow) it learns here,
+    and every front gets the same, so the measured cells compare fronts in steady state, not
+    their first minute. (A front's cold start is a property of its own; the warm-up makes it
+    visible only in the warm-up's log line.)"""
+    n = int(cfg.get("warmup_requests") or 0)
+    if n <= 0:
+        return
+    seed = cfg["seed"] + 7919
+    started = time.monotonic()
+    failed = 0
+    for spec in cfg["workloads"]:
+        workload = make_workload(spec["name"], spec.get("params") or {})
+        convs = build_conversations(workload, text, n, seed)
+        result = asyncio.run(run_bench(convs, _bench_config(front, model, n, cfg, None, seed)))
+        failed += sum(1 for r in result.records if r.error)
+    print(
+        f"  warm-up: {n} requests x {len(cfg['workloads'])} workloads in "
+        f"{time.monotonic() - started:.1f} s, {failed} failed",
+        flush=True,
+    )
+
+
+def _token_share(per_worker: dict[str, dict[str, float]], names: dict[str, str]) -> dict:
+    """Which worker computed the cell's prompts: each worker's share of the prompt tokens it was
+    asked to look up in its prefix cache (every prompt a worker prefills is looked up)."""
+    queries = {names.get(u, u): w["vllm:prefix_cache_queries_total"] for u, w in per_worker.items()}
+    total = sum(queries.values())
+    return {name: round(q / total, 3) if total else 0.0 for name, q in sorted(queries.items())}
 
 
 def _coordinator_counters(front: Front) -> tuple[float, float] | None:
@@ -626,11 +704,13 @@ def _run_front(
     try:
         running.wait_ready(model)
         time.sleep(2)  # KV-event subscriptions connect
+        _warm_up(front, model, text, cfg)
         for spec in cfg["workloads"]:
             try:
                 row = _bench_once(
-                    ctx, front, model, text, spec, cfg, out, spec["name"], repetition=repetition
-                )
+                    ctx, front, model, text, spec, cfg, out, spec["name"],
+                    repetition=repetition, running=running,
+                )  # fmt: skip
             except Exception as exc:  # keep the other runs going; say what failed
                 why = f"{type(exc).__name__}: {exc}"
                 row = _failed_row(name, spec["name"], why, repetition)
@@ -642,7 +722,9 @@ def _run_front(
                 spec = next(w for w in cfg["workloads"] if w["name"] == sw["workload"])
                 spec = {**spec, "requests": sw["requests"]}
                 label = f"{sw['workload']}@{rate:g}rps"
-                row = _bench_once(ctx, front, model, text, spec, cfg, out, label, rate)
+                row = _bench_once(
+                    ctx, front, model, text, spec, cfg, out, label, rate, running=running
+                )
                 sweep.append({**row, "offered_rate": rate})
         vb = cfg.get("vllm_bench_serve")
         if repetition == 0 and vb and vb["front"] == name:
@@ -710,7 +792,14 @@ def run(config_path: Path, out: Path) -> int:
     write_json(out / "sweep.json", sweep)
     ratios = goodput_ratios(rows)
     write_json(out / "ratios.json", ratios)
-    keys = ("repetition", *SUMMARY_KEYS, "coordinator_predicted_hit_rate", "nixl_transfers")
+    keys = (
+        "repetition",
+        *SUMMARY_KEYS,
+        "coordinator_predicted_hit_rate",
+        "nixl_transfers",
+        "front_cpu_ms_per_request",
+        "token_share",
+    )
     md = [f"# {cfg['name']}: {machine['started']}\n", markdown_table(rows, keys)]
     if ratios:
         md += ["\n## Ours / vllm-router, per repetition\n", ratio_table(ratios)]

@@ -81,3 +81,47 @@ def test_every_front_of_ours_writes_a_coordinator_config_that_loads(tmp_path) ->
     assert "predicted-latency" in scorers and "prefix-cache" in scorers
     led = {s.type: s.weight for s in params["pd-latency-led"].profiles["decode"].scorers}
     assert led == {"predicted-latency": 4, "prefix-cache": 1, "in-flight-load": 1}
+
+
+def test_token_share_says_which_worker_computed_the_prompts() -> None:
+    from pd_runtime.bench.scenarios import _token_share
+
+    key = "vllm:prefix_cache_queries_total"
+    per_worker = {"http://h:1": {key: 300.0}, "http://h:2": {key: 100.0}, "http://h:3": {key: 0.0}}
+    names = {"http://h:1": "decode-0", "http://h:2": "decode-1", "http://h:3": "prefill-0"}
+    share = _token_share(per_worker, names)
+    assert share == {"decode-0": 0.75, "decode-1": 0.25, "prefill-0": 0.0}
+    assert _token_share({"http://h:1": {key: 0.0}}, names) == {"decode-0": 0.0}
+
+
+def test_front_cpu_counts_the_front_and_its_children(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A front whose child burns CPU: the child's seconds count (a front may be several
+    processes); no process (``direct``): None."""
+    import sys
+    import time
+
+    from pd_runtime.bench.scenarios import Front, Running
+
+    burn = "import time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    parent = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+        "time.sleep(30)\n"
+    )
+    running = Running(Front("x", "http://127.0.0.1:1", [sys.executable, "-c", parent], ""),
+                      tmp_path / "front.log")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        seconds = 0.0
+        while time.monotonic() < deadline:
+            seconds = running.cpu_seconds() or 0.0
+            if seconds >= 0.25:
+                break
+            time.sleep(0.05)
+        assert seconds >= 0.25
+    finally:
+        running.stop()
+    assert (
+        Running(Front("direct", "http://127.0.0.1:1", None, ""), tmp_path / "d.log").cpu_seconds()
+        is None
+    )
