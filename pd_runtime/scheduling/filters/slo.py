@@ -5,7 +5,9 @@ absent, from the filter's ``ttft_ms`` / ``tpot_ms`` parameters (a deployment-wid
 target at all the filter keeps everyone and leaves no mark. Predictions come from the learned
 latency model (:mod:`pd_runtime.scheduling.latency`): TTFT of serving the prompt on the endpoint
 itself (its uncached tokens plus the prefills queued there) and TPOT at its batch with this request
-added. An endpoint with too few samples (cold) is kept: unknown is not slow.
+added. An endpoint with too few samples (cold) is kept: unknown is not slow. Either way the
+predicted TTFT is at least the wait of the endpoint's oldest request still without a first token
+(a new request queues behind it): a stalled endpoint fails a TTFT target before its line knows.
 
 When none is predicted to meet the targets, the filter keeps the one with the most headroom
 (the largest ``min over targets of (target - predicted) / target``, i.e. the least relative
@@ -16,6 +18,7 @@ line's field and the ``pd_coordinator_slo_unmet_total`` counter); otherwise ``sl
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from pd_runtime.scheduling.plugins import FILTERS, EndpointState, Filter, RequestContext, register
@@ -56,11 +59,15 @@ class SLOFilter(Filter):
         kept: list[EndpointState] = []
         best: EndpointState | None = None
         best_headroom = float("-inf")
+        now = time.monotonic()
         for e in endpoints:
             headroom = float("inf")
-            if ttft is not None and model.warm(e.address):
-                predicted = model.ttft(e.address, ctx.prefill_work(e))
-                headroom = (ttft - predicted) / ttft
+            if ttft is not None:
+                predicted = e.first_token_wait(now)
+                if model.warm(e.address):
+                    predicted = max(predicted, model.ttft(e.address, ctx.prefill_work(e)))
+                if predicted > 0:
+                    headroom = (ttft - predicted) / ttft
             if tpot is not None and model.warm_tpot(e.address):
                 predicted = model.tpot(e.address, e.in_flight_requests + 1)
                 headroom = min(headroom, (tpot - predicted) / tpot)

@@ -270,6 +270,20 @@ def test_slo_filter_checks_tpot_at_the_batch_with_this_request() -> None:
     assert [e.address for e in SLOFilter().filter(ctx, [a, b])] == [B] and ctx.slo == "unmet"
 
 
+def test_slo_filter_counts_the_wait_of_an_unanswered_request_even_when_cold() -> None:
+    import time
+
+    model = LatencyModel(min_samples=8)
+    teach(model, A, 0.01, 1e-4)
+    ctx = slo_ctx(model, 400, x_slo_ttft_ms="500")
+    a, c = state(A), state(C)  # C is cold: kept while nothing says it is slow
+    assert [e.address for e in SLOFilter().filter(ctx, [a, c])] == [A, C]
+    c.awaiting_first_token[1] = time.monotonic() - 2.0  # a request stuck there for 2 s
+    assert [e.address for e in SLOFilter().filter(ctx, [a, c])] == [A]
+    a.awaiting_first_token[2] = time.monotonic() - 1.0  # A too: none can meet 500 ms
+    assert [e.address for e in SLOFilter().filter(ctx, [a, c])] == [A] and ctx.slo == "unmet"
+
+
 def test_slo_filter_rejects_bad_parameters() -> None:
     with pytest.raises(ValueError, match="ttft_ms"):
         SLOFilter(ttft_ms=0)
