@@ -497,7 +497,10 @@ class KVAwareScheduler(Scheduler):
             tokenized=ctx.token_ids is not None,
         )
         at.pending_prefill_tokens += uncached
-        at.awaiting_first_token[id(request)] = time.monotonic()
+        # Only a stream's first chunk marks the end of its prefill (a whole answer arrives at
+        # its end), and only a latency-learning scheduler is told when it comes.
+        if self.times_answers and request.body.get("stream") is True:
+            at.awaiting_first_token[id(request)] = time.monotonic()
         # Claim only the blocks beyond what the endpoint already holds: the walk in context()
         # joins the claims to the indexed prefix.
         keys, held = ctx.block_keys, ctx.cached_blocks

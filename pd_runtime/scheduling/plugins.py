@@ -70,9 +70,10 @@ class EndpointState:
     work queued ahead, :mod:`pd_runtime.scheduling.latency`). ``nixl_xfer_seconds_sum`` /
     ``nixl_xfer_count`` are the worker's cumulative ``vllm:nixl_xfer_time_seconds_sum`` /
     ``_count`` when whatever fills this state reads them (None: not read; the latency model then
-    uses ``transfer_s_per_token``). ``awaiting_first_token`` maps each of those queued requests to
-    when it was sent (monotonic seconds), oldest first: a request unanswered for long is evidence
-    of a slow or stalled endpoint before any answer can teach the latency model.
+    uses ``transfer_s_per_token``). ``awaiting_first_token`` maps each of those queued requests that
+    stream (where a latency-learning scheduler is told of their first chunk) to when it was sent
+    (monotonic seconds), oldest first: a request unanswered for long is evidence of a slow or
+    stalled endpoint before any answer can teach the latency model.
     """
 
     config: EndpointConfig

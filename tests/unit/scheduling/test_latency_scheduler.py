@@ -58,11 +58,15 @@ def test_direct_request_queues_its_prefill_until_the_first_chunk_and_teaches_ttf
 def test_the_wait_for_the_first_token_is_tracked_per_prefilling_endpoint() -> None:
     import time
 
-    s = make(prefill=False)
-    req, req2 = on(request(prompt(0)), D0), on(request(prompt(1), rid="r2"), D0)
-    result, result2 = s.schedule(req), s.schedule(req2)
+    s = make(prefill=False, pd_decider="predicted")
+    stream = {"prompt": "x", "max_tokens": 10, "stream": True}
+    req = on(request(prompt(0), body=stream), D0)
+    req2 = on(request(prompt(1), body=stream, rid="r2"), D0)
+    whole = on(request(prompt(2), rid="r3"), D0)  # not a stream: its first chunk is its last
+    result, result2, result3 = s.schedule(req), s.schedule(req2), s.schedule(whole)
     state = s.states[D0]
     assert list(state.awaiting_first_token) == [id(req), id(req2)]  # oldest first
+    s.release(whole, result3)
     assert state.first_token_wait(time.monotonic() + 1.0) >= 1.0
     assert s.states[D1].first_token_wait(time.monotonic()) == 0.0
     s.first_chunk(req, result, 0.1)
@@ -70,6 +74,15 @@ def test_the_wait_for_the_first_token_is_tracked_per_prefilling_endpoint() -> No
     s.release(req, result)
     s.release(req2, result2)  # never answered: unqueued on release
     assert state.awaiting_first_token == {} and state.first_token_wait(time.monotonic()) == 0.0
+
+
+def test_no_wait_is_tracked_where_nothing_reports_first_chunks() -> None:
+    s = make(prefill=False)  # threshold decider, no latency scorer: answers are not timed
+    assert not s.times_answers
+    req = on(request(prompt(0), body={"prompt": "x", "stream": True}), D0)
+    result = s.schedule(req)
+    assert s.states[D0].awaiting_first_token == {}
+    s.release(req, result)
 
 
 def test_non_streamed_answer_unqueues_without_teaching() -> None:
