@@ -151,18 +151,15 @@ def _pd_predicted(ctx: Context) -> Front:
 
 
 def _pd_latency_led(ctx: Context) -> Front:
-    # The predicted TTFT already counts the uncached tokens at each endpoint and the prefill work
-    # queued there (what prefix-cache and the load scorers approximate), so it leads here.
+    from pd_runtime.scheduling.kv_aware import LATENCY_LED_DECODE_PROFILE
+
     return _predicted(
         ctx,
         "pd-latency-led",
-        "our coordinator: decode placement led by predicted latency (weight 4; prefix-cache and "
-        "in-flight-load 1 each), P/D by predicted TTFT, direct requests straight to the worker",
-        [
-            {"type": "predicted-latency", "weight": 4},
-            {"type": "prefix-cache", "weight": 1},
-            {"type": "in-flight-load", "weight": 1},
-        ],
+        "our coordinator: decode placement led by the predicted time of the whole answer "
+        "(predicted-latency 4; prefix-cache and in-flight-load 1 each), P/D by predicted TTFT, "
+        "direct requests straight to the worker",
+        [s.model_dump(mode="json") for s in LATENCY_LED_DECODE_PROFILE.scorers],
     )
 
 

@@ -46,7 +46,13 @@ from pd_runtime.scheduling.scorers.predicted_latency import PredictedLatencyScor
 from pd_runtime.scheduling.scraper import MetricsScraper
 from pd_runtime.scheduling.tokenize import PromptTokenizer
 
-__all__ = ["DEFAULT_PROFILES", "REPLICATED_PROFILES", "KVAwareParams", "KVAwareScheduler"]
+__all__ = [
+    "DEFAULT_PROFILES",
+    "LATENCY_LED_DECODE_PROFILE",
+    "REPLICATED_PROFILES",
+    "KVAwareParams",
+    "KVAwareScheduler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,21 @@ DEFAULT_PROFILES: dict[str, ProfileConfig] = {
         ),
     ),
 }
+
+
+#: The decode profile led by the learned latency model (with ``pd_decider: predicted``, the
+#: setting the scenario benchmark's ``pd-latency-led`` front measures): its prediction of the
+#: whole answer's time already counts each endpoint's uncached tokens, the prefill work queued
+#: there and its batch, i.e. what prefix-cache and the load scorers approximate, and adds speed.
+LATENCY_LED_DECODE_PROFILE = DEFAULT_PROFILES["decode"].model_copy(
+    update={
+        "scorers": _specs(
+            {"type": "predicted-latency", "weight": 4},
+            {"type": "prefix-cache", "weight": 1},
+            {"type": "in-flight-load", "weight": 1},
+        )
+    }
+)
 
 
 def _replicated(profile: ProfileConfig) -> ProfileConfig:

@@ -198,3 +198,21 @@ def test_answers_are_timed_only_when_something_reads_the_latency_model() -> None
     scorer = {"type": "predicted-latency", "weight": 1}
     assert make(profiles={"decode": {"scorers": [scorer]}}).times_answers is True
     assert make(profiles={"prefill": {"filters": [{"type": "slo"}]}}).times_answers is True
+
+
+def test_the_latency_led_example_in_the_preset_is_the_profile_the_benchmark_measures() -> None:
+    """configs/local-cpu.yaml shows, commented out, how to turn the latency-led setting on; it
+    must stay valid and equal to what the bench's pd-latency-led front runs."""
+    import textwrap
+    from pathlib import Path
+
+    import yaml
+
+    from pd_runtime.scheduling.kv_aware import LATENCY_LED_DECODE_PROFILE, KVAwareParams
+
+    preset = Path(__file__).parents[3] / "configs" / "local-cpu.yaml"
+    block = preset.read_text().split("# Latency-led")[1].split("startup_timeout_s")[0]
+    lines = [line.replace("# ", "", 1) for line in block.splitlines()[3:] if "#" in line]
+    params = KVAwareParams.model_validate(yaml.safe_load(textwrap.dedent("\n".join(lines))))
+    assert params.pd_decider == "predicted"
+    assert params.profiles["decode"] == LATENCY_LED_DECODE_PROFILE
