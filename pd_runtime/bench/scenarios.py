@@ -641,7 +641,32 @@ def _vllm_bench_serve(
 
 
 def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
-    from pd_runtime.bench.plots import line_chart
+    from statistics import median
+
+    from pd_runtime.bench.plots import bar_chart, line_chart
+
+    measured = [r for r in rows if r.get("goodput_rps") is not None and "@" not in r["workload"]]
+    workloads = list(dict.fromkeys(r["workload"] for r in measured))
+    fronts = list(dict.fromkeys(r["scenario"] for r in measured))
+    goodput = {
+        front: [
+            median(
+                [
+                    r["goodput_rps"]
+                    for r in measured
+                    if r["scenario"] == front and r["workload"] == w
+                ]
+                or [0.0]
+            )
+            for w in workloads
+        ]
+        for front in fronts
+    }
+    reps = len({r.get("repetition", 0) for r in measured})
+    bar_chart(
+        out / "goodput.png", f"Goodput (requests/s within the SLOs), median of {reps} repetition(s)",
+        workloads, goodput, ylabel="goodput (req/s)",
+    )  # fmt: skip
 
     for workload in sorted({r["workload"] for r in rows if "@" not in r["workload"]}):
         series = {}
