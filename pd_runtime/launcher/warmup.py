@@ -57,6 +57,7 @@ WARMUP_TOKENS = 8
 #: A pair's disaggregated request that has not answered after this long counts as a stalled first
 #: pull (it takes under a second once the pair has moved KV once) and the pair is tried again.
 PAIR_TIMEOUT_S = 60.0
+PAIR_ATTEMPTS = 4  # a stalled pair costs at most ~4 x PAIR_TIMEOUT_S of start-up
 
 # ~100 words: long enough that a worker's first forward is a real prefill (several KV blocks of
 # 32 tokens, so the pair check moves more than one block), short enough to cost ~1 s on a CPU.
@@ -153,16 +154,20 @@ def warm_pair(
 ) -> float:
     """Step 2 for one pair; returns the disaggregated request's seconds. Raises WarmupError.
 
-    A first pull that stalls is tried once more: on vLLM-CPU with UCX over TCP and shared memory a
-    pair's very first pull can wait until the prefill worker next does NIXL work, often past its
-    KV lease (seen on 2 cores for the decode worker sharing the prefill worker's core: 30 s to
-    171 s; README, Known issues); the pulls after it take milliseconds. Paying that here, not in a
-    client's first request, is what the warm-up is for. A second stall is an error."""
-    try:
-        return _check_pair(client, prefill, decode, model)
-    except _Stalled as first:
-        progress(f"WARNING {first}; trying the pair once more")
-        return _check_pair(client, prefill, decode, model)
+    A pull that stalls is tried again, up to ``PAIR_ATTEMPTS`` tries: on vLLM-CPU with UCX over
+    TCP and shared memory a pair's very first pull can wait until the prefill worker next does
+    NIXL work, often past its KV lease (seen on 2 cores for the decode worker sharing the prefill
+    worker's core: 30 s to 171 s, once through two tries in a row; README, Known issues); the
+    pulls after it take milliseconds. Paying that here, not in a client's first request, is what
+    the warm-up is for. A stall on the last try is an error."""
+    for attempt in range(1, PAIR_ATTEMPTS + 1):
+        try:
+            return _check_pair(client, prefill, decode, model)
+        except _Stalled as stalled:
+            if attempt == PAIR_ATTEMPTS:
+                raise
+            progress(f"WARNING {stalled}; trying the pair again ({attempt + 1} of {PAIR_ATTEMPTS})")
+    raise AssertionError("unreachable")
 
 
 def _check_pair(

@@ -36,7 +36,8 @@ class StandInEngine:
     prefill_fails: bool = False
     pull_fails: bool = False  # the pull fails and the engine recomputes: right answer, no KV
     pull_fails_first: int = 0  # only the first N pulls fail (a pair's first-transfer stall)
-    pull_hangs_first_s: float = 0.0  # the first pull answers only after this long
+    pull_hangs_first_s: float = 0.0  # the first pulls answer only after this long ...
+    hanging_pulls: int = 1  # ... this many of them
     transfers: int = 0
     failed: int = 0
 
@@ -60,7 +61,7 @@ class StandInEngine:
                 )
             if params.get("remote_engine_id"):  # the decode hop pulls the blocks
                 self.transfers += 1
-                if self.transfers == 1 and self.pull_hangs_first_s:
+                if self.transfers <= self.hanging_pulls and self.pull_hangs_first_s:
                     await asyncio.sleep(self.pull_hangs_first_s)
                 self.failed += self.pull_fails or self.transfers <= self.pull_fails_first
                 if self.corrupt:
@@ -195,3 +196,20 @@ def test_a_first_pull_that_does_not_answer_in_time_is_retried(
     assert decode.transfers == 2
     assert any("did not answer within 0.5s" in m for m in messages), messages
     assert "output equals colocated" in messages[-1]
+
+
+def test_a_pull_that_stalls_again_is_tried_up_to_the_limit_then_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen on the 2-core machine: prefill-0 -> decode-1 stalled on two tries in a row."""
+    monkeypatch.setattr(warmup, "PAIR_TIMEOUT_S", 0.5)
+    decode = StandInEngine(pull_hangs_first_s=3.0, hanging_pulls=warmup.PAIR_ATTEMPTS - 1)
+    messages: list[str] = []
+    with pair(StandInEngine(), decode) as endpoints:
+        warm_up(endpoints, "m", progress=messages.append)
+    assert decode.transfers == warmup.PAIR_ATTEMPTS
+    assert "output equals colocated" in messages[-1]
+    stuck = StandInEngine(pull_hangs_first_s=3.0, hanging_pulls=warmup.PAIR_ATTEMPTS)
+    with pair(StandInEngine(), stuck) as endpoints, pytest.raises(WarmupError, match="within"):
+        warm_up(endpoints, "m")
+    assert stuck.transfers == warmup.PAIR_ATTEMPTS
