@@ -29,7 +29,7 @@ from pd_runtime.common.tracing import SERVICE_ENV, resolve_endpoint, traces_url
 from pd_runtime.errors import ConfigError
 from pd_runtime.worker.transport import RdmaPort, ucx_environment
 from pd_runtime.worker.vllm_plugin import DELAY_ENV as NIXL_PROGRESS_DELAY_ENV
-from pd_runtime.worker.vllm_plugin import INIT_AMX_ENV, KEEP_CPU_BINDING_ENV, PLUGIN_NAME
+from pd_runtime.worker.vllm_plugin import INIT_AMX_ENV, PLUGIN_NAME
 
 __all__ = [
     "CPU_NIXL_PROGRESS_DELAY_US",
@@ -194,8 +194,6 @@ def build_worker_command(
     if spec.platform == "cpu":
         env["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_cores or "nobind"
         env[INIT_AMX_ENV] = "1"  # no SIGILL in vLLM-CPU's AMX attention: see vllm_plugin.py
-        if spec.cpu_cores:  # the NixlConnector must not move the forward thread: vllm_plugin.py
-            env[KEEP_CPU_BINDING_ENV] = "1"
         if spec.kv_cache_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{spec.kv_cache_gib:g}"
     elif spec.gpu_ids is not None:

