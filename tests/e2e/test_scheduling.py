@@ -90,8 +90,15 @@ def test_a_shared_prefix_sticks_to_one_endpoint_until_it_is_saturated_then_spill
     assert at_home >= 6, targets  # it stuck to the holder of the prefix ...
     assert spilled, targets  # ... until it was saturated, then spilled over
     for record in spilled:
-        # The home endpoint was not even a candidate: the saturation filter had taken it out.
-        assert home not in record["breakdown"]["total"], record
+        # The home endpoint was not even a candidate (the saturation filter had taken it out), or
+        # an earlier spill had already put the prefix where this one went: then both held it as
+        # fully (the decision's `scores`: fraction of the prompt each endpoint holds) and load
+        # decided, as it should (seen once in a fresh-clone run).
+        held = record.get("scores") or {}
+        target = record["target"]
+        assert home not in record["breakdown"]["total"] or (
+            held.get(target, 0) >= held.get(home, 0) > 0
+        ), record
 
 
 def test_blocks_evicted_by_a_worker_are_no_longer_claimed(deployment: Deployment) -> None:
