@@ -160,14 +160,12 @@ def warm_pair(
     worker's core: 30 s to 171 s, once through two tries in a row; README, Known issues); the
     pulls after it take milliseconds. Paying that here, not in a client's first request, is what
     the warm-up is for. A stall on the last try is an error."""
-    for attempt in range(1, PAIR_ATTEMPTS + 1):
+    for attempt in range(2, PAIR_ATTEMPTS + 1):
         try:
             return _check_pair(client, prefill, decode, model)
         except _Stalled as stalled:
-            if attempt == PAIR_ATTEMPTS:
-                raise
-            progress(f"WARNING {stalled}; trying the pair again ({attempt + 1} of {PAIR_ATTEMPTS})")
-    raise AssertionError("unreachable")
+            progress(f"WARNING {stalled}; trying the pair again ({attempt} of {PAIR_ATTEMPTS})")
+    return _check_pair(client, prefill, decode, model)
 
 
 def _check_pair(

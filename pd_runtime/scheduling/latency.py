@@ -218,6 +218,14 @@ class LatencyModel:
         e = self._endpoints.get(address)
         return e.ttft.predict(work_tokens) if e is not None else 0.0
 
+    def ttft_bound(self, address: str, work_tokens: float, wait_s: float) -> float:
+        """Predicted TTFT at ``address``, at least ``wait_s``: how long its oldest request still
+        without a first token has waited (a new one queues behind it). A cold endpoint's
+        prediction is that wait alone (0 when nothing waits there)."""
+        if not self.warm(address):
+            return wait_s
+        return max(self.ttft(address, work_tokens), wait_s)
+
     def tpot(self, address: str, batch: int) -> float:
         e = self._endpoints.get(address)
         return e.tpot.predict(batch) if e is not None else 0.0

@@ -63,9 +63,9 @@ class SLOFilter(Filter):
         for e in endpoints:
             headroom = float("inf")
             if ttft is not None:
-                predicted = e.first_token_wait(now)
-                if model.warm(e.address):
-                    predicted = max(predicted, model.ttft(e.address, ctx.prefill_work(e)))
+                predicted = model.ttft_bound(
+                    e.address, ctx.prefill_work(e), e.first_token_wait(now)
+                )
                 if predicted > 0:
                     headroom = (ttft - predicted) / ttft
             if tpot is not None and model.warm_tpot(e.address):

@@ -66,7 +66,7 @@ class PredictedLatencyScorer(Scorer):
         for e in endpoints:
             (warm if model.warm(e.address) else cold).append(e)
         predicted = {
-            e.address: max(model.ttft(e.address, ctx.prefill_work(e)), e.first_token_wait(now))
+            e.address: model.ttft_bound(e.address, ctx.prefill_work(e), e.first_token_wait(now))
             for e in warm
         }
         if streamed > 0 and all(model.warm_tpot(e.address) for e in warm):
