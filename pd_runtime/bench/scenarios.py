@@ -381,10 +381,10 @@ def _bench_once(
     before = _worker_counters(worker_urls)
     coord_before = _coordinator_counters(front)
     load_before = os.getloadavg()[0]
-    front_cpu_before = running.cpu_seconds() if running is not None else None
-    client_cpu_before = time.process_time()
     bench = _bench_config(front, model, spec["requests"], cfg, rate, cfg["seed"])
     convs = build_conversations(workload, text, spec["requests"], cfg["seed"])
+    front_cpu_before = running.cpu_seconds() if running is not None else None
+    client_cpu_before = time.process_time()  # the requests' CPU, not building the prompts
     result = asyncio.run(run_bench(convs, bench))
     client_cpu = time.process_time() - client_cpu_before
     front_cpu_after = running.cpu_seconds() if running is not None else None
