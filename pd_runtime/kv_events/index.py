@@ -18,7 +18,8 @@ Event handling (all idempotent, none raises on odd but well-typed events; odditi
   root, and ``match`` only walks from the root, so they are dropped and counted in
   ``stats.orphan_blocks``; their children are then orphans too, until the engine stores the chain
   again. Placeholders (no tokens, from offloading connectors) are resolved through the same
-  endpoint's other tiers, or dropped (``stats.unkeyable_blocks``). Re-stores of known blocks
+  endpoint's other tiers, or dropped (``stats.unkeyable_blocks``, as are blocks whose
+  ``token_ids`` is not an array of ints). Re-stores of known blocks
   (vLLM 0.32 re-emits reused prefix blocks) are no-ops.
 * BlockRemoved: unknown hashes are counted (``stats.unknown_removals``), not errors.
 * AllBlocksCleared: clears every tier of the endpoint (the event names no medium; dropping too
@@ -39,6 +40,8 @@ from pd_runtime.kv_events.events import (
     BlockRemoved,
     BlockStored,
     EngineBlockHash,
+    EventDecodeError,
+    decode_token_ids,
 )
 from pd_runtime.kv_events.keys import ROOT_KEY, BlockKey, chain_keys
 
@@ -310,7 +313,12 @@ class PrefixIndex:
             return
         tier, bit = self._tier(endpoint, ev.medium), self._bit(ev.medium)
         bs = ev.block_size
-        if bs <= 0 or len(ev.token_ids) != len(hashes) * bs:
+        try:
+            tokens = decode_token_ids(ev.token_ids)
+        except EventDecodeError:  # not an array of ints: nothing to key the blocks with
+            self.stats.unkeyable_blocks += len(hashes)
+            return
+        if bs <= 0 or len(tokens) != len(hashes) * bs:
             for h in hashes:  # placeholder: only the hash; find it in another tier
                 found = self._lookup(endpoint, h)
                 if found is None:
@@ -325,7 +333,7 @@ class PrefixIndex:
                 self.stats.orphan_blocks += len(hashes)
                 return
             parent = found
-        keys = chain_keys(parent, ev.token_ids, bs, ev.extra_keys)
+        keys = chain_keys(parent, tokens, bs, ev.extra_keys)
         # _add inlined for the usual case (a new engine hash): ingestion runs this once per block.
         all_holders = self._holders
         masks = self._any
