@@ -60,8 +60,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from pd_runtime.config.coordinator import EndpointConfig
-from pd_runtime.kv_events import BlockStored, PrefixIndex
+from pd_runtime.kv_events import BlockStored, KVEventBatch, PrefixIndex, decode_batch
 from pd_runtime.scheduling.base import SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler
 from pd_runtime.scheduling.pending import PendingPrefixes
@@ -259,17 +261,20 @@ def fill(sched: KVAwareScheduler, wl: Workload, entries: int, rng: random.Random
             # 32-byte engine hashes, one per (endpoint, block): a function of the key, as the
             # engine's hash is of the prefix (shared system blocks re-stored are duplicates)
             hashes = [(eid << 64 | (k & M64)).to_bytes(32, "big") for k in keys]
-            for s in range(0, len(keys), PER_EVENT):
-                ix.apply(
-                    address,
-                    BlockStored(
-                        block_hashes=hashes[s : s + PER_EVENT],  # type: ignore[arg-type]
-                        parent_block_hash=hashes[s - 1] if s else None,
-                        token_ids=tokens[s * BS : (s + PER_EVENT) * BS],
-                        block_size=BS,
-                        medium="GPU",
-                    ),
+            # Through the wire format, as the subscriber gets them: the index takes decoded
+            # events (``token_ids`` as msgpack, since 2026-12-06), in both versions compared.
+            events = [
+                BlockStored(
+                    block_hashes=hashes[s : s + PER_EVENT],  # type: ignore[arg-type]
+                    parent_block_hash=hashes[s - 1] if s else None,
+                    token_ids=tokens[s * BS : (s + PER_EVENT) * BS],  # type: ignore[arg-type]
+                    block_size=BS,
+                    medium="GPU",
                 )
+                for s in range(0, len(keys), PER_EVENT)
+            ]
+            payload = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=events))
+            ix.apply_batch(address, decode_batch(payload).events)
     return time.process_time() - t0
 
 

@@ -15,6 +15,12 @@ The batch is ``array_like`` but the events are *tagged maps* (``tag=True`` witho
 ``locality``...) are absent when unset. Block hashes are ``bytes`` (sha256, the default) or
 ``int`` (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``); both are hashable and kept as they arrive.
 
+``token_ids`` is kept as ``msgspec.Raw`` (a zero-copy view of its msgpack array in the payload) and
+decoded by the index when it keys the blocks (:func:`decode_token_ids`). Why: token ids are ~16 of
+every 17 objects in a batch (a Python int each); materialised at decode, a backlog of decoded
+batches held ~450 MB per million blocks and made decoding ~5x slower than decoding the rest
+(``benchmarks/results/2026-12-06-ingest``). Decoded at keying time they live for one event.
+
 Why mirror types instead of ``vllm.distributed.kv_events``: importing that module imports
 ``vllm.config`` and torch (10-40 s here), which the coordinator must not pay. The mirrors use the
 same tags and layout; ``tests/unit/kv_events/test_events.py`` encodes with vLLM's own classes and
@@ -24,6 +30,7 @@ publishers), and fields vLLM 0.32 requires but older publishers lack default to 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import msgspec
@@ -41,6 +48,8 @@ __all__ = [
     "KVEventMessage",
     "decode_batch",
     "decode_message",
+    "decode_token_ids",
+    "encode_token_ids",
 ]
 
 #: The engine's hash of a block: sha256 bytes, or a 64-bit int; seed-dependent, never compared
@@ -56,15 +65,16 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True, gc=False):
     """Blocks became prefix-cache hits on the publisher, in ``medium``.
 
     ``token_ids`` covers all of ``block_hashes``: ``len(token_ids) == len(block_hashes) *
-    block_size``. ``parent_block_hash`` is the engine hash of the block before the first one
-    (``None``: the first block starts the prompt). vLLM 0.32 also re-emits this for blocks a
-    request *reused*, so consumers must treat it as idempotent. Offloading connectors may emit
-    placeholders (``token_ids=[]``, ``block_size=0``) that only name a hash.
+    block_size``; it is the msgpack array as received (see the module docstring; built in-process
+    with :func:`encode_token_ids`). ``parent_block_hash`` is the engine hash of the block before
+    the first one (``None``: the first block starts the prompt). vLLM 0.32 also re-emits this for
+    blocks a request *reused*, so consumers must treat it as idempotent. Offloading connectors may
+    emit placeholders (``token_ids=[]``, ``block_size=0``) that only name a hash.
     """
 
     block_hashes: list[bytes | int]
     parent_block_hash: bytes | int | None = None
-    token_ids: list[int] = []
+    token_ids: msgspec.Raw = msgspec.Raw(b"\x90")  # an empty msgpack array
     block_size: int = 0
     lora_id: int | None = None
     medium: str | None = None
@@ -117,6 +127,23 @@ class EventDecodeError(ValueError):
 
 
 _decoder = msgspec.msgpack.Decoder(KVEventBatch)
+_token_decoder = msgspec.msgpack.Decoder(list[int])
+_encode = msgspec.msgpack.encode
+
+
+def encode_token_ids(token_ids: Sequence[int]) -> msgspec.Raw:
+    """``BlockStored.token_ids`` for an event built in-process (tests, benchmarks)."""
+    return msgspec.Raw(_encode(token_ids))
+
+
+def decode_token_ids(raw: msgspec.Raw) -> list[int]:
+    """``BlockStored.token_ids`` as ints; raises :class:`EventDecodeError` if it is not an array
+    of ints (only a decoded batch can hold such a value: :func:`decode_batch` does not check it).
+    """
+    try:
+        return _token_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"bad token_ids: {exc}") from exc
 
 
 def decode_batch(payload: bytes) -> KVEventBatch:

@@ -19,6 +19,7 @@ from pd_runtime.kv_events import (
     PrefixIndex,
     chain_keys,
 )
+from pd_runtime.kv_events.events import encode_token_ids
 
 BS = 4
 PROMPT = list(range(100, 124))  # 6 full blocks of 4
@@ -38,7 +39,7 @@ def stored(
     return BlockStored(
         block_hashes=hashes,  # type: ignore[arg-type]
         parent_block_hash=parent,
-        token_ids=tokens[start * BS : end * BS],
+        token_ids=encode_token_ids(tokens[start * BS : end * BS]),
         block_size=BS,
         medium=medium,
         **kw,  # type: ignore[arg-type]
@@ -131,7 +132,7 @@ def test_tiers_media_filter_and_placeholders(ix: PrefixIndex) -> None:
     assert ix.match(keys(), media=["GPU"]) == {"a": 1}
     assert ix.match(keys(), media=["CPU"]) == {"a": 2}
     h2 = ehash(1, tuple(PROMPT[:12]))  # offloading placeholder: a hash, no tokens
-    ix.apply("a", BlockStored(block_hashes=[h2, b"?"], token_ids=[], block_size=0, medium="CPU"))
+    ix.apply("a", BlockStored(block_hashes=[h2, b"?"], block_size=0, medium="CPU"))
     assert ix.match(keys(), media=["CPU"]) == {"a": 3}  # block 2 keyed via its GPU entry
     assert ix.stats.unkeyable_blocks == 1 and ix.endpoint_counts()["a"]["CPU"] == 3
     assert ix.match(keys(), media=["STORAGE"]) == {}
@@ -266,6 +267,8 @@ def test_key_edge_cases() -> None:
 def test_one_event_storing_the_same_engine_hash_twice(ix: PrefixIndex) -> None:
     """Not something vLLM sends, but the per-block fast path must keep the maps consistent."""
     h = ehash(1, (1,))
-    ix.apply("a", BlockStored(block_hashes=[h, h], token_ids=PROMPT[:8], block_size=BS))
+    ix.apply(
+        "a", BlockStored(block_hashes=[h, h], token_ids=encode_token_ids(PROMPT[:8]), block_size=BS)
+    )
     assert ix.endpoint_counts() == {"a": {"GPU": 1}} and ix.size() == 1
     ix.check_integrity()

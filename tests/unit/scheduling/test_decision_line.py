@@ -19,7 +19,7 @@ from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.app import create_app, pod_scores_line
 from pd_runtime.demo import pod_score_lines
 from pd_runtime.errors import ConfigError
-from pd_runtime.kv_events.events import BlockStored
+from pd_runtime.kv_events.events import BlockStored, encode_token_ids
 from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler
@@ -67,7 +67,7 @@ def hold(s: KVAwareScheduler, address: str, blocks: int) -> None:
         BlockStored(
             block_hashes=hashes,
             parent_block_hash=None,
-            token_ids=PROMPT[: blocks * BS],
+            token_ids=encode_token_ids(PROMPT[: blocks * BS]),
             block_size=BS,
             lora_id=None,
         ),

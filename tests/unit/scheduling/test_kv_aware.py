@@ -12,7 +12,12 @@ import pytest
 
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import ConfigError, NoEndpointError
-from pd_runtime.kv_events.events import AllBlocksCleared, BlockRemoved, BlockStored
+from pd_runtime.kv_events.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    encode_token_ids,
+)
 from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.scheduling.base import SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.kv_aware import KVAwareScheduler
@@ -84,7 +89,7 @@ def store(s: KVAwareScheduler, address: str, tokens: list[int], start: int, end:
         BlockStored(
             block_hashes=[ehash(address, tokens[: (i + 1) * BS]) for i in range(start, end)],
             parent_block_hash=ehash(address, tokens[: start * BS]) if start else None,
-            token_ids=tokens[start * BS : end * BS],
+            token_ids=encode_token_ids(tokens[start * BS : end * BS]),
             block_size=BS,
         ),
     )

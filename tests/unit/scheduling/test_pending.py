@@ -215,7 +215,7 @@ def test_spans_over_the_index_equal_a_brute_force_walk(seed: int, clock: Clock) 
     miss; the index has holes (removed middle blocks), claims overlap and diverge."""
     import random
 
-    from pd_runtime.kv_events.events import BlockRemoved, BlockStored
+    from pd_runtime.kv_events.events import BlockRemoved, BlockStored, encode_token_ids
 
     rng = random.Random(seed)
     index = PrefixIndex()
@@ -237,7 +237,7 @@ def test_spans_over_the_index_equal_a_brute_force_walk(seed: int, clock: Clock) 
         hashes = [f"{e}/{k}".encode() for k in chain]
         if op < 0.3:
             n = rng.randint(1, len(chain))
-            index.apply(e, BlockStored(hashes[:n], None, tokens[: n * BS], BS))
+            index.apply(e, BlockStored(hashes[:n], None, encode_token_ids(tokens[: n * BS]), BS))
         elif op < 0.4:
             index.apply(e, BlockRemoved([rng.choice(hashes)]))
         elif op < 0.8:
