@@ -9,12 +9,22 @@ import os
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-__all__ = ["PLATFORM_CHOICES", "Platform", "PlatformChoice", "detect_platform", "resolve_platform"]
+__all__ = [
+    "PLATFORM_CHOICES",
+    "Platform",
+    "PlatformChoice",
+    "UcxErrorHandling",
+    "detect_platform",
+    "resolve_platform",
+]
 
 PlatformName = Literal["cpu", "cuda"]
 #: What a config or flag may ask for: a platform, or "auto" (detect it).
 PlatformChoice = Literal["auto", "cpu", "cuda"]
 PLATFORM_CHOICES: tuple[str, ...] = get_args(PlatformChoice)
+#: NIXL's UCX ``ucx_error_handling_mode``: ``peer`` detects dead peers (a TCP connection per pair),
+#: ``none`` lets workers on one host use shared memory only.
+UcxErrorHandling = Literal["peer", "none"]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pd_runtime.config.coordinator import CoordinatorEdge, SchedulerConfig
 from pd_runtime.config.launcher import LauncherConfig, LocalLauncherConfig, RestartConfig
 from pd_runtime.config.observability import ObservabilityConfig
 from pd_runtime.config.sidecar import SidecarTuning
-from pd_runtime.platform import PlatformChoice
+from pd_runtime.platform import PlatformChoice, UcxErrorHandling
 
 __all__ = [
     "AdapterConfig",
@@ -121,6 +121,13 @@ class TransportConfig(BaseModel):
         ge=0,
         description="poll timeout of NIXL's UCX progress thread; default: 1000 on cpu "
         "(0 makes it spin a core per worker), NIXL's own (0) on cuda",
+    )
+    ucx_error_handling: UcxErrorHandling | None = Field(
+        default=None,
+        description="NIXL's UCX error handling. peer (NIXL's default): UCX detects dead peers, "
+        "which needs a TCP connection between every pair of workers; none: workers on one host "
+        "talk over shared memory and cma with no TCP wire-up (whose handshake stalled a pair's "
+        "first KV pull for 5-45 s on CPU); keep peer across hosts. Default: NIXL's (peer)",
     )
     kv_lease_s: int | None = Field(
         default=None,

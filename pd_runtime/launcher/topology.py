@@ -164,6 +164,7 @@ def _model_worker_specs(
                 gdr_copy=where.transport.gdr_copy,
                 nixl_num_threads=config.transport.nixl_num_threads,
                 nixl_progress_delay_us=config.transport.nixl_progress_delay_us,
+                ucx_error_handling=config.transport.ucx_error_handling,
                 kv_lease_s=config.transport.kv_lease_s,
                 otlp_endpoint=config.observability.otlp_endpoint,
                 service_name=config.observability.service_name(f"vllm-{role}"),

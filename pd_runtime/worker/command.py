@@ -27,9 +27,10 @@ from typing import Literal
 
 from pd_runtime.common.tracing import SERVICE_ENV, resolve_endpoint, traces_url
 from pd_runtime.errors import ConfigError
+from pd_runtime.platform import UcxErrorHandling
 from pd_runtime.worker.transport import RdmaPort, ucx_environment
 from pd_runtime.worker.vllm_plugin import DELAY_ENV as NIXL_PROGRESS_DELAY_ENV
-from pd_runtime.worker.vllm_plugin import INIT_AMX_ENV, PLUGIN_NAME
+from pd_runtime.worker.vllm_plugin import INIT_AMX_ENV, PLUGIN_NAME, UCX_ERROR_HANDLING_ENV
 
 __all__ = [
     "CPU_NIXL_PROGRESS_DELAY_US",
@@ -87,6 +88,7 @@ class WorkerSpec:
     gdr_copy: bool = False  # add gdr_copy to UCX_TLS (cuda over RDMA, GDRCopy driver present)
     nixl_num_threads: int | None = None  # NIXL UCX worker threads (vLLM's default: 4)
     nixl_progress_delay_us: int | None = None  # None: CPU_NIXL_PROGRESS_DELAY_US on cpu
+    ucx_error_handling: UcxErrorHandling | None = None  # None: NIXL's (peer)
     kv_lease_s: int | None = None  # prefill keeps unpulled KV blocks this long (vLLM's default: 30)
     otlp_endpoint: str | None = None  # OTLP/HTTP base URL: vLLM's traces go there
     service_name: str | None = None  # their service.name; default vllm-ROLE
@@ -203,7 +205,9 @@ def build_worker_command(
         delay = CPU_NIXL_PROGRESS_DELAY_US
     if delay is not None:
         env[NIXL_PROGRESS_DELAY_ENV] = str(delay)
-    if delay is not None or INIT_AMX_ENV in env:
+    if spec.ucx_error_handling is not None:
+        env[UCX_ERROR_HANDLING_ENV] = spec.ucx_error_handling
+    if delay is not None or INIT_AMX_ENV in env or UCX_ERROR_HANDLING_ENV in env:
         # An operator's VLLM_PLUGINS allow-list would otherwise keep our plugin out.
         allowed = environ_.get("VLLM_PLUGINS")
         if allowed and PLUGIN_NAME not in allowed.split(","):

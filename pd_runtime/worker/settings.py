@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pd_runtime.platform import PlatformChoice, resolve_platform
+from pd_runtime.platform import PlatformChoice, UcxErrorHandling, resolve_platform
 from pd_runtime.worker.command import Role, WorkerSpec
 
 __all__ = ["FLAG_NAMES", "WorkerSettings"]
@@ -72,6 +72,11 @@ class WorkerSettings(BaseModel):
         ge=0,
         description="poll timeout of NIXL's UCX progress thread (default: 1000 on CPU, NIXL's 0 "
         "on GPU)",
+    )
+    ucx_error_handling: UcxErrorHandling | None = Field(
+        default=None,
+        description="NIXL's UCX error handling: peer (NIXL's default) or none (workers on one "
+        "host: shared memory only, no TCP wire-up between them)",
     )
     kv_lease_s: int | None = Field(
         default=None,

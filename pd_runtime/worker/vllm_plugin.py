@@ -36,10 +36,19 @@ machine, with the bindings kept, the prefill worker and decode-1 (and the NIXL t
 which inherit the binding) share core 0 with everything else, and the first KV pull between them
 stalled past four warm-up tries in two of three starts (README, Known issues).
 
+Fourth job, UCX error handling (``PD_RUNTIME_UCX_ERROR_HANDLING``, from
+``transport.ucx_error_handling``). NIXL creates UCX endpoints with peer error handling, for which
+UCX wants a lane that can detect a dead peer: between two workers on one host that is TCP over
+loopback, whose connection handshake (both sides ``WAITING_ACK``) held a pair's first KV pull for
+5-45 s on this CPU machine. With ``none`` UCX carries active messages over shared memory and the
+KV over cma, with no TCP between the workers. Across hosts keep ``peer``: there TCP or RDMA is
+the only way, and a dead peer must fail the transfer rather than hang it.
+
 The plugin does nothing unless the launcher sets ``PD_RUNTIME_NIXL_PROGRESS_DELAY_US``,
-``PD_RUNTIME_INIT_AMX`` (the worker command does, from ``transport.nixl_progress_delay_us`` and
-the platform) or an operator sets ``PD_RUNTIME_KEEP_CPU_BINDING``, so installing pd-runtime next
-to an unrelated vLLM deployment changes nothing.
+``PD_RUNTIME_INIT_AMX``, ``PD_RUNTIME_UCX_ERROR_HANDLING`` (the worker command does, from
+``transport.nixl_progress_delay_us``, ``transport.ucx_error_handling`` and the platform) or an
+operator sets ``PD_RUNTIME_KEEP_CPU_BINDING``, so installing pd-runtime next to an unrelated vLLM
+deployment changes nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ from typing import Any
 DELAY_ENV = "PD_RUNTIME_NIXL_PROGRESS_DELAY_US"
 INIT_AMX_ENV = "PD_RUNTIME_INIT_AMX"
 KEEP_CPU_BINDING_ENV = "PD_RUNTIME_KEEP_CPU_BINDING"
+UCX_ERROR_HANDLING_ENV = "PD_RUNTIME_UCX_ERROR_HANDLING"
+UCX_ERROR_HANDLING_MODES = ("peer", "none")  # NIXL's ucx_error_handling_mode values
 PLUGIN_NAME = "pd_runtime_nixl"  # the entry point's name in pyproject.toml
 
 # A child of vLLM's own logger, so the line appears in the worker's log with vLLM's format.
@@ -132,6 +143,26 @@ def keep_cpu_binding(platform_cls: Any) -> bool:
     return True
 
 
+def set_ucx_error_handling(api_module: Any, mode: str) -> bool:
+    """Create NIXL's UCX backends with ``ucx_error_handling_mode = mode`` (NIXL's default:
+    ``peer``), unless the caller names one. vLLM creates the backend with only ``num_threads``,
+    so this is the one place to set it. Idempotent; returns whether it patched."""
+    agent_cls = getattr(api_module, "nixl_agent", None)
+    if agent_cls is None:
+        return False
+    original = getattr(agent_cls.create_backend, "__wrapped__", agent_cls.create_backend)
+
+    def create_backend(self: Any, backend: str, initParams: dict[str, str] | None = None) -> Any:
+        params = dict(initParams or {})
+        if backend == "UCX":
+            params.setdefault("ucx_error_handling_mode", mode)
+        return original(self, backend, params)
+
+    create_backend.__wrapped__ = original  # type: ignore[attr-defined]
+    agent_cls.create_backend = create_backend
+    return True
+
+
 def register() -> None:
     """Entry point for ``vllm.general_plugins``."""
     if os.environ.get(KEEP_CPU_BINDING_ENV) == "1":
@@ -147,6 +178,18 @@ def register() -> None:
             logger.warning("pd-runtime: the kernel refused AMX tile permission (SIGILL risk)")
         elif granted:
             logger.debug("pd-runtime: AMX tile permission requested in pid %d", os.getpid())
+    error_handling = os.environ.get(UCX_ERROR_HANDLING_ENV)
+    if error_handling:
+        if error_handling not in UCX_ERROR_HANDLING_MODES:
+            raise ValueError(
+                f"{UCX_ERROR_HANDLING_ENV}={error_handling!r}: want one of {UCX_ERROR_HANDLING_MODES}"
+            )
+        try:
+            nixl_api = importlib.import_module("nixl._api")
+        except ImportError:
+            nixl_api = None
+        if nixl_api is not None and set_ucx_error_handling(nixl_api, error_handling):
+            logger.info("pd-runtime: NIXL's UCX error handling mode: %s", error_handling)
     delay = progress_delay_from_env()
     if delay is None:
         return

@@ -85,6 +85,7 @@ WORKER_FLAGS = {
     "--tensor-parallel-size=2": ("tensor_parallel_size", 2),
     "--ucx-tls=tcp": ("ucx_tls", "tcp"),
     "--nixl-progress-delay-us=5": ("nixl_progress_delay_us", 5),
+    "--ucx-error-handling=none": ("ucx_error_handling", "none"),
     "--kv-lease=20": ("kv_lease_s", 20),
     "--no-enforce-eager": ("enforce_eager", False),
 }

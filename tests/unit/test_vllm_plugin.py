@@ -210,3 +210,56 @@ def test_the_installed_vllm_reads_the_reserved_core_from_the_method_we_replace()
     assert "current_platform.discover_numa_topology()" in source
     assert "os.sched_setaffinity(0, rsv_cores_for_kv)" in source
     assert hasattr(CpuPlatform, "discover_numa_topology")
+
+
+def test_ucx_backends_get_the_error_handling_mode_unless_the_caller_names_one() -> None:
+    created: list[tuple[str, dict[str, str]]] = []
+
+    class Agent:
+        def create_backend(self, backend: str, initParams: dict[str, str] | None = None) -> None:
+            created.append((backend, dict(initParams or {})))
+
+    api = SimpleNamespace(nixl_agent=Agent)
+    assert vllm_plugin.set_ucx_error_handling(api, "none")
+    assert vllm_plugin.set_ucx_error_handling(api, "none")  # loaded again: not wrapped twice
+    agent = Agent()
+    agent.create_backend("UCX", {"num_threads": "4"})
+    agent.create_backend("UCX", {"ucx_error_handling_mode": "peer"})
+    agent.create_backend("GDS", {})
+    assert created == [
+        ("UCX", {"num_threads": "4", "ucx_error_handling_mode": "none"}),
+        ("UCX", {"ucx_error_handling_mode": "peer"}),
+        ("GDS", {}),
+    ]
+    assert not vllm_plugin.set_ucx_error_handling(SimpleNamespace(), "none")
+
+
+def test_an_unknown_error_handling_mode_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(vllm_plugin.UCX_ERROR_HANDLING_ENV, "sometimes")
+    with pytest.raises(ValueError, match=vllm_plugin.UCX_ERROR_HANDLING_ENV):
+        vllm_plugin.register()
+
+
+def test_a_real_nixl_backend_is_created_with_the_mode() -> None:
+    """NIXL reports the backend's parameters back: the mode reached the UCX plugin."""
+    script = textwrap.dedent(
+        """
+        import json
+        import nixl._api as api
+        from pd_runtime.worker.vllm_plugin import set_ucx_error_handling
+        set_ucx_error_handling(api, "none")
+        agent = api.nixl_agent("probe", api.nixl_agent_config(num_threads=2))
+        print(json.dumps(agent.backend_options["UCX"]))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"UCX_TLS": "tcp,sm,self", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    options = json.loads(done.stdout.strip().splitlines()[-1])
+    assert options["ucx_error_handling_mode"] == "none"
+    assert options["num_threads"] == "2"

@@ -128,6 +128,16 @@ def test_cpu_workers_get_a_nixl_progress_delay_and_gpu_workers_keep_nixl_default
     _, env = build_worker_command(tuned, environ={"VLLM_PLUGINS": "lora_filesystem_resolver"})
     assert env["PD_RUNTIME_NIXL_PROGRESS_DELAY_US"] == "5"
     assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,pd_runtime_nixl"
+    assert "PD_RUNTIME_UCX_ERROR_HANDLING" not in env  # NIXL's own unless configured
+
+
+def test_ucx_error_handling_reaches_the_plugin_and_keeps_it_allowed() -> None:
+    spec = WorkerSpec(
+        role="decode", model="/m", port=8200, platform="cuda", ucx_error_handling="none"
+    )
+    _, env = build_worker_command(spec, environ={"VLLM_PLUGINS": "lora_filesystem_resolver"})
+    assert env["PD_RUNTIME_UCX_ERROR_HANDLING"] == "none"
+    assert env["VLLM_PLUGINS"] == "lora_filesystem_resolver,pd_runtime_nixl"
 
 
 def test_kv_events_replay_socket_is_bound_on_the_worker_host() -> None:
