@@ -34,3 +34,20 @@ def test_idle_workers_do_not_spin_a_core(deployment: Deployment) -> None:
     share = {name: (cpu(p) - before[name]) / window_s for name, p in workers.items()}
     # A spinning progress thread alone is ~1.0 (a whole core); idle vLLM-CPU is ~0.05-0.1.
     assert all(s < 0.5 for s in share.values()), f"core share per idle worker: {share}"
+
+
+def test_workers_on_one_host_talk_to_each_other_without_ucx_tcp(deployment: Deployment) -> None:
+    """The embedded config sets ``transport.ucx_error_handling: none``: each worker process that
+    holds a NIXL agent (vLLM's worker, not its API server) created NIXL's UCX backend with it, so
+    UCX moved the pair checks' KV with no TCP wire-up between the workers (README, Known issues).
+    A config or plugin change that drops it fails here, not as a 30 s stall at some start-up."""
+    for part in deployment.plan.parts:
+        if part.kind != "worker":
+            continue
+        log = (deployment.run_dir / f"{part.name}.log").read_text(errors="replace")
+        worker_lines = [
+            line
+            for line in log.splitlines()
+            if "NIXL's UCX error handling mode: none" in line and "Worker" in line
+        ]
+        assert worker_lines, f"{part.name}: NIXL's UCX backend kept peer error handling"
