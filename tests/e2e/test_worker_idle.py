@@ -40,7 +40,7 @@ def test_workers_on_one_host_talk_to_each_other_without_ucx_tcp(deployment: Depl
     """The embedded config sets ``transport.ucx_error_handling: none``: each worker process that
     holds a NIXL agent (vLLM's worker, not its API server) created NIXL's UCX backend with it, so
     UCX moved the pair checks' KV with no TCP wire-up between the workers (README, Known issues).
-    A config or plugin change that drops it fails here, not as a 30 s stall at some start-up."""
+    A config or plugin change that drops it fails here, not as a slow first pull some day."""
     for part in deployment.plan.parts:
         if part.kind != "worker":
             continue
