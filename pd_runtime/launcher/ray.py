@@ -137,12 +137,15 @@ def relocate_plan(
     ``hosts``: part name -> IP for workers and sidecars. Worker command lines are rebuilt from
     their specs (bind address, NIXL side channel and KV-event topic on the worker's own IP; KV
     events sent to the coordinator's); sidecar arguments and the coordinator's endpoints are
-    rewritten through the old -> new ``HOST:PORT`` of each part.
+    rewritten through the old -> new ``HOST:PORT`` of each part. Workers placed on more than one
+    host get NIXL's own UCX error handling back where the config asked for ``none`` (one host
+    only: without it a dead peer across the network hangs a transfer instead of failing it).
     """
     moved: dict[str, str] = {}  # old HOST:PORT -> new HOST:PORT
     parts: list[PartSpec] = []
     workers: list[WorkerSpec] = []
     worker_parts = plan.by_kind("worker")
+    one_host = len({hosts[p.name] for p in worker_parts}) <= 1
     by_port = {spec.port: spec for spec in plan.workers}
     for part in plan.parts:
         host = coordinator_host if part.kind == "coordinator" else hosts[part.name]
@@ -158,6 +161,8 @@ def relocate_plan(
                 spec = dataclasses.replace(
                     spec, host=hosts[part.name], kv_events_host="*", kv_events_endpoint=None
                 )
+            if not one_host and spec.ucx_error_handling == "none":
+                spec = dataclasses.replace(spec, ucx_error_handling=None)
             argv, env = build_worker_command(spec)
             workers.append(spec)
             parts.append(dataclasses.replace(part, argv=argv, env=env, host=spec.host))
@@ -424,7 +429,13 @@ class RayLauncher:
         here = ray.get_runtime_context().get_node_id()
         for part in self.plan.by_kind("coordinator"):  # every replica on the driver's node
             self.locations[part.name] = PartLocation(part.name, None, None, here, ips[here])
+        asked_none = any(w.ucx_error_handling == "none" for w in self.plan.workers)
         self._plan = relocate_plan(self.plan, hosts, ips[here])
+        if asked_none and all(w.ucx_error_handling is None for w in self._plan.workers):
+            self.progress(
+                "workers span several nodes: transport.ucx_error_handling 'none' (one host only) "
+                "replaced by NIXL's default (peer)"
+            )
         for name, where in self.locations.items():
             self.progress(f"placed {name} on node {where.node_ip} ({where.node_id[:8]})")
 

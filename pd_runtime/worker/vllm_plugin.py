@@ -56,13 +56,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Any
+from typing import Any, get_args
+
+from pd_runtime.platform import UcxErrorHandling
 
 DELAY_ENV = "PD_RUNTIME_NIXL_PROGRESS_DELAY_US"
 INIT_AMX_ENV = "PD_RUNTIME_INIT_AMX"
 KEEP_CPU_BINDING_ENV = "PD_RUNTIME_KEEP_CPU_BINDING"
 UCX_ERROR_HANDLING_ENV = "PD_RUNTIME_UCX_ERROR_HANDLING"
-UCX_ERROR_HANDLING_MODES = ("peer", "none")  # NIXL's ucx_error_handling_mode values
 PLUGIN_NAME = "pd_runtime_nixl"  # the entry point's name in pyproject.toml
 
 # A child of vLLM's own logger, so the line appears in the worker's log with vLLM's format.
@@ -96,6 +97,16 @@ def progress_delay_from_env(environ: dict[str, str] | None = None) -> int | None
     if delay < 0:
         raise ValueError(f"{DELAY_ENV}={raw!r} must be >= 0")
     return delay
+
+
+def error_handling_from_env(environ: dict[str, str] | None = None) -> str | None:
+    raw = (os.environ if environ is None else environ).get(UCX_ERROR_HANDLING_ENV)
+    if not raw:
+        return None
+    modes = get_args(UcxErrorHandling)
+    if raw not in modes:
+        raise ValueError(f"{UCX_ERROR_HANDLING_ENV}={raw!r}: want one of {modes}")
+    return raw
 
 
 def install_progress_delay(api_module: Any, delay_us: int) -> bool:
@@ -178,26 +189,20 @@ def register() -> None:
             logger.warning("pd-runtime: the kernel refused AMX tile permission (SIGILL risk)")
         elif granted:
             logger.debug("pd-runtime: AMX tile permission requested in pid %d", os.getpid())
-    error_handling = os.environ.get(UCX_ERROR_HANDLING_ENV)
-    if error_handling:
-        if error_handling not in UCX_ERROR_HANDLING_MODES:
-            raise ValueError(
-                f"{UCX_ERROR_HANDLING_ENV}={error_handling!r}: want one of {UCX_ERROR_HANDLING_MODES}"
-            )
-        try:
-            nixl_api = importlib.import_module("nixl._api")
-        except ImportError:
-            nixl_api = None
-        if nixl_api is not None and set_ucx_error_handling(nixl_api, error_handling):
-            logger.info("pd-runtime: NIXL's UCX error handling mode: %s", error_handling)
-    delay = progress_delay_from_env()
-    if delay is None:
+    delay, error_handling = progress_delay_from_env(), error_handling_from_env()
+    if delay is None and error_handling is None:
         return
     try:
         api = importlib.import_module("nixl._api")
     except ImportError:
         return  # no NIXL in this environment: nothing to tune
-    if install_progress_delay(api, delay):
-        logger.info("pd-runtime: NIXL progress thread poll timeout set to %d us", delay)
-    else:
-        logger.warning("pd-runtime: NIXL's _api has no nixlBind; progress delay not applied")
+    if delay is not None:
+        if install_progress_delay(api, delay):
+            logger.info("pd-runtime: NIXL progress thread poll timeout set to %d us", delay)
+        else:
+            logger.warning("pd-runtime: NIXL's _api has no nixlBind; progress delay not applied")
+    if error_handling is not None:
+        if set_ucx_error_handling(api, error_handling):
+            logger.info("pd-runtime: NIXL's UCX error handling mode: %s", error_handling)
+        else:
+            logger.warning("pd-runtime: NIXL's _api has no nixl_agent; error handling not set")

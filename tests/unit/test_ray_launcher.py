@@ -129,6 +129,20 @@ def test_relocated_plan_binds_each_part_on_its_node_and_points_kv_events_at_the_
     assert [w.host for w in plan.workers] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
+def test_ucx_error_handling_none_is_kept_on_one_host_and_dropped_across_hosts(
+    tmp_path: Path,
+) -> None:
+    """local-cpu.yaml asks for ``none`` (no TCP between workers on one host); across hosts a
+    dead peer must fail a transfer, so NIXL's own (peer) comes back."""
+    plan = cpu_plan(tmp_path)
+    assert {w.ucx_error_handling for w in plan.workers} == {"none"}
+    across = relocate_plan(plan, HOSTS, "10.0.0.9")
+    assert {w.ucx_error_handling for w in across.workers} == {None}
+    assert all("PD_RUNTIME_UCX_ERROR_HANDLING" not in p.env for p in across.by_kind("worker"))
+    one = relocate_plan(plan, dict.fromkeys(HOSTS, "10.0.0.1"), "10.0.0.1")
+    assert all(p.env["PD_RUNTIME_UCX_ERROR_HANDLING"] == "none" for p in one.by_kind("worker"))
+
+
 def test_relocated_replicas_connect_to_publishers_bound_on_the_workers_nodes(
     tmp_path: Path,
 ) -> None:
