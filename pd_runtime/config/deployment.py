@@ -129,6 +129,21 @@ class TransportConfig(BaseModel):
         "talk over shared memory and cma with no TCP wire-up (whose handshake stalled a pair's "
         "first KV pull for seconds on CPU); keep peer across hosts. Default: NIXL's (peer)",
     )
+    kv_staging_mib: int | None = Field(
+        default=None,
+        ge=1,
+        description="move each request's KV as one packed slot of a staging buffer of this many "
+        "MiB per worker (pd-runtime's connector: pack on the prefill, one READ, unpack on the "
+        "decode) instead of one NIXL descriptor per layer and block; pays where descriptors are "
+        "small and many (RDMA, heterogeneous TP); on CPU workers the pack and unpack copies cost "
+        "more than they save (benchmarks/results/2026-12-07-staging). Default: off",
+    )
+    kv_staging_max_descriptor_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="with kv_staging_mib: stage only while vLLM's per-block descriptor (one "
+        "layer's K and V of one block) is smaller than this; default 65536",
+    )
     kv_lease_s: int | None = Field(
         default=None,
         ge=1,

@@ -166,6 +166,8 @@ def _model_worker_specs(
                 nixl_progress_delay_us=config.transport.nixl_progress_delay_us,
                 ucx_error_handling=config.transport.ucx_error_handling,
                 kv_lease_s=config.transport.kv_lease_s,
+                kv_staging_mib=config.transport.kv_staging_mib,
+                kv_staging_max_descriptor_bytes=config.transport.kv_staging_max_descriptor_bytes,
                 otlp_endpoint=config.observability.otlp_endpoint,
                 service_name=config.observability.service_name(f"vllm-{role}"),
                 extra_args=tuple(engine.extra_args) + lora + tuple(group.extra_args),

@@ -1,7 +1,8 @@
 """Turn a worker description into the vLLM command line and environment that runs it.
 
 The P/D essentials every worker gets:
-  * ``--kv-transfer-config`` with NixlConnector, ``kv_producer`` (prefill) / ``kv_consumer``
+  * ``--kv-transfer-config`` with NixlConnector (or, with ``kv_staging_mib``, pd-runtime's
+    staging subclass of it), ``kv_producer`` (prefill) / ``kv_consumer``
     (decode) / ``kv_both``, and the KV buffer on the platform's device (``cpu`` here, ``cuda`` on GPUs);
   * ``VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`` so the decode side can fetch the prefill's NIXL metadata;
   * ``--kv-events-config`` publishing block events over ZMQ with topic ``kv@HOST:PORT@MODEL``
@@ -46,6 +47,11 @@ KV_ROLES: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer", "
 # 1 ms: the progress thread still wakes at once on UCX events; the timeout only bounds how long a
 # missed wake-up can stall it. Measured idle cost with it: ~6 % of a core per worker instead of 100 %.
 CPU_NIXL_PROGRESS_DELAY_US = 1000
+# pd-runtime's staging connector, loaded by vLLM through kv_connector_module_path, and the key of
+# its settings in kv_connector_extra_config (and of a staged slot in kv_transfer_params).
+STAGING_CONNECTOR = "PdStagingConnector"
+STAGING_CONNECTOR_MODULE = "pd_runtime.worker.staging_connector"
+STAGING_KEY = "pd_staging"
 
 
 def default_block_size(platform: str) -> int:
@@ -90,6 +96,10 @@ class WorkerSpec:
     nixl_progress_delay_us: int | None = None  # None: CPU_NIXL_PROGRESS_DELAY_US on cpu
     ucx_error_handling: UcxErrorHandling | None = None  # None: NIXL's (peer)
     kv_lease_s: int | None = None  # prefill keeps unpulled KV blocks this long (vLLM's default: 30)
+    # pd-runtime's staging connector (worker/staging_connector.py) with a buffer of this many MiB;
+    # None: vLLM's NixlConnector, one descriptor per (layer, block).
+    kv_staging_mib: int | None = None
+    kv_staging_max_descriptor_bytes: int | None = None  # None: StagingSettings' default
     otlp_endpoint: str | None = None  # OTLP/HTTP base URL: vLLM's traces go there
     service_name: str | None = None  # their service.name; default vllm-ROLE
     extra_args: tuple[str, ...] = ()
@@ -129,6 +139,13 @@ def build_worker_command(
         extra["num_threads"] = spec.nixl_num_threads
     if spec.kv_lease_s is not None:
         extra["kv_lease_duration"] = spec.kv_lease_s
+    if spec.kv_staging_mib is not None:
+        kv_transfer["kv_connector"] = STAGING_CONNECTOR
+        kv_transfer["kv_connector_module_path"] = STAGING_CONNECTOR_MODULE
+        staging: dict[str, int] = {"buffer_mib": spec.kv_staging_mib}
+        if spec.kv_staging_max_descriptor_bytes is not None:
+            staging["max_descriptor_bytes"] = spec.kv_staging_max_descriptor_bytes
+        extra[STAGING_KEY] = staging
     if extra:
         kv_transfer["kv_connector_extra_config"] = extra
     argv = [

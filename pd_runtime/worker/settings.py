@@ -83,6 +83,18 @@ class WorkerSettings(BaseModel):
         ge=1,
         description="prefill: keep unpulled KV blocks this long (default: vLLM's 30)",
     )
+    kv_staging_mib: int | None = Field(
+        default=None,
+        ge=1,
+        description="move each request's KV as one packed slot of a staging buffer of this "
+        "many MiB (pd-runtime's staging connector; both sides need it); default: off, vLLM's "
+        "per-block descriptors",
+    )
+    kv_staging_max_descriptor_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="stage only while a per-block descriptor is smaller than this (default 65536)",
+    )
     enforce_eager: bool = Field(
         default=_SPEC["enforce_eager"], description="no CUDA graphs / torch.compile"
     )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -158,3 +159,36 @@ def test_nixl_threads_and_kv_lease_go_into_the_connector_extra_config() -> None:
     transfer = json.loads(flag(argv, "--kv-transfer-config"))
     # vLLM's NIXL connector reads these names from kv_connector_extra_config.
     assert transfer["kv_connector_extra_config"] == {"num_threads": 2, "kv_lease_duration": 12}
+
+
+def test_kv_staging_loads_our_connector_through_its_module_path() -> None:
+    spec = WorkerSpec(
+        role="decode",
+        model="/m",
+        port=1,
+        platform="cpu",
+        kv_staging_mib=32,
+        kv_staging_max_descriptor_bytes=4096,
+    )
+    argv, _ = build_worker_command(spec, environ={})
+    transfer = json.loads(flag(argv, "--kv-transfer-config"))
+    assert transfer["kv_role"] == "kv_consumer"
+    assert transfer["kv_connector_extra_config"]["pd_staging"] == {
+        "buffer_mib": 32,
+        "max_descriptor_bytes": 4096,
+    }
+    # What vLLM's connector factory does with these two names: import the module, take the class.
+    module = importlib.import_module(transfer["kv_connector_module_path"])
+    connector = getattr(module, transfer["kv_connector"])
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPullConnector
+
+    assert issubclass(connector, NixlPullConnector)
+
+
+def test_without_kv_staging_the_worker_runs_vllms_own_connector() -> None:
+    argv, _ = build_worker_command(
+        WorkerSpec(role="prefill", model="/m", port=1, platform="cpu"), environ={}
+    )
+    transfer = json.loads(flag(argv, "--kv-transfer-config"))
+    assert transfer["kv_connector"] == "NixlConnector"
+    assert "kv_connector_module_path" not in transfer

@@ -1,0 +1,183 @@
+"""KV staging, the parts that need no vLLM: settings, the staging-buffer allocator, the kernels'
+view of a worker's cache, and what a staged request tells its decode worker.
+
+Why staging: vLLM's NixlConnector moves a request's KV as one NIXL descriptor per (layer, block)
+(per head range too, with heterogeneous TP), so the descriptor count, not the bytes, sets the
+transfer time once blocks are small. With staging the prefill worker packs a finished request's
+blocks into one contiguous slot of a registered buffer (``pd_kernels.kv_pack``), the decode worker
+moves that slot with one READ and unpacks it into its own blocks (``pd_kernels.kv_unpack``). The
+vLLM side is :mod:`pd_runtime.worker.staging_connector`.
+
+The slot is sized in *blocks* (``bytes_per_block`` = every layer's K and V of one block), so the
+prefill's scheduler, which knows block counts but not addresses, can allocate it, and each worker
+turns block offsets into bytes from its own cache.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pd_kernels import KVLayout, packed_shape
+
+from pd_runtime.worker.command import STAGING_KEY
+
+
+@dataclass(frozen=True, slots=True)
+class StagingSettings:
+    """``kv_connector_extra_config["pd_staging"]``; its presence turns staging on."""
+
+    buffer_mib: int = 256
+    #: Stage only while one per-block descriptor (one layer's K and V of one block, or one head
+    #: range of it) is smaller than this: larger descriptors already keep the link busy.
+    max_descriptor_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> StagingSettings | None:
+        raw = (extra or {}).get(STAGING_KEY)
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise ValueError(f"kv_connector_extra_config.{STAGING_KEY} must be a mapping")
+        settings = cls(**raw)
+        if settings.buffer_mib < 1 or settings.max_descriptor_bytes < 0:
+            raise ValueError(f"{STAGING_KEY}: buffer_mib >= 1 and max_descriptor_bytes >= 0")
+        return settings
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.buffer_mib << 20
+
+
+class BlockRing:
+    """First-fit allocator of contiguous block ranges in a staging buffer of ``capacity`` blocks.
+
+    Slots are freed in any order (decode workers read at their own pace), hence first fit over
+    the sorted used ranges rather than a FIFO ring; the number of slots in flight is small.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._starts: list[int] = []  # sorted offsets of used ranges
+        self._sizes: dict[int, int] = {}
+
+    def alloc(self, blocks: int) -> int | None:
+        """The offset of a free range of ``blocks`` blocks (marked used), or None when none fits."""
+        if blocks <= 0 or blocks > self.capacity:
+            return None
+        cursor = 0
+        for i, start in enumerate(self._starts):
+            if start - cursor >= blocks:
+                return self._take(i, cursor, blocks)
+            cursor = start + self._sizes[start]
+        if self.capacity - cursor >= blocks:
+            return self._take(len(self._starts), cursor, blocks)
+        return None
+
+    def _take(self, index: int, offset: int, blocks: int) -> int:
+        self._starts.insert(index, offset)
+        self._sizes[offset] = blocks
+        return offset
+
+    def free(self, offset: int) -> None:
+        del self._sizes[offset]
+        self._starts.pop(bisect.bisect_left(self._starts, offset))
+
+    @property
+    def used(self) -> int:
+        return sum(self._sizes.values())
+
+
+@dataclass(frozen=True, slots=True)
+class CacheView:
+    """A worker's layer caches as the kernels read them, and what one staged block costs."""
+
+    caches: tuple[torch.Tensor, ...]  # per layer, in the kernels' 5-D shape (views, no copy)
+    layout: KVLayout
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Every layer's K and V of one block: one block's share of a packed slot."""
+        return len(self.caches) * 2 * self.layout.block_numel * self.dtype.itemsize
+
+    @property
+    def descriptor_bytes(self) -> int:
+        """What one of vLLM's per-block descriptors moves (one layer's K and V of one block)."""
+        return 2 * self.layout.block_numel * self.dtype.itemsize
+
+    @property
+    def signature(self) -> str:
+        """Both sides must agree on this for a packed slot to mean the same thing."""
+        lay = self.layout
+        return (
+            f"L{len(self.caches)}-B{lay.block_size}-H{lay.num_heads}-D{lay.head_dim}-"
+            f"{lay.order}-{str(self.dtype).removeprefix('torch.')}"
+        )
+
+    def slot(self, buffer: torch.Tensor, offset_blocks: int, blocks: int) -> torch.Tensor:
+        """The packed view ``(1, layers, 2, blocks, heads, block_size, head_dim)`` of a slot."""
+        start = offset_blocks * self.bytes_per_block
+        raw = buffer[start : start + blocks * self.bytes_per_block]
+        shape = packed_shape(len(self.caches), blocks, self.layout, 1)
+        return raw.view(self.dtype).view(shape)
+
+
+def cache_view(caches: list[torch.Tensor], kv_cache_layout: str) -> CacheView | None:
+    """The kernels' view of vLLM's per-layer caches, or None for a layout staging does not know.
+
+    * vLLM-CPU: ``(num_blocks, num_heads, block_size, 2 * head_dim)``, K and V side by side in
+      the last dimension; viewed as ``(2, num_blocks, num_heads, block_size, head_dim)`` (HND).
+      Which half is K does not matter: both workers copy the same bits through the same view.
+    * FlashAttention-style ``(2, num_blocks, ...)`` in vLLM's ``NHD`` or ``HND`` layout.
+    """
+    first = caches[0]
+    if any(c.shape != first.shape or c.dtype != first.dtype for c in caches):
+        return None
+    if first.dim() == 4 and first.shape[3] % 2 == 0:
+        n, h, b, d2 = first.shape
+        views = tuple(c.view(n, h, b, 2, d2 // 2).permute(3, 0, 1, 2, 4) for c in caches)
+        return CacheView(views, KVLayout(n, b, h, d2 // 2, order="HND"), first.dtype)
+    if first.dim() == 5 and first.shape[0] == 2 and kv_cache_layout in ("NHD", "HND"):
+        _, n, x, y, d = first.shape
+        b, h = (x, y) if kv_cache_layout == "NHD" else (y, x)
+        layout = KVLayout(n, b, h, d, order=kv_cache_layout)
+        return CacheView(tuple(caches), layout, first.dtype)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class StagedSlot:
+    """What a staged request's ``kv_transfer_params["pd_staging"]`` carries to the decode worker.
+
+    ``ranks[r]`` is prefill TP rank ``r``'s staging buffer: ``(address, device id)``. The params
+    travel as JSON through the sidecar, hence lists, not tuples or int-keyed maps.
+    """
+
+    ranks: tuple[tuple[int, int], ...]
+    offset_blocks: int
+    num_blocks: int
+    signature: str
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "ranks": [list(r) for r in self.ranks],
+            "offset_blocks": self.offset_blocks,
+            "num_blocks": self.num_blocks,
+            "signature": self.signature,
+        }
+
+    @classmethod
+    def from_params(cls, params: Any) -> StagedSlot | None:
+        """None for anything malformed: the decode worker then reads per block, as vLLM does."""
+        try:
+            return cls(
+                ranks=tuple((int(a), int(d)) for a, d in params["ranks"]),
+                offset_blocks=int(params["offset_blocks"]),
+                num_blocks=int(params["num_blocks"]),
+                signature=str(params["signature"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None

@@ -1,0 +1,420 @@
+"""``PdStagingConnector``: vLLM's NixlConnector (pull mode) with a request's KV moved as one packed
+slot instead of one NIXL descriptor per (layer, block). Workers load it through
+``kv_connector_module_path`` (the worker command sets it when ``transport.kv_staging_mib`` is on).
+
+Where each step happens, and why there::
+
+    prefill scheduler   build_connector_meta: the step that completes a request's prompt gets
+                        a slot (BlockRing, in blocks) and a pack order in the step's metadata
+    prefill worker      wait_for_save (end of that same forward): kv_pack into the slot, so the
+                        slot is full before the request can finish and its params leave
+    prefill scheduler   request_finished: kv_transfer_params += pd_staging (addresses from the
+                        worker's step output, offset, blocks, layout signature)
+    decode worker       _read_blocks_for_req: one READ of the slot into a local slot, with vLLM's
+                        usual completion notification (the prefill frees blocks and slot on it)
+    decode worker       get_transfer_results: kv_unpack into the request's blocks before the
+                        scheduler hears that they arrived
+
+Pull, not push: the decode side already decides when it reads (after its handshake, with its
+blocks allocated); a push would need the decode's slot address on the prefill before the prefill
+answers. Anything staging does not cover (a layout it does not know, TP or block sizes that
+differ, several KV cache groups, no free slot, malformed params) takes vLLM's per-block path; the
+first time for each reason the worker logs why.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pd_kernels import kv_pack, kv_unpack
+from vllm.distributed.kv_transfer.kv_connector.utils import BlockIds, yield_req_data
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import (
+    NixlBaseConnector,
+    NixlPullConnector,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
+    NixlConnectorMetadata,
+    ReqMeta,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
+    NixlPullConnectorScheduler,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
+    NixlPullConnectorWorker,
+)
+from vllm.logger import init_logger
+
+from pd_runtime.worker.staging import (
+    STAGING_KEY,
+    BlockRing,
+    CacheView,
+    StagedSlot,
+    StagingSettings,
+    cache_view,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = init_logger("vllm.pd_runtime.staging")
+
+# Attributes this connector adds to vLLM's NixlConnectorMetadata (scheduler -> worker).
+PACK_ATTR = "pd_pack"  # prefill: {req_id: (block ids, slot offset in blocks)}
+RECV_ATTR = "pd_recv"  # decode: {req_id: the prefill's pd_staging params}
+
+
+class StagingWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, every step: where each TP rank's staging buffer lives."""
+
+    def __init__(self, ranks: dict[int, tuple[int, int]], signature: str) -> None:
+        self.ranks = ranks
+        self.signature = signature
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, StagingWorkerMeta):
+            return StagingWorkerMeta({**self.ranks, **other.ranks}, self.signature)
+        return self
+
+
+class StagingScheduler(NixlPullConnectorScheduler):
+    """Allocates slots and orders packs (prefill); hands a request's slot to its worker (decode)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        engine_id: str,
+        kv_cache_config: KVCacheConfig,
+        settings: StagingSettings | None,
+    ) -> None:
+        super().__init__(vllm_config, engine_id, kv_cache_config)
+        groups = kv_cache_config.kv_cache_groups
+        per_block = (
+            groups[0].kv_cache_spec.page_size_bytes * len(groups[0].layer_names)
+            if len(groups) == 1
+            else 0
+        )
+        capacity = settings.buffer_bytes // per_block if per_block and settings else 0
+        self._ring = BlockRing(capacity)
+        self._tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self._workers: StagingWorkerMeta | None = None
+        self._prompts: dict[str, tuple[Request, list[int]]] = {}  # prefills being computed
+        self._packed: dict[str, tuple[int, list[int]]] = {}  # packed, request not finished
+        self._held: dict[str, int] = {}  # slot offsets until the decode has read them
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        super().update_state_after_alloc(request, blocks, num_external_tokens)
+        params = request.kv_transfer_params
+        if params and params.get("do_remote_decode") and self._ring.capacity:
+            self._prompts.setdefault(request.request_id, (request, []))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> NixlConnectorMetadata:
+        recv = {
+            req_id: params[STAGING_KEY]
+            for req_id, (request, *_) in self._reqs_need_recv.items()
+            if (params := request.kv_transfer_params) and STAGING_KEY in params
+        }
+        meta = super().build_connector_meta(scheduler_output)
+        assert isinstance(meta, NixlConnectorMetadata)
+        setattr(meta, RECV_ATTR, recv)
+        setattr(meta, PACK_ATTR, self._orders(scheduler_output) if self._prompts else {})
+        return meta
+
+    def _orders(self, scheduler_output: SchedulerOutput) -> dict[str, tuple[list[int], int]]:
+        """Pack orders for the prompts this step completes (their blocks are all known now)."""
+        orders: dict[str, tuple[list[int], int]] = {}
+        scheduled = scheduler_output.num_scheduled_tokens
+        for req_id, new_block_ids, resumed in yield_req_data(scheduler_output):
+            entry = self._prompts.get(req_id)
+            if entry is None:
+                continue
+            request, block_ids = entry
+            if new_block_ids is not None:
+                if resumed:  # preempted and back: its blocks were freed and allocated again
+                    block_ids.clear()
+                block_ids.extend(new_block_ids[0])
+            if request.num_computed_tokens + scheduled.get(req_id, 0) < request.num_prompt_tokens:
+                continue
+            del self._prompts[req_id]
+            if self._workers is None or len(self._workers.ranks) < self._tp_size:
+                continue  # no worker has said where its buffer is yet: per-block this time
+            offset = self._ring.alloc(len(block_ids))
+            if offset is not None:
+                orders[req_id] = (list(block_ids), offset)
+                self._packed[req_id] = (offset, list(block_ids))
+        return orders
+
+    def request_finished(
+        self, request: Request, block_ids: BlockIds
+    ) -> tuple[bool, dict[str, Any] | None]:
+        delay_free, params = super().request_finished(request, block_ids)
+        req_id = request.request_id
+        self._prompts.pop(req_id, None)
+        packed = self._packed.pop(req_id, None)
+        if packed is None:
+            return delay_free, params
+        offset, packed_ids = packed
+        workers = self._workers
+        if (
+            delay_free
+            and params is not None
+            and workers is not None
+            and [list(group) for group in params["remote_block_ids"]] == [packed_ids]
+        ):
+            self._held[req_id] = offset
+            params[STAGING_KEY] = StagedSlot(
+                ranks=tuple(workers.ranks[rank] for rank in range(self._tp_size)),
+                offset_blocks=offset,
+                num_blocks=len(packed_ids),
+                signature=workers.signature,
+            ).to_params()
+        else:  # aborted, or its blocks are not what was packed: the decode reads per block
+            self._ring.free(offset)
+        return delay_free, params
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        super().update_connector_output(connector_output)
+        if isinstance(connector_output.kv_connector_worker_meta, StagingWorkerMeta):
+            self._workers = connector_output.kv_connector_worker_meta
+        # Read by the decode, or its lease expired: the slot is free either way.
+        for req_id in connector_output.finished_sending or ():
+            offset = self._held.pop(req_id, None)
+            if offset is not None:
+                self._ring.free(offset)
+
+
+class StagingWorker(NixlPullConnectorWorker):
+    """Packs (prefill), reads one slot and unpacks it (decode); the rest is vLLM's worker."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        engine_id: str,
+        kv_cache_config: KVCacheConfig,
+        settings: StagingSettings | None,
+    ) -> None:
+        super().__init__(vllm_config, engine_id, kv_cache_config)
+        self._settings = settings
+        self._view: CacheView | None = None
+        self._buffer: torch.Tensor | None = None
+        self._ring = BlockRing(0)
+        self._recv_params: dict[str, Any] = {}
+        self._staged_recv: dict[str, tuple[int, int, list[int]]] = {}  # slot, blocks, local ids
+        self._fallbacks_logged: set[str] = set()
+        self.staged_reads = 0
+        self.per_block_reads = 0
+
+    # ---- both sides -------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        # The buffer is registered first, so the agent metadata vLLM publishes in its handshake
+        # (fetched at the end of super().register_kv_caches) already covers it.
+        self._setup_buffer(kv_caches)
+        super().register_kv_caches(kv_caches)
+
+    def _setup_buffer(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._settings is None:
+            return
+        view = cache_view([kv_caches[name] for name in sorted(kv_caches)], self.kv_cache_layout)
+        if view is None or len(self.kv_cache_config.kv_cache_groups) != 1:
+            self._fallback("this KV cache layout (not a single group of known shape)")
+            return
+        if view.descriptor_bytes >= self._settings.max_descriptor_bytes:
+            self._fallback(
+                f"per-block descriptors of {view.descriptor_bytes} B are not smaller than "
+                f"max_descriptor_bytes={self._settings.max_descriptor_bytes}"
+            )
+            return
+        capacity = self._settings.buffer_bytes // view.bytes_per_block
+        first = view.caches[0]
+        self._buffer = torch.empty(
+            capacity * view.bytes_per_block, dtype=torch.uint8, device=first.device
+        )
+        descs = self.nixl_wrapper.get_reg_descs([self._buffer])
+        self.nixl_wrapper.register_memory(descs, backends=self.nixl_backends)
+        self._registered_descs.append(descs)  # vLLM deregisters these at shutdown
+        self._view, self._ring = view, BlockRing(capacity)
+        logger.info(
+            "pd-runtime KV staging on: %d MiB buffer, %d blocks of %d B (%s); per-block "
+            "descriptors of %d B",
+            self._settings.buffer_mib,
+            capacity,
+            view.bytes_per_block,
+            view.signature,
+            view.descriptor_bytes,
+        )
+
+    def _fallback(self, reason: str) -> None:
+        if reason not in self._fallbacks_logged:
+            self._fallbacks_logged.add(reason)
+            logger.info("pd-runtime KV staging not used: %s; vLLM's per-block path", reason)
+
+    def worker_meta(self) -> StagingWorkerMeta | None:
+        if self._buffer is None or self._view is None:
+            return None
+        device = max(self._buffer.get_device(), 0)
+        return StagingWorkerMeta(
+            {self.tp_rank: (self._buffer.data_ptr(), device)}, self._view.signature
+        )
+
+    # ---- prefill: pack ----------------------------------------------------------------------
+
+    def pack(self, orders: dict[str, tuple[list[int], int]]) -> None:
+        assert self._buffer is not None and self._view is not None
+        view = self._view
+        for block_ids, offset in orders.values():
+            out = view.slot(self._buffer, offset, len(block_ids))
+            ids = torch.tensor(block_ids, dtype=torch.int64)
+            kv_pack(view.caches, view.layout, ids, splits=1, out=out)
+
+    # ---- decode: read one slot, unpack ------------------------------------------------------
+
+    def start_load_kv(self, metadata: NixlConnectorMetadata) -> None:
+        self._recv_params.update(getattr(metadata, RECV_ATTR, {}))
+        super().start_load_kv(metadata)
+
+    def _read_blocks_for_req(self, req_id: str, meta: ReqMeta) -> None:
+        assert meta.remote is not None
+        engine_id = meta.remote.engine_id
+        ready = engine_id in self._remote_agents and engine_id not in self._invalid_remote_engines
+        if not ready:  # vLLM handshakes first and calls again, or fails the request
+            super()._read_blocks_for_req(req_id, meta)
+            return
+        params = self._recv_params.pop(req_id, None)
+        if params is not None and self._read_staged(req_id, meta, params):
+            self.staged_reads += 1
+            return
+        self.per_block_reads += 1
+        super()._read_blocks_for_req(req_id, meta)
+
+    def _read_staged(self, req_id: str, meta: ReqMeta, params: Any) -> bool:
+        """Post one READ of the prefill's slot; False: the caller reads per block instead."""
+        assert meta.remote is not None and self.transfer_topo is not None
+        slot = StagedSlot.from_params(params)
+        view, buffer = self._view, self._buffer
+        if slot is None or view is None or buffer is None:
+            self._fallback("no staging on this worker, or malformed pd_staging params")
+            return False
+        if slot.signature != view.signature:
+            self._fallback(f"prefill layout {slot.signature} is not this worker's")
+            return False
+        engine_id = meta.remote.engine_id
+        remote = self.transfer_topo.get_engine_info(engine_id)
+        if (
+            self.transfer_topo.tp_ratio(remote.remote_tp_size) != 1
+            or remote.remote_block_size != self.block_size
+            or self._physical_blocks_per_logical_kv_block != 1
+        ):
+            self._fallback("prefill and decode differ in TP size or block size")
+            return False
+        local = meta.local_physical_block_ids
+        if len(local) != 1 or not local[0] or len(local[0]) > slot.num_blocks:
+            return False  # a full local hit (notify only) or an unexpected shape: vLLM's path
+        offset = self._ring.alloc(slot.num_blocks)
+        if offset is None:
+            self._fallback("the local staging buffer is full")
+            return False
+        nbytes = slot.num_blocks * view.bytes_per_block
+        local_addr = buffer.data_ptr() + offset * view.bytes_per_block
+        remote_addr, remote_device = slot.ranks[self.tp_rank]
+        remote_addr += slot.offset_blocks * view.bytes_per_block
+        mem_type = "DRAM" if buffer.device.type == "cpu" else self.nixl_memory_type
+        local_device = max(buffer.get_device(), 0)
+        notif = f"{meta.remote.request_id}:{self.tp_mappings[engine_id].local_consumers}"
+        agent = self._remote_agents[engine_id][(0, self.tp_rank)]
+        self._engine_last_active[engine_id] = time.perf_counter()
+        self._recving_transfers.setdefault(req_id, [])
+        try:
+            handle = self.nixl_wrapper.initialize_xfer(
+                "READ",
+                self.nixl_wrapper.get_xfer_descs([(local_addr, nbytes, local_device)], mem_type),
+                self.nixl_wrapper.get_xfer_descs([(remote_addr, nbytes, remote_device)], mem_type),
+                agent,
+                notif.encode(),
+            )
+            self.nixl_wrapper.transfer(handle)
+        except Exception as e:  # as vLLM's own path: the request fails over to recompute
+            self._ring.free(offset)
+            self._log_failure(
+                failure_type="transfer_setup_failed",
+                req_id=req_id,
+                msg="staged read",
+                error=e,
+                dst_engine_id=engine_id,
+                remote_rank=self.tp_rank,
+            )
+            self._handle_failed_transfer(req_id, None, self._recv_failures)
+            return True
+        self._recving_transfers[req_id].append(handle)
+        self._staged_recv[req_id] = (offset, slot.num_blocks, list(local[0]))
+        return True
+
+    def get_transfer_results(self) -> Any:
+        results = super().get_transfer_results()
+        if not self._staged_recv:
+            return results
+        for req_id in results.finished_recving or ():
+            staged = self._staged_recv.pop(req_id, None)
+            if staged is None:
+                continue
+            offset, blocks, local = staged
+            if req_id not in (results.failed_recving or ()):
+                self._unpack(offset, blocks, local)
+            self._ring.free(offset)
+        return results
+
+    def _unpack(self, offset: int, blocks: int, local: list[int]) -> None:
+        """The slot's last ``len(local)`` blocks into ``local``: blocks the decode already had
+        (its own prefix cache hit) were allocated no destination, as vLLM's per-block path does."""
+        assert self._buffer is not None and self._view is not None
+        view = self._view
+        packed = view.slot(self._buffer, offset, blocks)[0][:, :, blocks - len(local) :]
+        ids = torch.tensor(local, dtype=torch.int64)
+        kv_unpack([packed], view.caches, view.layout, ids)
+
+
+class PdStagingConnector(NixlPullConnector):
+    """vLLM's pull-mode NixlConnector with staged transfers; ``kv_connector_extra_config``'s
+    ``pd_staging`` mapping (:class:`StagingSettings`) configures it, its absence turns it off."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        # NixlBaseConnector, not NixlPullConnector: that one would build vLLM's own halves.
+        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
+        assert vllm_config.kv_transfer_config is not None
+        settings = StagingSettings.from_extra_config(
+            vllm_config.kv_transfer_config.kv_connector_extra_config
+        )
+        if role == KVConnectorRole.SCHEDULER:
+            self.connector_scheduler = StagingScheduler(
+                vllm_config, self.engine_id, kv_cache_config, settings
+            )
+        else:
+            self.connector_worker = StagingWorker(
+                vllm_config, self.engine_id, kv_cache_config, settings
+            )
+
+    def wait_for_save(self) -> None:
+        super().wait_for_save()
+        orders = getattr(self._connector_metadata, PACK_ATTR, None)
+        if orders:
+            assert isinstance(self.connector_worker, StagingWorker)
+            self.connector_worker.pack(orders)
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if isinstance(self.connector_worker, StagingWorker):
+            return self.connector_worker.worker_meta()
+        return None
