@@ -359,6 +359,13 @@ class StagingWorker(NixlPullConnectorWorker):
             return True
         self._recving_transfers[req_id].append(handle)
         self._staged_recv[req_id] = (offset, slot.num_blocks, list(local[0]))
+        logger.debug(
+            "staged read %s: one descriptor of %d B, %d of its %d blocks are new here",
+            req_id,
+            nbytes,
+            len(local[0]),
+            slot.num_blocks,
+        )
         return True
 
     def get_transfer_results(self) -> Any:
