@@ -148,6 +148,25 @@ def cache_view(caches: list[torch.Tensor], kv_cache_layout: str) -> CacheView | 
     return None
 
 
+def refusal(view: CacheView | None, num_groups: int, settings: StagingSettings) -> str | None:
+    """Why a worker with these caches should not stage (vLLM's per-block path instead), or None.
+
+    Staging trades two copies (pack, unpack) for fewer descriptors; once one per-block
+    descriptor is large (big blocks, many heads per rank) NIXL already streams at link speed and
+    the copies are pure cost, hence the threshold.
+    """
+    if view is None or num_groups != 1:
+        return "this KV cache layout (not a single group of a known shape)"
+    if view.descriptor_bytes >= settings.max_descriptor_bytes:
+        return (
+            f"per-block descriptors of {view.descriptor_bytes} B are not smaller than "
+            f"max_descriptor_bytes={settings.max_descriptor_bytes}"
+        )
+    if settings.buffer_bytes < view.bytes_per_block:
+        return f"a {settings.buffer_mib} MiB buffer holds no block of {view.bytes_per_block} B"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class StagedSlot:
     """What a staged request's ``kv_transfer_params["pd_staging"]`` carries to the decode worker.

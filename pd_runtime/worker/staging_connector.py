@@ -57,6 +57,7 @@ from pd_runtime.worker.staging import (
     StagedSlot,
     StagingSettings,
     cache_view,
+    refusal,
 )
 
 if TYPE_CHECKING:
@@ -75,15 +76,18 @@ RECV_ATTR = "pd_recv"  # decode: {req_id: the prefill's pd_staging params}
 
 
 class StagingWorkerMeta(KVConnectorWorkerMetadata):
-    """Worker -> scheduler, every step: where each TP rank's staging buffer lives."""
+    """Worker -> scheduler, every step: where each TP rank's staging buffer lives, and how many
+    blocks it holds (the scheduler allocates slots in it without knowing addresses)."""
 
-    def __init__(self, ranks: dict[int, tuple[int, int]], signature: str) -> None:
+    def __init__(self, ranks: dict[int, tuple[int, int]], signature: str, capacity: int) -> None:
         self.ranks = ranks
         self.signature = signature
+        self.capacity = capacity
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, StagingWorkerMeta):
-            return StagingWorkerMeta({**self.ranks, **other.ranks}, self.signature)
+            capacity = min(self.capacity, other.capacity)
+            return StagingWorkerMeta({**self.ranks, **other.ranks}, self.signature, capacity)
         return self
 
 
@@ -95,17 +99,10 @@ class StagingScheduler(NixlPullConnectorScheduler):
         vllm_config: VllmConfig,
         engine_id: str,
         kv_cache_config: KVCacheConfig,
-        settings: StagingSettings | None,
     ) -> None:
         super().__init__(vllm_config, engine_id, kv_cache_config)
-        groups = kv_cache_config.kv_cache_groups
-        per_block = (
-            groups[0].kv_cache_spec.page_size_bytes * len(groups[0].layer_names)
-            if len(groups) == 1
-            else 0
-        )
-        capacity = settings.buffer_bytes // per_block if per_block and settings else 0
-        self._ring = BlockRing(capacity)
+        # Made when the workers first say where their buffers are (never, with staging off).
+        self._ring: BlockRing | None = None
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         self._workers: StagingWorkerMeta | None = None
         self._prompts: dict[str, tuple[Request, list[int]]] = {}  # prefills being computed
@@ -117,7 +114,7 @@ class StagingScheduler(NixlPullConnectorScheduler):
     ) -> None:
         super().update_state_after_alloc(request, blocks, num_external_tokens)
         params = request.kv_transfer_params
-        if params and params.get("do_remote_decode") and self._ring.capacity:
+        if params and params.get("do_remote_decode") and self._ring is not None:
             self._prompts.setdefault(request.request_id, (request, []))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> NixlConnectorMetadata:
@@ -148,8 +145,10 @@ class StagingScheduler(NixlPullConnectorScheduler):
             if request.num_computed_tokens + scheduled.get(req_id, 0) < request.num_prompt_tokens:
                 continue
             del self._prompts[req_id]
-            if self._workers is None or len(self._workers.ranks) < self._tp_size:
-                continue  # no worker has said where its buffer is yet: per-block this time
+            if self._ring is None or self._workers is None:
+                continue
+            if len(self._workers.ranks) < self._tp_size:
+                continue  # not every rank has said where its buffer is yet: per-block this time
             offset = self._ring.alloc(len(block_ids))
             if offset is not None:
                 orders[req_id] = (list(block_ids), offset)
@@ -166,7 +165,8 @@ class StagingScheduler(NixlPullConnectorScheduler):
         if packed is None:
             return delay_free, params
         offset, packed_ids = packed
-        workers = self._workers
+        workers, ring = self._workers, self._ring
+        assert ring is not None  # it packed
         if (
             delay_free
             and params is not None
@@ -181,17 +181,20 @@ class StagingScheduler(NixlPullConnectorScheduler):
                 signature=workers.signature,
             ).to_params()
         else:  # aborted, or its blocks are not what was packed: the decode reads per block
-            self._ring.free(offset)
+            ring.free(offset)
         return delay_free, params
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         super().update_connector_output(connector_output)
-        if isinstance(connector_output.kv_connector_worker_meta, StagingWorkerMeta):
-            self._workers = connector_output.kv_connector_worker_meta
+        workers = connector_output.kv_connector_worker_meta
+        if isinstance(workers, StagingWorkerMeta):
+            self._workers = workers
+            if self._ring is None:
+                self._ring = BlockRing(workers.capacity)
         # Read by the decode, or its lease expired: the slot is free either way.
         for req_id in connector_output.finished_sending or ():
             offset = self._held.pop(req_id, None)
-            if offset is not None:
+            if offset is not None and self._ring is not None:
                 self._ring.free(offset)
 
 
@@ -228,14 +231,9 @@ class StagingWorker(NixlPullConnectorWorker):
         if self._settings is None:
             return
         view = cache_view([kv_caches[name] for name in sorted(kv_caches)], self.kv_cache_layout)
-        if view is None or len(self.kv_cache_config.kv_cache_groups) != 1:
-            self._fallback("this KV cache layout (not a single group of known shape)")
-            return
-        if view.descriptor_bytes >= self._settings.max_descriptor_bytes:
-            self._fallback(
-                f"per-block descriptors of {view.descriptor_bytes} B are not smaller than "
-                f"max_descriptor_bytes={self._settings.max_descriptor_bytes}"
-            )
+        reason = refusal(view, len(self.kv_cache_config.kv_cache_groups), self._settings)
+        if reason is not None or view is None:
+            self._fallback(reason or "")
             return
         capacity = self._settings.buffer_bytes // view.bytes_per_block
         first = view.caches[0]
@@ -266,7 +264,9 @@ class StagingWorker(NixlPullConnectorWorker):
             return None
         device = max(self._buffer.get_device(), 0)
         return StagingWorkerMeta(
-            {self.tp_rank: (self._buffer.data_ptr(), device)}, self._view.signature
+            {self.tp_rank: (self._buffer.data_ptr(), device)},
+            self._view.signature,
+            self._ring.capacity,
         )
 
     # ---- prefill: pack ----------------------------------------------------------------------
@@ -278,6 +278,13 @@ class StagingWorker(NixlPullConnectorWorker):
             out = view.slot(self._buffer, offset, len(block_ids))
             ids = torch.tensor(block_ids, dtype=torch.int64)
             kv_pack(view.caches, view.layout, ids, splits=1, out=out)
+        # The request's params leave once the step's sampled tokens reach the host, which on a
+        # GPU can be before a pack queued after them has run: a READ must find the slot full.
+        self._sync_device()
+
+    def _sync_device(self) -> None:
+        if self._buffer is not None and self._buffer.is_cuda:
+            torch.cuda.current_stream(self._buffer.device).synchronize()
 
     # ---- decode: read one slot, unpack ------------------------------------------------------
 
@@ -379,6 +386,8 @@ class StagingWorker(NixlPullConnectorWorker):
             offset, blocks, local = staged
             if req_id not in (results.failed_recving or ()):
                 self._unpack(offset, blocks, local)
+                # A freed slot can receive the next READ at once; the unpack must be done.
+                self._sync_device()
             self._ring.free(offset)
         return results
 
@@ -407,7 +416,7 @@ class PdStagingConnector(NixlPullConnector):
         )
         if role == KVConnectorRole.SCHEDULER:
             self.connector_scheduler = StagingScheduler(
-                vllm_config, self.engine_id, kv_cache_config, settings
+                vllm_config, self.engine_id, kv_cache_config
             )
         else:
             self.connector_worker = StagingWorker(

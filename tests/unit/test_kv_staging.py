@@ -15,6 +15,7 @@ from pd_runtime.worker.staging import (
     StagedSlot,
     StagingSettings,
     cache_view,
+    refusal,
 )
 
 
@@ -132,3 +133,16 @@ def test_a_staged_slot_survives_json_and_malformed_params_mean_per_block() -> No
     assert StagedSlot.from_params(json.loads(json.dumps(slot.to_params()))) == slot
     assert StagedSlot.from_params({"ranks": [[1, 0]], "offset_blocks": 0}) is None
     assert StagedSlot.from_params("nonsense") is None
+
+
+def test_staging_is_refused_where_descriptors_are_already_large_or_the_layout_unknown() -> None:
+    view = cache_view(_cpu_caches(2, 8, 0), "NHD")  # 16 KiB per block and layer
+    assert view is not None and view.descriptor_bytes == 16384
+    assert refusal(view, 1, StagingSettings(max_descriptor_bytes=65536)) is None
+    assert "not smaller than" in str(refusal(view, 1, StagingSettings(max_descriptor_bytes=16384)))
+    assert "single group" in str(refusal(view, 2, StagingSettings()))
+    assert "single group" in str(refusal(None, 1, StagingSettings()))
+    big = cache_view([torch.zeros(4, 64, 256, 256, dtype=torch.bfloat16)], "NHD")  # 8 MiB blocks
+    assert "holds no block" in str(
+        refusal(big, 1, StagingSettings(buffer_mib=4, max_descriptor_bytes=1 << 30))
+    )
