@@ -216,8 +216,6 @@ class StagingWorker(NixlPullConnectorWorker):
         self._recv_params: dict[str, Any] = {}
         self._staged_recv: dict[str, tuple[int, int, list[int]]] = {}  # slot, blocks, local ids
         self._fallbacks_logged: set[str] = set()
-        self.staged_reads = 0
-        self.per_block_reads = 0
 
     # ---- both sides -------------------------------------------------------------------------
 
@@ -300,11 +298,8 @@ class StagingWorker(NixlPullConnectorWorker):
             super()._read_blocks_for_req(req_id, meta)
             return
         params = self._recv_params.pop(req_id, None)
-        if params is not None and self._read_staged(req_id, meta, params):
-            self.staged_reads += 1
-            return
-        self.per_block_reads += 1
-        super()._read_blocks_for_req(req_id, meta)
+        if params is None or not self._read_staged(req_id, meta, params):
+            super()._read_blocks_for_req(req_id, meta)
 
     def _read_staged(self, req_id: str, meta: ReqMeta, params: Any) -> bool:
         """Post one READ of the prefill's slot; False: the caller reads per block instead."""
@@ -377,6 +372,8 @@ class StagingWorker(NixlPullConnectorWorker):
 
     def get_transfer_results(self) -> Any:
         results = super().get_transfer_results()
+        for req_id in results.failed_recving or ():  # e.g. its handshake failed before a read
+            self._recv_params.pop(req_id, None)
         if not self._staged_recv:
             return results
         for req_id in results.finished_recving or ():
