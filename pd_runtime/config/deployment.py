@@ -144,6 +144,14 @@ class TransportConfig(BaseModel):
         description="with kv_staging_mib: stage only while vLLM's per-block descriptor (one "
         "layer's K and V of one block) is smaller than this; default 65536",
     )
+    kv_staging_reader_splits: int | None = Field(
+        default=None,
+        ge=1,
+        description="with kv_staging_mib: head ranges a prefill worker packs per slot, one per "
+        "decode rank that reads from it (decode TP / prefill TP), so each reads its heads as one "
+        "descriptor; default: the decode group's TP over the prefill group's when it divides, "
+        "else 1",
+    )
     kv_lease_s: int | None = Field(
         default=None,
         ge=1,

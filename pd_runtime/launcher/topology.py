@@ -81,6 +81,16 @@ def _groups(
     return [("prefill", config.prefill), ("decode", config.decode)]
 
 
+def _reader_splits(config: DeploymentConfig) -> int:
+    """Head ranges a prefill worker packs per staging slot: one per decode rank reading from it."""
+    if config.transport.kv_staging_reader_splits is not None:
+        return config.transport.kv_staging_reader_splits
+    tp = config.engine.tensor_parallel_size
+    prefill = config.prefill.tensor_parallel_size or tp
+    decode = config.decode.tensor_parallel_size or tp
+    return decode // prefill if decode % prefill == 0 else 1
+
+
 def _lora_args(config: DeploymentConfig) -> tuple[str, ...]:
     """vLLM's flags for the model's LoRA adapters (every worker of the model serves them all)."""
     adapters = config.model.adapters
@@ -132,6 +142,7 @@ def _model_worker_specs(
     engine, host = config.engine, config.host
     lora = _lora_args(config)
     specs: list[tuple[str, WorkerSpec, WorkerPlacement]] = []
+    on_staging = config.transport.kv_staging_mib is not None
     for role, group in _groups(config):
         for i in range(group.replicas):
             where = next(placements)
@@ -168,6 +179,9 @@ def _model_worker_specs(
                 kv_lease_s=config.transport.kv_lease_s,
                 kv_staging_mib=config.transport.kv_staging_mib,
                 kv_staging_max_descriptor_bytes=config.transport.kv_staging_max_descriptor_bytes,
+                kv_staging_reader_splits=(
+                    _reader_splits(config) if role == "prefill" and on_staging else None
+                ),
                 otlp_endpoint=config.observability.otlp_endpoint,
                 service_name=config.observability.service_name(f"vllm-{role}"),
                 extra_args=tuple(engine.extra_args) + lora + tuple(group.extra_args),

@@ -100,6 +100,9 @@ class WorkerSpec:
     # None: vLLM's NixlConnector, one descriptor per (layer, block).
     kv_staging_mib: int | None = None
     kv_staging_max_descriptor_bytes: int | None = None  # None: StagingSettings' default
+    # Prefill: head ranges per slot, one per decode rank reading from this rank (decode TP /
+    # prefill TP); None: 1.
+    kv_staging_reader_splits: int | None = None
     otlp_endpoint: str | None = None  # OTLP/HTTP base URL: vLLM's traces go there
     service_name: str | None = None  # their service.name; default vllm-ROLE
     extra_args: tuple[str, ...] = ()
@@ -145,6 +148,8 @@ def build_worker_command(
         staging: dict[str, int] = {"buffer_mib": spec.kv_staging_mib}
         if spec.kv_staging_max_descriptor_bytes is not None:
             staging["max_descriptor_bytes"] = spec.kv_staging_max_descriptor_bytes
+        if spec.kv_staging_reader_splits is not None:
+            staging["reader_splits"] = spec.kv_staging_reader_splits
         extra[STAGING_KEY] = staging
     if extra:
         kv_transfer["kv_connector_extra_config"] = extra

@@ -95,6 +95,12 @@ class WorkerSettings(BaseModel):
         ge=0,
         description="stage only while a per-block descriptor is smaller than this (default 65536)",
     )
+    kv_staging_reader_splits: int | None = Field(
+        default=None,
+        ge=1,
+        description="prefill: pack each slot as this many head ranges, one per decode rank "
+        "reading from this worker (decode TP / prefill TP); default 1",
+    )
     enforce_eager: bool = Field(
         default=_SPEC["enforce_eager"], description="no CUDA graphs / torch.compile"
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pd_kernels import KVLayout, packed_shape
+from pd_kernels import KVLayout, Order, packed_shape
 
 from pd_runtime.worker.command import STAGING_KEY
 
@@ -30,6 +30,9 @@ class StagingSettings:
     """``kv_connector_extra_config["pd_staging"]``; its presence turns staging on."""
 
     buffer_mib: int = 256
+    #: Prefill side: pack each slot as this many head ranges, one per decode rank reading from
+    #: this rank (decode TP / prefill TP), so that each reads its range as one descriptor.
+    reader_splits: int = 1
     #: Stage only while one per-block descriptor (one layer's K and V of one block, or one head
     #: range of it) is smaller than this: larger descriptors already keep the link busy.
     max_descriptor_bytes: int = 64 * 1024
@@ -42,8 +45,14 @@ class StagingSettings:
         if not isinstance(raw, dict):
             raise ValueError(f"kv_connector_extra_config.{STAGING_KEY} must be a mapping")
         settings = cls(**raw)
-        if settings.buffer_mib < 1 or settings.max_descriptor_bytes < 0:
-            raise ValueError(f"{STAGING_KEY}: buffer_mib >= 1 and max_descriptor_bytes >= 0")
+        if (
+            settings.buffer_mib < 1
+            or settings.max_descriptor_bytes < 0
+            or settings.reader_splits < 1
+        ):
+            raise ValueError(
+                f"{STAGING_KEY}: buffer_mib >= 1, reader_splits >= 1, max_descriptor_bytes >= 0"
+            )
         return settings
 
     @property
@@ -108,20 +117,23 @@ class CacheView:
         """What one of vLLM's per-block descriptors moves (one layer's K and V of one block)."""
         return 2 * self.layout.block_numel * self.dtype.itemsize
 
-    @property
-    def signature(self) -> str:
-        """Both sides must agree on this for a packed slot to mean the same thing."""
+    def signature(self, splits: int = 1) -> str:
+        """What one reader's region of a slot packed with ``splits`` holds; a prefill's regions
+        must read as the decode's own (``splits=1``) cache for a slot to mean the same thing."""
         lay = self.layout
         return (
-            f"L{len(self.caches)}-B{lay.block_size}-H{lay.num_heads}-D{lay.head_dim}-"
+            f"L{len(self.caches)}-B{lay.block_size}-H{lay.num_heads // splits}-D{lay.head_dim}-"
             f"{lay.order}-{str(self.dtype).removeprefix('torch.')}"
         )
 
-    def slot(self, buffer: torch.Tensor, offset_blocks: int, blocks: int) -> torch.Tensor:
-        """The packed view ``(1, layers, 2, blocks, heads, block_size, head_dim)`` of a slot."""
+    def slot(
+        self, buffer: torch.Tensor, offset_blocks: int, blocks: int, splits: int = 1
+    ) -> torch.Tensor:
+        """The packed view ``(splits, layers, 2, blocks, heads / splits, block_size, head_dim)``
+        of a slot (see ``pd_kernels.layout``); ``[s]`` is reader ``s``'s contiguous region."""
         start = offset_blocks * self.bytes_per_block
         raw = buffer[start : start + blocks * self.bytes_per_block]
-        shape = packed_shape(len(self.caches), blocks, self.layout, 1)
+        shape = packed_shape(len(self.caches), blocks, self.layout, splits)
         return raw.view(self.dtype).view(shape)
 
 
@@ -140,12 +152,17 @@ def cache_view(caches: list[torch.Tensor], kv_cache_layout: str) -> CacheView | 
         n, h, b, d2 = first.shape
         views = tuple(c.view(n, h, b, 2, d2 // 2).permute(3, 0, 1, 2, 4) for c in caches)
         return CacheView(views, KVLayout(n, b, h, d2 // 2, order="HND"), first.dtype)
-    if first.dim() == 5 and first.shape[0] == 2 and kv_cache_layout in ("NHD", "HND"):
+    order = _ORDERS.get(kv_cache_layout)
+    if first.dim() == 5 and first.shape[0] == 2 and order is not None:
         _, n, x, y, d = first.shape
-        b, h = (x, y) if kv_cache_layout == "NHD" else (y, x)
-        layout = KVLayout(n, b, h, d, order=kv_cache_layout)
-        return CacheView(tuple(caches), layout, first.dtype)
+        b, h = (x, y) if order == "NHD" else (y, x)
+        return CacheView(tuple(caches), KVLayout(n, b, h, d, order=order), first.dtype)
     return None
+
+
+# vLLM 0.32 names the physical order of a block as KVCacheLayout members (tokens before heads:
+# LBNHC; heads before tokens: LBHNC); earlier versions said NHD / HND.
+_ORDERS: dict[str, Order] = {"NHD": "NHD", "LBNHC": "NHD", "HND": "HND", "LBHNC": "HND"}
 
 
 def refusal(view: CacheView | None, num_groups: int, settings: StagingSettings) -> str | None:
@@ -162,6 +179,8 @@ def refusal(view: CacheView | None, num_groups: int, settings: StagingSettings) 
             f"per-block descriptors of {view.descriptor_bytes} B are not smaller than "
             f"max_descriptor_bytes={settings.max_descriptor_bytes}"
         )
+    if view.layout.num_heads % settings.reader_splits:
+        return f"{view.layout.num_heads} KV heads do not split into {settings.reader_splits}"
     if settings.buffer_bytes < view.bytes_per_block:
         return f"a {settings.buffer_mib} MiB buffer holds no block of {view.bytes_per_block} B"
     return None
@@ -171,14 +190,16 @@ def refusal(view: CacheView | None, num_groups: int, settings: StagingSettings) 
 class StagedSlot:
     """What a staged request's ``kv_transfer_params["pd_staging"]`` carries to the decode worker.
 
-    ``ranks[r]`` is prefill TP rank ``r``'s staging buffer: ``(address, device id)``. The params
-    travel as JSON through the sidecar, hence lists, not tuples or int-keyed maps.
+    ``ranks[r]`` is prefill TP rank ``r``'s staging buffer: ``(address, device id)``; the slot
+    holds ``splits`` contiguous regions, one per decode rank reading from that prefill rank. The
+    params travel as JSON through the sidecar, hence lists, not tuples or int-keyed maps.
     """
 
     ranks: tuple[tuple[int, int], ...]
     offset_blocks: int
     num_blocks: int
     signature: str
+    splits: int = 1
 
     def to_params(self) -> dict[str, Any]:
         return {
@@ -186,6 +207,7 @@ class StagedSlot:
             "offset_blocks": self.offset_blocks,
             "num_blocks": self.num_blocks,
             "signature": self.signature,
+            "splits": self.splits,
         }
 
     @classmethod
@@ -197,6 +219,7 @@ class StagedSlot:
                 offset_blocks=int(params["offset_blocks"]),
                 num_blocks=int(params["num_blocks"]),
                 signature=str(params["signature"]),
+                splits=int(params.get("splits", 1)),
             )
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return None

@@ -79,15 +79,18 @@ class StagingWorkerMeta(KVConnectorWorkerMetadata):
     """Worker -> scheduler, every step: where each TP rank's staging buffer lives, and how many
     blocks it holds (the scheduler allocates slots in it without knowing addresses)."""
 
-    def __init__(self, ranks: dict[int, tuple[int, int]], signature: str, capacity: int) -> None:
+    def __init__(
+        self, ranks: dict[int, tuple[int, int]], signature: str, capacity: int, splits: int
+    ) -> None:
         self.ranks = ranks
-        self.signature = signature
+        self.signature = signature  # of one reader's region
         self.capacity = capacity
+        self.splits = splits
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if isinstance(other, StagingWorkerMeta):
-            capacity = min(self.capacity, other.capacity)
-            return StagingWorkerMeta({**self.ranks, **other.ranks}, self.signature, capacity)
+            ranks, capacity = {**self.ranks, **other.ranks}, min(self.capacity, other.capacity)
+            return StagingWorkerMeta(ranks, self.signature, capacity, self.splits)
         return self
 
 
@@ -179,6 +182,7 @@ class StagingScheduler(NixlPullConnectorScheduler):
                 offset_blocks=offset,
                 num_blocks=len(packed_ids),
                 signature=workers.signature,
+                splits=workers.splits,
             ).to_params()
         else:  # aborted, or its blocks are not what was packed: the decode reads per block
             ring.free(offset)
@@ -244,12 +248,13 @@ class StagingWorker(NixlPullConnectorWorker):
         self._view, self._ring = view, BlockRing(capacity)
         logger.info(
             "pd-runtime KV staging on: %d MiB buffer, %d blocks of %d B (%s); per-block "
-            "descriptors of %d B",
+            "descriptors of %d B; slots packed as %d head range(s)",
             self._settings.buffer_mib,
             capacity,
             view.bytes_per_block,
-            view.signature,
+            view.signature(),
             view.descriptor_bytes,
+            self._splits,
         )
 
     def _fallback(self, reason: str) -> None:
@@ -263,9 +268,14 @@ class StagingWorker(NixlPullConnectorWorker):
         device = max(self._buffer.get_device(), 0)
         return StagingWorkerMeta(
             {self.tp_rank: (self._buffer.data_ptr(), device)},
-            self._view.signature,
+            self._view.signature(self._splits),
             self._ring.capacity,
+            self._splits,
         )
+
+    @property
+    def _splits(self) -> int:
+        return self._settings.reader_splits if self._settings else 1
 
     # ---- prefill: pack ----------------------------------------------------------------------
 
@@ -273,9 +283,9 @@ class StagingWorker(NixlPullConnectorWorker):
         assert self._buffer is not None and self._view is not None
         view = self._view
         for block_ids, offset in orders.values():
-            out = view.slot(self._buffer, offset, len(block_ids))
+            out = view.slot(self._buffer, offset, len(block_ids), self._splits)
             ids = torch.tensor(block_ids, dtype=torch.int64)
-            kv_pack(view.caches, view.layout, ids, splits=1, out=out)
+            kv_pack(view.caches, view.layout, ids, splits=self._splits, out=out)
         # The request's params leave once the step's sampled tokens reach the host, which on a
         # GPU can be before a pack queued after them has run: a READ must find the slot full.
         self._sync_device()
@@ -309,18 +319,27 @@ class StagingWorker(NixlPullConnectorWorker):
         if slot is None or view is None or buffer is None:
             self._fallback("no staging on this worker, or malformed pd_staging params")
             return False
-        if slot.signature != view.signature:
-            self._fallback(f"prefill layout {slot.signature} is not this worker's")
+        if slot.signature != view.signature():
+            self._fallback(f"prefill regions of {slot.signature} are not this worker's layout")
             return False
         engine_id = meta.remote.engine_id
         remote = self.transfer_topo.get_engine_info(engine_id)
+        # Decode TP k times the prefill's: this rank reads region (rank % k) of the slot of the
+        # one prefill rank holding its heads; the prefill packed k regions for exactly that.
+        k = self.transfer_topo.tp_ratio(remote.remote_tp_size)
+        sources = self.tp_mappings[engine_id].all_source_ranks
         if (
-            self.transfer_topo.tp_ratio(remote.remote_tp_size) != 1
+            k != slot.splits
+            or len(sources) != 1
             or remote.remote_block_size != self.block_size
             or self._physical_blocks_per_logical_kv_block != 1
         ):
-            self._fallback("prefill and decode differ in TP size or block size")
+            self._fallback(
+                f"TP ratio {k} with {slot.splits} packed regions, or block sizes "
+                f"{remote.remote_block_size} -> {self.block_size}"
+            )
             return False
+        source = next(iter(sources))
         local = meta.local_physical_block_ids
         if len(local) != 1 or not local[0] or len(local[0]) > slot.num_blocks:
             return False  # a full local hit (notify only) or an unexpected shape: vLLM's path
@@ -328,14 +347,14 @@ class StagingWorker(NixlPullConnectorWorker):
         if offset is None:
             self._fallback("the local staging buffer is full")
             return False
-        nbytes = slot.num_blocks * view.bytes_per_block
+        nbytes = slot.num_blocks * view.bytes_per_block  # one region: this rank's heads
         local_addr = buffer.data_ptr() + offset * view.bytes_per_block
-        remote_addr, remote_device = slot.ranks[self.tp_rank]
-        remote_addr += slot.offset_blocks * view.bytes_per_block
+        remote_addr, remote_device = slot.ranks[source]
+        remote_addr += slot.offset_blocks * k * view.bytes_per_block + (self.tp_rank % k) * nbytes
         mem_type = "DRAM" if buffer.device.type == "cpu" else self.nixl_memory_type
         local_device = max(buffer.get_device(), 0)
         notif = f"{meta.remote.request_id}:{self.tp_mappings[engine_id].local_consumers}"
-        agent = self._remote_agents[engine_id][(0, self.tp_rank)]
+        agent = self._remote_agents[engine_id][(0, source)]
         self._engine_last_active[engine_id] = time.perf_counter()
         self._recving_transfers.setdefault(req_id, [])
         try:
@@ -355,7 +374,7 @@ class StagingWorker(NixlPullConnectorWorker):
                 msg="staged read",
                 error=e,
                 dst_engine_id=engine_id,
-                remote_rank=self.tp_rank,
+                remote_rank=source,
             )
             self._handle_failed_transfer(req_id, None, self._recv_failures)
             return True

@@ -84,7 +84,7 @@ def test_pack_on_one_cpu_cache_unpack_into_another_moves_exactly_the_blocks(
     before = [c.clone() for c in decode]
     src_view, dst_view = cache_view(prefill, "NHD"), cache_view(decode, "NHD")
     assert src_view is not None and dst_view is not None
-    assert src_view.signature == dst_view.signature == "L4-B32-H2-D64-HND-bfloat16"
+    assert src_view.signature() == dst_view.signature() == "L4-B32-H2-D64-HND-bfloat16"
     assert src_view.bytes_per_block == 4 * 2 * 32 * 128 * 2
     src_ids = [17, 3, 29, 8, 11]
     # The decode already holds the first `decode_hit` blocks (its prefix cache): only the rest
@@ -129,7 +129,7 @@ def test_settings_come_from_the_connector_extra_config() -> None:
 def test_a_staged_slot_survives_json_and_malformed_params_mean_per_block() -> None:
     import json
 
-    slot = StagedSlot(((140000, 0), (150000, 1)), 12, 5, "L4-B32-H2-D64-HND-bfloat16")
+    slot = StagedSlot(((140000, 0), (150000, 1)), 12, 5, "L4-B32-H1-D64-HND-bfloat16", splits=2)
     assert StagedSlot.from_params(json.loads(json.dumps(slot.to_params()))) == slot
     assert StagedSlot.from_params({"ranks": [[1, 0]], "offset_blocks": 0}) is None
     assert StagedSlot.from_params("nonsense") is None
@@ -146,3 +146,38 @@ def test_staging_is_refused_where_descriptors_are_already_large_or_the_layout_un
     assert "holds no block" in str(
         refusal(big, 1, StagingSettings(buffer_mib=4, max_descriptor_bytes=1 << 30))
     )
+
+
+def test_heterogeneous_tp_each_decode_rank_unpacks_its_heads_from_its_region() -> None:
+    """Prefill TP1 (2 KV heads) packs two regions; decode ranks 0 and 1 of TP2 (1 head each)
+    each take region rank % 2, as PdStagingConnector's decode side reads it."""
+    prefill = _cpu_caches(3, 20, 4)  # (blocks, 2 heads, 32, 2 * 64)
+    ranks = [
+        [torch.zeros(30, 1, 32, 128, dtype=torch.bfloat16) for _ in range(3)] for _ in range(2)
+    ]
+    src = cache_view(prefill, "LBHNC")
+    assert src is not None
+    views = [cache_view(r, "LBHNC") for r in ranks]
+    assert all(v is not None and v.signature() == src.signature(2) for v in views)
+    assert src.signature(2) != src.signature()
+    src_ids, dst_ids = [5, 17, 2], [[9, 0, 29], [3, 4, 5]]
+    buffer = torch.empty(8 * src.bytes_per_block, dtype=torch.uint8)
+    kv_pack(src.caches, src.layout, torch.tensor(src_ids), 2, out=src.slot(buffer, 1, 3, 2))
+    for rank, view in enumerate(views):
+        assert view is not None
+        # Rank r's region, where the decode computes it: slot start + r * (blocks * its bytes).
+        start = 1 * src.bytes_per_block + rank * 3 * view.bytes_per_block
+        region = buffer[start : start + 3 * view.bytes_per_block]
+        assert region.numel() * 2 == 3 * src.bytes_per_block
+        packed = view.slot(region.clone(), 0, 3)[0]
+        kv_unpack([packed], view.caches, view.layout, torch.tensor(dst_ids[rank]))
+        for layer in range(3):
+            for s, d in zip(src_ids, dst_ids[rank], strict=True):
+                want = prefill[layer][s, rank].view(torch.int16)
+                assert torch.equal(ranks[rank][layer][d, 0].view(torch.int16), want)
+
+
+def test_reader_splits_must_divide_the_heads() -> None:
+    view = cache_view(_cpu_caches(1, 4, 0), "LBHNC")  # 2 heads
+    assert refusal(view, 1, StagingSettings(reader_splits=2)) is None
+    assert "do not split" in str(refusal(view, 1, StagingSettings(reader_splits=4)))

@@ -141,3 +141,31 @@ def test_a_too_long_run_directory_for_the_event_sockets_is_refused(tmp_path: Pat
     deep = tmp_path / ("d" * 90)
     with pytest.raises(ConfigError, match="longer than a unix socket allows"):
         plan_deployment(config(coordinator__replicas=2), deep, Platform("cpu", 0, (0, 1)))
+
+
+def test_staging_prefill_packs_a_head_range_per_decode_rank_reading_from_it(
+    tmp_path: Path,
+) -> None:
+    """Prefill TP2 -> decode TP4 on 10 GPUs: each prefill rank is read by two decode ranks."""
+    data = yaml.safe_load(LOCAL.read_text())
+    data["transport"]["kv_staging_mib"] = 128
+    data["prefill"]["tensor_parallel_size"] = 2
+    data["decode"]["tensor_parallel_size"] = 4
+    plan = plan_deployment(
+        parse_config(DeploymentConfig, data), tmp_path, Platform("cuda", 10, (0,))
+    )
+    staging = {
+        p.name: json.loads(flag(p.argv, "--kv-transfer-config"))["kv_connector_extra_config"][
+            "pd_staging"
+        ]
+        for p in plan.by_kind("worker")
+    }
+    assert staging["prefill-0"] == {"buffer_mib": 128, "reader_splits": 2}
+    assert staging["decode-0"] == staging["decode-1"] == {"buffer_mib": 128}
+    data["transport"]["kv_staging_reader_splits"] = 1  # an explicit setting wins
+    plan = plan_deployment(
+        parse_config(DeploymentConfig, data), tmp_path, Platform("cuda", 10, (0,))
+    )
+    prefill = plan.by_kind("worker")[0]
+    transfer = json.loads(flag(prefill.argv, "--kv-transfer-config"))
+    assert transfer["kv_connector_extra_config"]["pd_staging"]["reader_splits"] == 1

@@ -192,3 +192,15 @@ def test_without_kv_staging_the_worker_runs_vllms_own_connector() -> None:
     transfer = json.loads(flag(argv, "--kv-transfer-config"))
     assert transfer["kv_connector"] == "NixlConnector"
     assert "kv_connector_module_path" not in transfer
+
+
+def test_a_prefill_worker_packs_one_head_range_per_reading_decode_rank() -> None:
+    spec = WorkerSpec(
+        role="prefill", model="/m", port=1, platform="cpu", kv_staging_mib=8,
+        kv_staging_reader_splits=2,
+    )  # fmt: skip
+    transfer = json.loads(flag(build_worker_command(spec, environ={})[0], "--kv-transfer-config"))
+    assert transfer["kv_connector_extra_config"]["pd_staging"] == {
+        "buffer_mib": 8,
+        "reader_splits": 2,
+    }
