@@ -408,7 +408,7 @@ class KVAwareScheduler(Scheduler):
             decode=decode.config,
             prefill=prefill.config if prefill else None,
             scores=scores or None,
-            breakdown=_breakdown(runs, self.params.log_breakdown_top_k),
+            breakdown=lambda: _breakdown(runs, self.params.log_breakdown_top_k),
             full_breakdown=lambda: _breakdown(runs, None),
             prompt_tokens=ctx.prompt_tokens if ctx.token_ids is not None else None,
             cached_tokens=(
