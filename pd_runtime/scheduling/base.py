@@ -24,7 +24,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, Generic, TypeVar, overload
 
 from pd_runtime.config.endpoint import EndpointConfig
 
@@ -32,6 +32,7 @@ __all__ = ["Breakdown", "Scheduler", "SchedulingRequest", "SchedulingResult"]
 
 #: Scorer (and ``total``) -> endpoint address -> score: the decision line's ``breakdown``.
 Breakdown = dict[str, dict[str, float]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,13 @@ class SchedulingRequest:
     eligible: frozenset[str] | None = None
 
 
-class _OnFirstRead:
+class _OnFirstRead(Generic[T]):
     """A dataclass field that takes a value or a function making it, called on the first read
-    (then kept). Why: the decision line's breakdown costs more than the rest of a 64-endpoint
-    decision (dicts of every scorer's scores); built in ``schedule`` it is paid by every request,
-    built on first read only by a request whose line is logged, after its decision."""
+    (then kept; its default is None). Why: the decision line's breakdown costs more than the
+    rest of a 64-endpoint decision (dicts of every scorer's scores), and its scores are a dict
+    over every endpoint holding a part of the prompt; built in ``schedule`` they are paid by
+    every request, built on first read only by a request whose line is logged (or traced),
+    after its decision."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._slot = f"_{name}"
@@ -65,8 +68,8 @@ class _OnFirstRead:
     @overload
     def __get__(self, obj: None, owner: Any = None) -> None: ...
     @overload
-    def __get__(self, obj: object, owner: Any = None) -> Breakdown | None: ...
-    def __get__(self, obj: object | None, owner: Any = None) -> Breakdown | None:
+    def __get__(self, obj: object, owner: Any = None) -> T | None: ...
+    def __get__(self, obj: object | None, owner: Any = None) -> T | None:
         if obj is None:  # the dataclass's default
             return None
         value = obj.__dict__.get(self._slot)
@@ -74,7 +77,7 @@ class _OnFirstRead:
             value = obj.__dict__[self._slot] = value()
         return value
 
-    def __set__(self, obj: object, value: Breakdown | Callable[[], Breakdown] | None) -> None:
+    def __set__(self, obj: object, value: T | Callable[[], T | None] | None) -> None:
         obj.__dict__[self._slot] = value  # frozen: only the dataclass's __init__ sets it
 
 
@@ -82,11 +85,12 @@ class _OnFirstRead:
 class SchedulingResult:
     decode: EndpointConfig
     prefill: EndpointConfig | None
-    scores: dict[str, float] | None = None
+    #: ``scores`` (see the module's docstring) may be passed as a function that makes it, too.
+    scores: _OnFirstRead[dict[str, float]] = _OnFirstRead()
     #: Scorer (and ``total``) → endpoint → score, for the decision line: the policy may keep only
     #: its best-scored endpoints here (kv-aware: ``log_breakdown_top_k``), and may pass a
     #: function that builds it instead (called on the first read: only a logged line pays) ...
-    breakdown: _OnFirstRead = _OnFirstRead()
+    breakdown: _OnFirstRead[Breakdown] = _OnFirstRead()
     #: ... and build every endpoint's on demand (the line at DEBUG). None: ``breakdown`` is whole.
     full_breakdown: Callable[[], Breakdown] | None = field(default=None, repr=False, compare=False)
     #: Prompt tokens, and how many of them the decode endpoint already holds (None: unknown).

@@ -258,3 +258,27 @@ def test_the_breakdown_is_built_on_first_read_only(monkeypatch: pytest.MonkeyPat
     assert result.breakdown is first and calls == [None, 2]
     assert first is not None and DECODES[5] in first["total"]
     assert first == {k: {a: v for a, v in whole[k].items() if a in first["total"]} for k in whole}
+
+
+def test_the_scores_are_built_on_first_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision's ``scores`` (the share of the prompt each holder holds, rounded: a decimal
+    conversion per distinct share) are built by the line or the trace that reads them, once."""
+    from pd_runtime.scheduling import kv_aware
+
+    calls: list[int] = []
+    build = kv_aware._prefix_scores
+
+    def counting(cached: dict[str, int], blocks: int) -> Any:
+        calls.append(blocks)
+        return build(cached, blocks)
+
+    monkeypatch.setattr(kv_aware, "_prefix_scores", counting)
+    s = scheduler()
+    hold(s, DECODES[5], 5)
+    hold(s, DECODES[9], 2)
+    result = s.schedule(request())
+    assert calls == []
+    s.schedule(request("req-2"))  # claims the prompt's blocks: not seen by the first decision
+    assert result.scores == {DECODES[5]: 1.0, DECODES[9]: 0.4}
+    assert result.scores is result.scores and calls == [5]
+    assert '"scores":{"' in pod_scores_line("r", "m", result)
