@@ -24,11 +24,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from pd_runtime.config.endpoint import EndpointConfig
 
-__all__ = ["Scheduler", "SchedulingRequest", "SchedulingResult"]
+__all__ = ["Breakdown", "Scheduler", "SchedulingRequest", "SchedulingResult"]
+
+#: Scorer (and ``total``) -> endpoint address -> score: the decision line's ``breakdown``.
+Breakdown = dict[str, dict[str, float]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,18 +54,45 @@ class SchedulingRequest:
     eligible: frozenset[str] | None = None
 
 
+class _OnFirstRead(Generic[T]):
+    """A dataclass field that takes a value or a function making it, called on the first read
+    (then kept; its default is None). Why: the decision line's breakdown costs more than the
+    rest of a 64-endpoint decision (dicts of every scorer's scores), and its scores are a dict
+    over every endpoint holding a part of the prompt; built in ``schedule`` they are paid by
+    every request, built on first read only by a request whose line is logged (or traced),
+    after its decision."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}"
+
+    @overload
+    def __get__(self, obj: None, owner: Any = None) -> None: ...
+    @overload
+    def __get__(self, obj: object, owner: Any = None) -> T | None: ...
+    def __get__(self, obj: object | None, owner: Any = None) -> T | None:
+        if obj is None:  # the dataclass's default
+            return None
+        value = obj.__dict__.get(self._slot)
+        if callable(value):
+            value = obj.__dict__[self._slot] = value()
+        return value
+
+    def __set__(self, obj: object, value: T | Callable[[], T | None] | None) -> None:
+        obj.__dict__[self._slot] = value  # frozen: only the dataclass's __init__ sets it
+
+
 @dataclass(frozen=True)
 class SchedulingResult:
     decode: EndpointConfig
     prefill: EndpointConfig | None
-    scores: dict[str, float] | None = None
+    #: ``scores`` (see the module's docstring) may be passed as a function that makes it, too.
+    scores: _OnFirstRead[dict[str, float]] = _OnFirstRead()
     #: Scorer (and ``total``) → endpoint → score, for the decision line: the policy may keep only
-    #: its best-scored endpoints here (kv-aware: ``log_breakdown_top_k``) ...
-    breakdown: dict[str, dict[str, float]] | None = None
+    #: its best-scored endpoints here (kv-aware: ``log_breakdown_top_k``), and may pass a
+    #: function that builds it instead (called on the first read: only a logged line pays) ...
+    breakdown: _OnFirstRead[Breakdown] = _OnFirstRead()
     #: ... and build every endpoint's on demand (the line at DEBUG). None: ``breakdown`` is whole.
-    full_breakdown: Callable[[], dict[str, dict[str, float]]] | None = field(
-        default=None, repr=False, compare=False
-    )
+    full_breakdown: Callable[[], Breakdown] | None = field(default=None, repr=False, compare=False)
     #: Prompt tokens, and how many of them the decode endpoint already holds (None: unknown).
     prompt_tokens: int | None = None
     cached_tokens: int | None = None

@@ -180,6 +180,19 @@ class KVAwareParams(BaseModel):
     )
 
 
+def _prefix_scores(cached: dict[str, int], blocks: int) -> dict[str, float] | None:
+    """The decision's ``scores``: the share of the prompt's ``blocks`` each endpoint holding a
+    part of it holds (``cached``: endpoint -> leading blocks), rounded to 4 digits; None: none."""
+    if not blocks:
+        return None
+    # round() of a float is slow (a decimal conversion): once per distinct n, not per endpoint
+    rounded = {n: round(n / blocks, 4) for n in set(cached.values())}
+    scores = dict(zip(cached, map(rounded.__getitem__, cached.values()), strict=True))
+    if 0 in rounded:  # not from the index's walk, which reports only n > 0; keep the rule
+        scores = {a: v for a, v in scores.items() if cached[a] > 0}
+    return scores or None
+
+
 def _breakdown(runs: Sequence[ProfileResult], top_k: int | None) -> dict[str, dict[str, float]]:
     """Scorer (and ``total``) → endpoint → score over the profile runs, for the endpoints with the
     ``top_k`` best totals of each run and the one it picked (every endpoint when None)."""
@@ -393,22 +406,12 @@ class KVAwareScheduler(Scheduler):
         self._book(request, ctx, decode, prefill)
 
         runs = (decode_run, prefill_run) if prefill_run else (decode_run,)
-        blocks = len(ctx.block_keys)
-        cached = ctx.cached_blocks  # only endpoints with n > 0 blocks
-        # round() of a float is slow (a decimal conversion): once per distinct n, not per endpoint
-        rounded = {n: round(n / blocks, 4) for n in set(cached.values())} if blocks else {}
-        scores = (
-            dict(zip(cached, map(rounded.__getitem__, cached.values()), strict=True))
-            if blocks
-            else {}
-        )
-        if 0 in rounded:  # not from the index's walk, which reports only n > 0; keep the rule
-            scores = {a: v for a, v in scores.items() if cached[a] > 0}
+        cached, blocks = ctx.cached_blocks, len(ctx.block_keys)
         return SchedulingResult(
             decode=decode.config,
             prefill=prefill.config if prefill else None,
-            scores=scores or None,
-            breakdown=_breakdown(runs, self.params.log_breakdown_top_k),
+            scores=lambda: _prefix_scores(cached, blocks),
+            breakdown=lambda: _breakdown(runs, self.params.log_breakdown_top_k),
             full_breakdown=lambda: _breakdown(runs, None),
             prompt_tokens=ctx.prompt_tokens if ctx.token_ids is not None else None,
             cached_tokens=(

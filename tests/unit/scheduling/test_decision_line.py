@@ -231,3 +231,54 @@ def test_queued_records_are_written_off_the_loop_and_none_are_lost_at_exit(
     assert scores[0].count("INFO") == 1  # formatted once, in the listener
     assert "ERROR pd_runtime.coordinator: failed" in done.stderr
     assert "ValueError: boom" in done.stderr
+
+
+def test_the_breakdown_is_built_on_first_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built in ``schedule`` it was most of a 64-endpoint decision's time, for every request;
+    now only a request whose line is logged builds it, once, with the scores of its decision."""
+    from pd_runtime.scheduling import kv_aware
+
+    calls: list[int | None] = []
+    build = kv_aware._breakdown
+
+    def counting(runs: Any, top_k: int | None) -> Any:
+        calls.append(top_k)
+        return build(runs, top_k)
+
+    monkeypatch.setattr(kv_aware, "_breakdown", counting)
+    s = scheduler(log_breakdown_top_k=2)
+    hold(s, DECODES[5], 5)
+    result = s.schedule(request())
+    assert calls == []
+    assert result.full_breakdown is not None
+    whole = result.full_breakdown()  # as it stands right after the decision
+    s.schedule(request("req-2"))  # a later decision books load: not seen by this breakdown
+    first = result.breakdown
+    assert calls == [None, 2]
+    assert result.breakdown is first and calls == [None, 2]
+    assert first is not None and DECODES[5] in first["total"]
+    assert first == {k: {a: v for a, v in whole[k].items() if a in first["total"]} for k in whole}
+
+
+def test_the_scores_are_built_on_first_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision's ``scores`` (the share of the prompt each holder holds, rounded: a decimal
+    conversion per distinct share) are built by the line or the trace that reads them, once."""
+    from pd_runtime.scheduling import kv_aware
+
+    calls: list[int] = []
+    build = kv_aware._prefix_scores
+
+    def counting(cached: dict[str, int], blocks: int) -> Any:
+        calls.append(blocks)
+        return build(cached, blocks)
+
+    monkeypatch.setattr(kv_aware, "_prefix_scores", counting)
+    s = scheduler()
+    hold(s, DECODES[5], 5)
+    hold(s, DECODES[9], 2)
+    result = s.schedule(request())
+    assert calls == []
+    s.schedule(request("req-2"))  # claims the prompt's blocks: not seen by the first decision
+    assert result.scores == {DECODES[5]: 1.0, DECODES[9]: 0.4}
+    assert result.scores is result.scores and calls == [5]
+    assert '"scores":{"' in pod_scores_line("r", "m", result)
