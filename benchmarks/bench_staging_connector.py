@@ -42,7 +42,7 @@ NIXL = ("xfer_time_seconds", "num_descriptors", "bytes_transferred")
 
 
 def _config(
-    model: Path, offset: int, staging_mib: int | None, kv_blocks: int | None
+    model: Path, offset: int, staging_mib: int | None, kv_blocks: int | None, decode_tp: int
 ) -> dict[str, Any]:
     data = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
     data["model"]["path"] = str(model)
@@ -58,6 +58,14 @@ def _config(
     if kv_blocks is not None:  # a small pool wraps within the run, as a long-running server's has
         for section in ("prefill", "decode"):
             data[section]["extra_args"] = ["--num-gpu-blocks-override", str(kv_blocks)]
+    if decode_tp > 1:  # vLLM-CPU: one process per rank, each on its own core
+        data["decode"]["extra_args"] = [
+            *data["decode"].get("extra_args", []),
+            "--tensor-parallel-size",
+            str(decode_tp),
+        ]
+        data["decode"]["env"] = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(decode_tp)))}
+        data["transport"]["kv_staging_reader_splits"] = decode_tp
     return data
 
 
@@ -105,6 +113,13 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=12, help="per size and way")
     ap.add_argument("--staging-mib", type=int, default=64)
     ap.add_argument(
+        "--decode-tp",
+        type=int,
+        default=1,
+        help="decode workers' TP (the prefill's is 1): 2 is heterogeneous TP, where vLLM's "
+        "per-block path reads each block's head range as its own descriptor",
+    )
+    ap.add_argument(
         "--kv-blocks",
         type=int,
         default=None,
@@ -120,7 +135,7 @@ def main() -> int:
     try:
         for way, offset in WAYS.items():
             staging = args.staging_mib if way == "staging" else None
-            data = _config(args.model, offset, staging, args.kv_blocks)
+            data = _config(args.model, offset, staging, args.kv_blocks, args.decode_tp)
             run_dir = args.out / "runs" / way
             up = _start(way, data, run_dir)
             _wait_serving(way, up, run_dir)  # one at a time: two cores
@@ -169,8 +184,8 @@ def _measure(
                 ttft = _ttft(gateway, model, prompt, f"{way}-{size}-{i}-{rng.getrandbits(32):x}")
                 after = _nixl(decode)
                 delta = {k: after[k] - before[k] for k in after}
-                if delta["xfer_time_seconds_count"] != 1:
-                    raise SystemExit(f"{way} {size}: {delta} (expected one transfer)")
+                if delta["xfer_time_seconds_count"] != args.decode_tp:
+                    raise SystemExit(f"{way} {size}: {delta} (expected one transfer per rank)")
                 sample = {
                     "ttft": ttft,
                     "xfer": delta["xfer_time_seconds_sum"],
