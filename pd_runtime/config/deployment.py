@@ -127,7 +127,9 @@ class TransportConfig(BaseModel):
         description="NIXL's UCX error handling. peer (NIXL's default): UCX detects dead peers, "
         "which needs a TCP connection between every pair of workers; none: workers on one host "
         "talk over shared memory and cma with no TCP wire-up (whose handshake stalled a pair's "
-        "first KV pull for seconds on CPU); keep peer across hosts. Default: NIXL's (peer)",
+        "first KV pull for seconds on CPU); keep peer across hosts. Default: none, since the "
+        "plan puts every worker on one host (the Ray launcher restores peer when they span "
+        "nodes); peer: NIXL's own everywhere",
     )
     kv_staging_mib: int | None = Field(
         default=None,

@@ -433,8 +433,8 @@ class RayLauncher:
         self._plan = relocate_plan(self.plan, hosts, ips[here])
         if asked_none and all(w.ucx_error_handling is None for w in self._plan.workers):
             self.progress(
-                "workers span several nodes: transport.ucx_error_handling 'none' (one host only) "
-                "replaced by NIXL's default (peer)"
+                "workers span several nodes: UCX error handling 'none' (one host only: the "
+                "config's, or the default where it says nothing) replaced by NIXL's peer"
             )
         for name, where in self.locations.items():
             self.progress(f"placed {name} on node {where.node_ip} ({where.node_id[:8]})")

@@ -175,7 +175,9 @@ def _model_worker_specs(
                 gdr_copy=where.transport.gdr_copy,
                 nixl_num_threads=config.transport.nixl_num_threads,
                 nixl_progress_delay_us=config.transport.nixl_progress_delay_us,
-                ucx_error_handling=config.transport.ucx_error_handling,
+                # Unset means one host's choice: every worker of this plan runs here (Ray's
+                # relocate_plan gives NIXL's peer back when it spreads them over nodes).
+                ucx_error_handling=config.transport.ucx_error_handling or "none",
                 kv_lease_s=config.transport.kv_lease_s,
                 kv_staging_mib=config.transport.kv_staging_mib,
                 kv_staging_max_descriptor_bytes=config.transport.kv_staging_max_descriptor_bytes,

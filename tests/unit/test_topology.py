@@ -169,3 +169,16 @@ def test_staging_prefill_packs_a_head_range_per_decode_rank_reading_from_it(
     prefill = plan.by_kind("worker")[0]
     transfer = json.loads(flag(prefill.argv, "--kv-transfer-config"))
     assert transfer["kv_connector_extra_config"]["pd_staging"]["reader_splits"] == 1
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "none"), ("peer", "peer")])
+def test_workers_of_one_plan_skip_ucxs_tcp_wire_up_unless_told_peer(
+    tmp_path: Path, setting: str | None, expected: str
+) -> None:
+    """Every worker of a plan runs on this host (Ray restores peer across nodes), so a config that
+    says nothing gets 'none': no TCP handshake between the workers (README, Known issues)."""
+    plan = plan_deployment(
+        config(transport__ucx_error_handling=setting), tmp_path, Platform("cpu", 0, (0, 1))
+    )
+    modes = {p.env["PD_RUNTIME_UCX_ERROR_HANDLING"] for p in plan.by_kind("worker")}
+    assert modes == {expected}
