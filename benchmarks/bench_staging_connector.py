@@ -14,6 +14,7 @@ TTFT, which includes the prefill, the pack, the transfer and the unpack.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import signal
@@ -30,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pd_runtime.bench.client import RequestRecord, send  # noqa: E402
 from pd_runtime.bench.machine import describe_machine  # noqa: E402
 from pd_runtime.bench.plots import bar_chart  # noqa: E402
 from pd_runtime.bench.report import markdown_table, write_json  # noqa: E402
@@ -94,16 +96,19 @@ def _nixl(decode_metrics: str) -> dict[str, float]:
 
 
 def _ttft(gateway: str, model: str, prompt: str, request_id: str) -> float:
-    body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": True}
-    started = time.perf_counter()
-    with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=300,
-                      headers={"x-request-id": request_id}) as r:  # fmt: skip
-        if r.status_code != 200:
-            raise SystemExit(f"{request_id}: HTTP {r.status_code}: {r.read()!r}")
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                return time.perf_counter() - started
-    raise SystemExit(f"{request_id}: no data in the stream")
+    """TTFT of one streamed request, measured by the harness's own client (``bench.client``)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+
+    async def once() -> RequestRecord:
+        async with httpx.AsyncClient(timeout=300) as client:
+            record = RequestRecord(conversation=request_id, turn=0, start_s=0.0)
+            headers = {"x-request-id": request_id}
+            return await send(client, f"{gateway}/v1/completions", body, record, headers)
+
+    record = asyncio.run(once())
+    if record.error is not None or record.ttft_s is None:
+        raise SystemExit(f"{request_id}: {record.error or 'no data in the stream'}")
+    return record.ttft_s
 
 
 def main() -> int:

@@ -85,10 +85,13 @@ def _reader_splits(config: DeploymentConfig) -> int:
     """Head ranges a prefill worker packs per staging slot: one per decode rank reading from it."""
     if config.transport.kv_staging_reader_splits is not None:
         return config.transport.kv_staging_reader_splits
-    tp = config.engine.tensor_parallel_size
-    prefill = config.prefill.tensor_parallel_size or tp
-    decode = config.decode.tensor_parallel_size or tp
+    prefill = _tensor_parallel(config, config.prefill)
+    decode = _tensor_parallel(config, config.decode)
     return decode // prefill if decode % prefill == 0 else 1
+
+
+def _tensor_parallel(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
+    return group.tensor_parallel_size or config.engine.tensor_parallel_size
 
 
 def _lora_args(config: DeploymentConfig) -> tuple[str, ...]:
@@ -110,7 +113,7 @@ def _worker_specs(
         WorkerRequest(
             f"{prefix}{role}-{i}",
             role,
-            group.tensor_parallel_size or config.engine.tensor_parallel_size,
+            _tensor_parallel(config, group),
         )
         for prefix, config in models
         for role, group in _groups(config)

@@ -234,9 +234,10 @@ class StagingWorker(NixlPullConnectorWorker):
             return
         view = cache_view([kv_caches[name] for name in sorted(kv_caches)], self.kv_cache_layout)
         reason = refusal(view, len(self.kv_cache_config.kv_cache_groups), self._settings)
-        if reason is not None or view is None:
-            self._fallback(reason or "")
+        if reason is not None:
+            self._fallback(reason)
             return
+        assert view is not None  # refusal() names a reason for a missing view
         capacity = self._settings.buffer_bytes // view.bytes_per_block
         first = view.caches[0]
         self._buffer = torch.empty(

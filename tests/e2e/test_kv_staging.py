@@ -4,12 +4,15 @@ into one slot of its staging buffer and the decode moves it with one READ per ra
 Twice: decode TP1 (the prefill's TP), and decode TP2 reading from the TP1 prefill (heterogeneous
 TP: the prefill packs one head range per decode rank, each rank reads its range as one descriptor).
 
-Correctness by comparison: each prompt is first served by the prefill worker alone (colocated;
-the decode worker never computed it and had not received it), then through the gateway, where
-the coordinator disaggregates it. With equal TP the greedy token ids and their logprobs must be
+Correctness by comparison: each prompt is served through the gateway, where the coordinator
+disaggregates it, then by the decode worker alone (colocated) with a ``cache_salt``: its blocks
+hash differently, so the reference cannot read the transferred blocks (or the prefill's source
+blocks) and computes the prompt itself; the decode's prefix-cache hits and NIXL counts are
+checked not to move for it. With equal TP the greedy token ids and their logprobs must be
 equal (measured: logprobs bit-equal; a block unpacked to the wrong place moved them by 0.3-0.6).
-With decode TP2 the decode computes with two ranks, whose sums round differently: logprobs then
-differ by up to one bf16 step (0.008 measured), so a greedy near-tie can flip a token; the ids
+With decode TP2 the transferred KV was computed by the TP1 prefill, whose sums round differently
+from the two ranks': logprobs then differ by up to one bf16 step (0.008 measured), so a greedy
+near-tie can flip a token; the ids
 must agree up to such a tie and every logprob before it within 0.02. The decode worker's own
 NIXL histogram must show one descriptor per transfer and rank (vLLM's per-block path posts one
 per layer and block run), and three prompts extend earlier ones, so the decode already holds
@@ -35,6 +38,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment]
 
 REPO = Path(__file__).resolve().parents[2]
 DESCRIPTORS = "vllm:nixl_num_descriptors"
+PREFIX_HITS = "vllm:prefix_cache_hits_total"  # prompt tokens served from the prefix cache
 WORDS = [
     "alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "north", "quick", "lazy",
     "seven", "orange", "table",
@@ -75,9 +79,10 @@ def staging_deployment(
         yield deployment, decode_tp
 
 
-def _greedy(url: str, prompt: str, model: str, request_id: str) -> dict[str, Any]:
+def _greedy(url: str, prompt: str, model: str, request_id: str, **extra: Any) -> dict[str, Any]:
     """The choice: generated ``token_ids`` and ``logprobs`` (each token's, and the top two)."""
     body = {
+        **extra,
         "model": model,
         "prompt": prompt,
         "max_tokens": TOKENS,
@@ -130,11 +135,24 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
         prompts += [base, f"{base} {words(200)}"]
     before = scrape_metrics(decode.metrics_url)
     agreeing = 0
+    pd_hits = 0.0
     for i, prompt in enumerate(prompts):
         request_id = f"staging-{i}-{tag[:8]}"
-        colocated = _greedy(f"http://{prefill.address}", prompt, d.model, request_id + "-solo")
+        hits_before = scrape_metrics(decode.metrics_url).get(PREFIX_HITS, 0.0)
         disaggregated = _greedy(d.gateway, prompt, d.model, request_id)
         assert d.decision(request_id)["prefill"] == prefill.address, i
+        solo_before = scrape_metrics(decode.metrics_url)
+        pd_hits += solo_before.get(PREFIX_HITS, 0.0) - hits_before
+        colocated = _greedy(
+            f"http://{decode.address}",
+            prompt,
+            d.model,
+            request_id + "-solo",
+            cache_salt=f"{tag}-{i}",
+        )
+        solo_after = scrape_metrics(decode.metrics_url)
+        for counter in (PREFIX_HITS, f"{DESCRIPTORS}_count"):  # nothing reused, nothing moved
+            assert solo_after.get(counter) == solo_before.get(counter), (i, counter)
         if decode_tp == 1:
             assert disaggregated["token_ids"] == colocated["token_ids"], f"prompt {i}"
         agreeing += _agreeing_tokens(colocated, disaggregated)
@@ -146,5 +164,4 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
     assert transfers == len(prompts) * decode_tp, (before, after)  # every rank reads its heads
     assert descriptors == transfers  # one READ of one region per rank and request
     # The extensions hit the decode's prefix cache (at least one 32-token block each).
-    hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0)
-    assert hits >= 3 * 32
+    assert pd_hits >= 3 * 32
