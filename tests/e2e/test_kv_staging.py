@@ -70,6 +70,9 @@ def staging_deployment(
             # The shared deployment's small prefill cache is not needed here.
             "prefill": shared.prefill.model_copy(update={"extra_args": []}),
             "transport": shared.transport.model_copy(update=transport),
+            # A slow CI machine must not turn a prefill into a deadline fallback (then the decode
+            # prefills locally and nothing is staged): that path has its own tests (test_faults).
+            "sidecar": shared.sidecar.model_copy(update={"prefill_deadline_floor_s": 60.0}),
         }
     )
     run_dir = tmp_path_factory.mktemp(f"staging-tp{decode_tp}")
@@ -114,6 +117,25 @@ def _agreeing_tokens(colocated: dict[str, Any], disaggregated: dict[str, Any]) -
     return TOKENS
 
 
+def _why_not_transferred(d: Deployment, per_request: list[float], decode: dict[str, float]) -> str:
+    """What a missing transfer needs explained: transfers per request, how the sidecar served
+    the requests, the decode's failed READs, and the warnings the parts logged."""
+    modes = {
+        mode: d.sidecar_metric("pd_sidecar_requests_total", mode=mode)
+        for mode in ("disaggregated", "direct", "fallback")
+    }
+    failed = {k: v for k, v in decode.items() if "failed" in k or "expired" in k}
+    lines = [
+        f"{log}: {line}"
+        for log in ("sidecar-0.log", "decode-0.log", "prefill-0.log")
+        for line in (d.run_dir / log).read_text(errors="replace").splitlines()
+        if ("WARNING" in line or "ERROR" in line) and "nixl_utils.py:25" not in line
+    ]
+    return f"transfers per request {per_request}; sidecar {modes}; decode {failed}\n" + "\n".join(
+        lines[-40:]
+    )
+
+
 def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
     staging_deployment: tuple[Deployment, int],
 ) -> None:
@@ -133,16 +155,23 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
     for k in range(3):
         base = f"{tag}{k} {words(300 + 50 * k)}"
         prompts += [base, f"{base} {words(200)}"]
+    # The first pull also makes the decode's NIXL handshake with the prefill: out of the counts.
+    _greedy(d.gateway, f"{tag} warm-up {words(100)}", d.model, f"staging-warm-{tag[:8]}")
     before = scrape_metrics(decode.metrics_url)
     agreeing = 0
     pd_hits = 0.0
+    per_request: list[float] = []  # transfers seen by the decode for each disaggregated request
     for i, prompt in enumerate(prompts):
         request_id = f"staging-{i}-{tag[:8]}"
-        hits_before = scrape_metrics(decode.metrics_url).get(PREFIX_HITS, 0.0)
+        pd_before = scrape_metrics(decode.metrics_url)
         disaggregated = _greedy(d.gateway, prompt, d.model, request_id)
         assert d.decision(request_id)["prefill"] == prefill.address, i
         solo_before = scrape_metrics(decode.metrics_url)
-        pd_hits += solo_before.get(PREFIX_HITS, 0.0) - hits_before
+        pd_hits += solo_before.get(PREFIX_HITS, 0.0) - pd_before.get(PREFIX_HITS, 0.0)
+        per_request.append(
+            solo_before.get(f"{DESCRIPTORS}_count", 0.0)
+            - pd_before.get(f"{DESCRIPTORS}_count", 0.0)
+        )
         colocated = _greedy(
             f"http://{decode.address}",
             prompt,
@@ -161,7 +190,8 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
     after = scrape_metrics(decode.metrics_url)
     transfers = after[f"{DESCRIPTORS}_count"] - before.get(f"{DESCRIPTORS}_count", 0.0)
     descriptors = after[f"{DESCRIPTORS}_sum"] - before.get(f"{DESCRIPTORS}_sum", 0.0)
-    assert transfers == len(prompts) * decode_tp, (before, after)  # every rank reads its heads
+    # Every rank reads its heads, for every request.
+    assert transfers == len(prompts) * decode_tp, _why_not_transferred(d, per_request, after)
     assert descriptors == transfers  # one READ of one region per rank and request
     # The extensions hit the decode's prefix cache (at least one 32-token block each).
     assert pd_hits >= 3 * 32
