@@ -193,6 +193,8 @@ class StagedSlot:
     ``ranks[r]`` is prefill TP rank ``r``'s staging buffer: ``(address, device id)``; the slot
     holds ``splits`` contiguous regions, one per decode rank reading from that prefill rank. The
     params travel as JSON through the sidecar, hence lists, not tuples or int-keyed maps.
+    ``released``: the prefill freed the request's blocks once packed, so only the slot holds its
+    KV (a decode that cannot read the slot must recompute, never read those blocks).
     """
 
     ranks: tuple[tuple[int, int], ...]
@@ -200,6 +202,7 @@ class StagedSlot:
     num_blocks: int
     signature: str
     splits: int = 1
+    released: bool = False
 
     def to_params(self) -> dict[str, Any]:
         return {
@@ -208,6 +211,7 @@ class StagedSlot:
             "num_blocks": self.num_blocks,
             "signature": self.signature,
             "splits": self.splits,
+            "released": self.released,
         }
 
     @classmethod
@@ -220,6 +224,24 @@ class StagedSlot:
                 num_blocks=int(params["num_blocks"]),
                 signature=str(params["signature"]),
                 splits=int(params.get("splits", 1)),
+                released=params.get("released", False) is True,
             )
         except (AttributeError, KeyError, TypeError, ValueError):
             return None
+
+
+def after_refusal(params: Any, reason: str, capacity_blocks: int) -> str:
+    """What a decode worker does with a request whose staged slot it could not read now
+    (``reason``, a key of ``staging_stats.FALLBACK_REASONS``; ``capacity_blocks``: its buffer).
+
+    ``"wait"``: read it at a later step (the buffer is full now and the prefill kept only the
+    slot); ``"per-block"``: read the prefill's blocks as vLLM does (the prefill still holds
+    them); ``"recompute"``: fail the transfer, so vLLM recomputes the prompt here. Params that
+    do not parse count as released: a decode must never read blocks the prefill may have reused.
+    """
+    slot = StagedSlot.from_params(params)
+    if slot is not None and not slot.released:
+        return "per-block"
+    if reason == "decode-buffer-full" and slot is not None and slot.num_blocks <= capacity_blocks:
+        return "wait"
+    return "recompute"

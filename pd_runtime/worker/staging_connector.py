@@ -9,17 +9,20 @@ Where each step happens, and why there::
     prefill worker      wait_for_save (end of that same forward): kv_pack into the slot, so the
                         slot is full before the request can finish and its params leave
     prefill scheduler   request_finished: kv_transfer_params += pd_staging (addresses from the
-                        worker's step output, offset, blocks, layout signature)
+                        worker's step output, offset, blocks, layout signature); the blocks go
+                        back to the pool at once (the slot holds the KV)
     decode worker       _read_blocks_for_req: one READ of the slot into a local slot, with vLLM's
-                        usual completion notification (the prefill frees blocks and slot on it)
+                        usual completion notification (the prefill frees the slot on it)
     decode worker       get_transfer_results: kv_unpack into the request's blocks before the
                         scheduler hears that they arrived
 
 Pull, not push: the decode side already decides when it reads (after its handshake, with its
 blocks allocated); a push would need the decode's slot address on the prefill before the prefill
-answers. Anything staging does not cover (a layout it does not know, TP or block sizes that
-differ, several KV cache groups, no free slot, malformed params) takes vLLM's per-block path; the
-first time for each reason the worker logs why.
+answers. What the prefill cannot stage (a layout it does not know, several KV cache groups, no
+free slot) takes vLLM's per-block path; a staged slot the decode cannot read (another layout, a
+TP ratio or block size the prefill did not pack for, malformed params) is recomputed there, since
+the prefill no longer holds the blocks. Each is counted by reason (:mod:`staging_stats`) and
+logged the first time.
 """
 
 from __future__ import annotations
@@ -56,12 +59,20 @@ from pd_runtime.worker.staging import (
     CacheView,
     StagedSlot,
     StagingSettings,
+    after_refusal,
     cache_view,
     refusal,
 )
+from pd_runtime.worker.staging_stats import StagingPromMetrics, StagingStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
@@ -110,7 +121,10 @@ class StagingScheduler(NixlPullConnectorScheduler):
         self._workers: StagingWorkerMeta | None = None
         self._prompts: dict[str, tuple[Request, list[int]]] = {}  # prefills being computed
         self._packed: dict[str, tuple[int, list[int]]] = {}  # packed, request not finished
-        self._held: dict[str, int] = {}  # slot offsets until the decode has read them
+        # Staged requests whose blocks went back at once: slot offset until the decode has read
+        # it (or the lease expired); vLLM's scheduler no longer knows these requests.
+        self._held: dict[str, int] = {}
+        self.stats = StagingStats()  # the prefill's fallbacks (its worker counts the packs)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -151,11 +165,15 @@ class StagingScheduler(NixlPullConnectorScheduler):
             if self._ring is None or self._workers is None:
                 continue
             if len(self._workers.ranks) < self._tp_size:
-                continue  # not every rank has said where its buffer is yet: per-block this time
+                # Not every rank has said where its buffer is yet: per-block this time.
+                self.stats.record_fallback("prefill-not-ready")
+                continue
             offset = self._ring.alloc(len(block_ids))
-            if offset is not None:
-                orders[req_id] = (list(block_ids), offset)
-                self._packed[req_id] = (offset, list(block_ids))
+            if offset is None:
+                self.stats.record_fallback("prefill-buffer-full")
+                continue
+            orders[req_id] = (list(block_ids), offset)
+            self._packed[req_id] = (offset, list(block_ids))
         return orders
 
     def request_finished(
@@ -183,8 +201,17 @@ class StagingScheduler(NixlPullConnectorScheduler):
                 num_blocks=len(packed_ids),
                 signature=workers.signature,
                 splits=workers.splits,
+                released=True,
             ).to_params()
+            # The slot holds the KV now (packed at the end of the forward that completed the
+            # prompt, before this step's output): the blocks need not wait for the decode's
+            # read. They go back to the pool at once (still a prefix-cache hit until evicted);
+            # the worker keeps the lease and reports the read (or the expiry), which frees the
+            # slot below.
+            return False, params
         else:  # aborted, or its blocks are not what was packed: the decode reads per block
+            if delay_free and params is not None:
+                self.stats.record_fallback("blocks-changed")
             ring.free(offset)
         return delay_free, params
 
@@ -195,11 +222,16 @@ class StagingScheduler(NixlPullConnectorScheduler):
             self._workers = workers
             if self._ring is None:
                 self._ring = BlockRing(workers.capacity)
-        # Read by the decode, or its lease expired: the slot is free either way.
-        for req_id in connector_output.finished_sending or ():
+        # Read by the decode, or its lease expired: the slot is free either way. Such a request
+        # is gone from vLLM's scheduler (its blocks went back when it finished), which must not
+        # hear of it again.
+        sent = connector_output.finished_sending
+        for req_id in list(sent or ()):
             offset = self._held.pop(req_id, None)
-            if offset is not None and self._ring is not None:
+            if offset is not None:
+                assert sent is not None and self._ring is not None
                 self._ring.free(offset)
+                sent.discard(req_id)
 
 
 class StagingWorker(NixlPullConnectorWorker):
@@ -219,7 +251,10 @@ class StagingWorker(NixlPullConnectorWorker):
         self._ring = BlockRing(0)
         self._recv_params: dict[str, Any] = {}
         self._staged_recv: dict[str, tuple[int, int, list[int]]] = {}  # slot, blocks, local ids
+        self._waiting: dict[str, tuple[ReqMeta, Any]] = {}  # released slots, no room here yet
         self._fallbacks_logged: set[str] = set()
+        # vLLM's NIXL stats, and the packs, unpacks and fallbacks (one object, two names).
+        self.staging_stats = self.xfer_stats = StagingStats()
 
     # ---- both sides -------------------------------------------------------------------------
 
@@ -235,7 +270,7 @@ class StagingWorker(NixlPullConnectorWorker):
         view = cache_view([kv_caches[name] for name in sorted(kv_caches)], self.kv_cache_layout)
         reason = refusal(view, len(self.kv_cache_config.kv_cache_groups), self._settings)
         if reason is not None:
-            self._fallback(reason)
+            logger.info("pd-runtime KV staging not used: %s; vLLM's per-block path", reason)
             return
         assert view is not None  # refusal() names a reason for a missing view
         capacity = self._settings.buffer_bytes // view.bytes_per_block
@@ -258,10 +293,17 @@ class StagingWorker(NixlPullConnectorWorker):
             self._splits,
         )
 
-    def _fallback(self, reason: str) -> None:
+    def _fallback(self, reason: str, detail: str) -> None:
+        """Count a request read per block (``reason``, one of FALLBACK_REASONS); log the first."""
+        self.staging_stats.record_fallback(reason)
         if reason not in self._fallbacks_logged:
             self._fallbacks_logged.add(reason)
-            logger.info("pd-runtime KV staging not used: %s; vLLM's per-block path", reason)
+            logger.info(
+                "pd-runtime KV staging not used for a request (%s: %s); vLLM's per-block path; "
+                "counted in pd_staging_fallbacks_total, logged once per reason",
+                reason,
+                detail,
+            )
 
     def worker_meta(self) -> StagingWorkerMeta | None:
         if self._buffer is None or self._view is None:
@@ -283,6 +325,7 @@ class StagingWorker(NixlPullConnectorWorker):
     def pack(self, orders: dict[str, tuple[list[int], int]]) -> None:
         assert self._buffer is not None and self._view is not None
         view = self._view
+        started = time.perf_counter()
         for block_ids, offset in orders.values():
             out = view.slot(self._buffer, offset, len(block_ids), self._splits)
             ids = torch.tensor(block_ids, dtype=torch.int64)
@@ -290,6 +333,9 @@ class StagingWorker(NixlPullConnectorWorker):
         # The request's params leave once the step's sampled tokens reach the host, which on a
         # GPU can be before a pack queued after them has run: a READ must find the slot full.
         self._sync_device()
+        share = (time.perf_counter() - started) / len(orders)
+        for _ in orders:
+            self.staging_stats.record_pack(share)
 
     def _sync_device(self) -> None:
         if self._buffer is not None and self._buffer.is_cuda:
@@ -299,30 +345,56 @@ class StagingWorker(NixlPullConnectorWorker):
 
     def start_load_kv(self, metadata: NixlConnectorMetadata) -> None:
         self._recv_params.update(getattr(metadata, RECV_ATTR, {}))
+        # Reads that waited for room in the buffer (unpacks of the last step freed some).
+        for req_id, (meta, params) in list(self._waiting.items()):
+            del self._waiting[req_id]
+            self._read_blocks_for_req(req_id, meta, params)
         super().start_load_kv(metadata)
 
-    def _read_blocks_for_req(self, req_id: str, meta: ReqMeta) -> None:
+    def _read_blocks_for_req(self, req_id: str, meta: ReqMeta, params: Any = None) -> None:
         assert meta.remote is not None
         engine_id = meta.remote.engine_id
         ready = engine_id in self._remote_agents and engine_id not in self._invalid_remote_engines
         if not ready:  # vLLM handshakes first and calls again, or fails the request
             super()._read_blocks_for_req(req_id, meta)
             return
-        params = self._recv_params.pop(req_id, None)
-        if params is None or not self._read_staged(req_id, meta, params):
+        if params is None:
+            params = self._recv_params.pop(req_id, None)
+        local = meta.local_physical_block_ids
+        if not (local and any(local)):  # a full local hit: vLLM's path only notifies
             super()._read_blocks_for_req(req_id, meta)
+            return
+        if params is None:  # the prefill did not pack it: its blocks are there to be read
+            self._fallback("not-packed", "no pd_staging in the request's transfer params")
+            super()._read_blocks_for_req(req_id, meta)
+            return
+        refused = self._read_staged(req_id, meta, params)
+        if refused is None:
+            return
+        reason, detail = refused
+        action = after_refusal(params, reason, self._ring.capacity)
+        if action == "wait":  # each step's unpacks free room
+            self._waiting[req_id] = (meta, params)
+            return
+        self._fallback(reason, detail)
+        if action == "per-block":
+            super()._read_blocks_for_req(req_id, meta)
+            return
+        # Recomputed here (vLLM's kv_load_failure_policy): not counted as a transport failure,
+        # and the prefill's peer stays valid; the prefill frees the slot when its lease ends.
+        self._handle_failed_transfer(
+            req_id, None, self._recv_failures, record_failed_transfer=False
+        )
 
-    def _read_staged(self, req_id: str, meta: ReqMeta, params: Any) -> bool:
-        """Post one READ of the prefill's slot; False: the caller reads per block instead."""
+    def _read_staged(self, req_id: str, meta: ReqMeta, params: Any) -> tuple[str, str] | None:
+        """Post one READ of the prefill's slot; else why not, as (reason, detail)."""
         assert meta.remote is not None and self.transfer_topo is not None
         slot = StagedSlot.from_params(params)
         view, buffer = self._view, self._buffer
         if slot is None or view is None or buffer is None:
-            self._fallback("no staging on this worker, or malformed pd_staging params")
-            return False
+            return "off-here", "no staging on this worker, or malformed pd_staging params"
         if slot.signature != view.signature():
-            self._fallback(f"prefill regions of {slot.signature} are not this worker's layout")
-            return False
+            return "layout", f"prefill regions of {slot.signature}, here {view.signature()}"
         engine_id = meta.remote.engine_id
         remote = self.transfer_topo.get_engine_info(engine_id)
         # Decode TP k times the prefill's: this rank reads region (rank % k) of the slot of the
@@ -335,19 +407,17 @@ class StagingWorker(NixlPullConnectorWorker):
             or remote.remote_block_size != self.block_size
             or self._physical_blocks_per_logical_kv_block != 1
         ):
-            self._fallback(
+            return "topology", (
                 f"TP ratio {k} with {slot.splits} packed regions, or block sizes "
                 f"{remote.remote_block_size} -> {self.block_size}"
             )
-            return False
-        source = next(iter(sources))
         local = meta.local_physical_block_ids
-        if len(local) != 1 or not local[0] or len(local[0]) > slot.num_blocks:
-            return False  # a full local hit (notify only) or an unexpected shape: vLLM's path
+        if len(local) != 1 or len(local[0]) > slot.num_blocks:
+            return "topology", f"{len(local)} KV groups, {len(local[0])} blocks to fill"
         offset = self._ring.alloc(slot.num_blocks)
         if offset is None:
-            self._fallback("the local staging buffer is full")
-            return False
+            return "decode-buffer-full", f"{slot.num_blocks} blocks wanted"
+        source = next(iter(sources))
         nbytes = slot.num_blocks * view.bytes_per_block  # one region: this rank's heads
         local_addr = buffer.data_ptr() + offset * view.bytes_per_block
         remote_addr, remote_device = slot.ranks[source]
@@ -378,7 +448,7 @@ class StagingWorker(NixlPullConnectorWorker):
                 remote_rank=source,
             )
             self._handle_failed_transfer(req_id, None, self._recv_failures)
-            return True
+            return None
         self._recving_transfers[req_id].append(handle)
         self._staged_recv[req_id] = (offset, slot.num_blocks, list(local[0]))
         logger.debug(
@@ -388,7 +458,7 @@ class StagingWorker(NixlPullConnectorWorker):
             len(local[0]),
             slot.num_blocks,
         )
-        return True
+        return None
 
     def get_transfer_results(self) -> Any:
         results = super().get_transfer_results()
@@ -402,9 +472,11 @@ class StagingWorker(NixlPullConnectorWorker):
                 continue
             offset, blocks, local = staged
             if req_id not in (results.failed_recving or ()):
+                started = time.perf_counter()
                 self._unpack(offset, blocks, local)
                 # A freed slot can receive the next READ at once; the unpack must be done.
                 self._sync_device()
+                self.staging_stats.record_unpack(time.perf_counter() - started)
             self._ring.free(offset)
         return results
 
@@ -446,6 +518,26 @@ class PdStagingConnector(NixlPullConnector):
         if orders:
             assert isinstance(self.connector_worker, StagingWorker)
             self.connector_worker.pack(orders)
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        scheduler = self.connector_scheduler
+        if isinstance(scheduler, StagingScheduler):
+            return None if scheduler.stats.is_empty() else scheduler.stats.clone_and_reset()
+        return super().get_kv_connector_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return StagingStats(data=data) if data is not None else StagingStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics:
+        return StagingPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         if isinstance(self.connector_worker, StagingWorker):

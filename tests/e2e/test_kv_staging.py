@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ import httpx
 import pytest
 
 from pd_runtime.common.prom import scrape_metrics
+from pd_runtime.sidecar.connectors.nixl import REMOTE_DECODE_REQUEST
 from tests.e2e.conftest import UP_READY_TIMEOUT_S, Deployment, e2e_config, running_up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment]
@@ -39,6 +41,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.own_deployment]
 REPO = Path(__file__).resolve().parents[2]
 DESCRIPTORS = "vllm:nixl_num_descriptors"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"  # prompt tokens served from the prefix cache
+PACKS, UNPACKS = "pd_staging_pack_seconds", "pd_staging_unpack_seconds"
+FALLBACKS = "pd_staging_fallbacks_total"  # summed over its reasons
+USAGE = "vllm:kv_cache_usage_perc"  # referenced blocks (cached, free ones do not count)
+EXPIRED = "vllm:nixl_num_kv_expired_reqs_total"  # leases that ended unread (prefill side)
 WORDS = [
     "alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "north", "quick", "lazy",
     "seven", "orange", "table",
@@ -158,6 +164,7 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
     # The first pull also makes the decode's NIXL handshake with the prefill: out of the counts.
     _greedy(d.gateway, f"{tag} warm-up {words(100)}", d.model, f"staging-warm-{tag[:8]}")
     before = scrape_metrics(decode.metrics_url)
+    prefill_before = scrape_metrics(prefill.metrics_url)
     agreeing = 0
     pd_hits = 0.0
     per_request: list[float] = []  # transfers seen by the decode for each disaggregated request
@@ -193,5 +200,45 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
     # Every rank reads its heads, for every request.
     assert transfers == len(prompts) * decode_tp, _why_not_transferred(d, per_request, after)
     assert descriptors == transfers  # one READ of one region per rank and request
+    # What operators see (pd_staging_* on each worker's /metrics): one pack per request on the
+    # prefill, one unpack per read on the decode, no request sent per block on either side.
+    prefill_after = scrape_metrics(prefill.metrics_url)
+    packs = prefill_after[f"{PACKS}_count"] - prefill_before[f"{PACKS}_count"]
+    assert packs == len(prompts)
+    assert after[f"{UNPACKS}_count"] - before[f"{UNPACKS}_count"] == transfers
+    for counters, counters_before in ((after, before), (prefill_after, prefill_before)):
+        assert counters[FALLBACKS] == counters_before[FALLBACKS] == 0
     # The extensions hit the decode's prefix cache (at least one 32-token block each).
     assert pd_hits >= 3 * 32
+
+
+def test_a_packed_prefill_frees_its_blocks_at_once_and_its_slot_when_the_lease_ends(
+    staging_deployment: tuple[Deployment, int],
+) -> None:
+    """The prefill's KV blocks go back to its pool as soon as the prompt is packed (the slot
+    holds the KV until the decode reads it): a prefill whose decode never comes holds no block,
+    and its slot is reclaimed when the lease ends."""
+    d, _ = staging_deployment
+    prefill = d.prefill[0]
+    expired_before = scrape_metrics(prefill.metrics_url).get(EXPIRED, 0.0)
+    body = {
+        "model": d.model,
+        "prompt": f"{uuid.uuid4().hex} " + " ".join(WORDS * 30),  # ~13 blocks
+        "max_tokens": 1,
+        "kv_transfer_params": REMOTE_DECODE_REQUEST,  # what the sidecar sends
+    }
+    r = httpx.post(f"http://{prefill.address}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    params = r.json()["kv_transfer_params"]
+    assert params["pd_staging"]["released"] is True
+    assert len(params["remote_block_ids"][0]) >= 10  # what vLLM would have held for the read
+    # No decode reads it, yet the prefill holds no block (vLLM's path holds them for the lease).
+    assert scrape_metrics(prefill.metrics_url)[USAGE] == 0.0
+    # The slot goes back when the lease ends (config: kv_lease_s), counted as an expiry. vLLM
+    # reaps leases when the engine steps: an idle prefill is given a small request now and then.
+    deadline = time.monotonic() + 60
+    while scrape_metrics(prefill.metrics_url).get(EXPIRED, 0.0) == expired_before:
+        assert time.monotonic() < deadline, "the unread slot's lease never ended"
+        time.sleep(2)
+        poke = {"model": d.model, "prompt": "lease", "max_tokens": 1}
+        assert httpx.post(f"http://{prefill.address}/v1/completions", json=poke).status_code == 200

@@ -14,6 +14,7 @@ from pd_runtime.worker.staging import (
     BlockRing,
     StagedSlot,
     StagingSettings,
+    after_refusal,
     cache_view,
     refusal,
 )
@@ -126,13 +127,20 @@ def test_settings_come_from_the_connector_extra_config() -> None:
         StagingSettings.from_extra_config({"pd_staging": {"buffer_mib": 0}})
 
 
-def test_a_staged_slot_survives_json_and_malformed_params_mean_per_block() -> None:
+def test_a_staged_slot_survives_json_and_malformed_params_are_refused() -> None:
     import json
 
-    slot = StagedSlot(((140000, 0), (150000, 1)), 12, 5, "L4-B32-H1-D64-HND-bfloat16", splits=2)
+    slot = StagedSlot(
+        ((140000, 0), (150000, 1)), 12, 5, "L4-B32-H1-D64-HND-bfloat16", splits=2, released=True
+    )
     assert StagedSlot.from_params(json.loads(json.dumps(slot.to_params()))) == slot
     assert StagedSlot.from_params({"ranks": [[1, 0]], "offset_blocks": 0}) is None
     assert StagedSlot.from_params("nonsense") is None
+    # A prefill that holds its blocks until the read says nothing: the decode may read them.
+    unreleased = {k: v for k, v in slot.to_params().items() if k != "released"}
+    assert StagedSlot.from_params(unreleased) == StagedSlot(
+        ((140000, 0), (150000, 1)), 12, 5, "L4-B32-H1-D64-HND-bfloat16", splits=2
+    )
 
 
 def test_staging_is_refused_where_descriptors_are_already_large_or_the_layout_unknown() -> None:
@@ -181,3 +189,16 @@ def test_reader_splits_must_divide_the_heads() -> None:
     view = cache_view(_cpu_caches(1, 4, 0), "LBHNC")  # 2 heads
     assert refusal(view, 1, StagingSettings(reader_splits=2)) is None
     assert "do not split" in str(refusal(view, 1, StagingSettings(reader_splits=4)))
+
+
+def test_a_decode_never_reads_blocks_the_prefill_gave_back() -> None:
+    held = StagedSlot(((1, 0),), 0, 8, "sig").to_params()  # a prefill that kept its blocks
+    released = StagedSlot(((1, 0),), 0, 8, "sig", released=True).to_params()
+    for reason in ("off-here", "layout", "topology", "decode-buffer-full"):
+        assert after_refusal(held, reason, capacity_blocks=64) == "per-block"
+    # Only the slot has the KV: wait for room if it can ever fit, else recompute.
+    assert after_refusal(released, "decode-buffer-full", capacity_blocks=8) == "wait"
+    assert after_refusal(released, "decode-buffer-full", capacity_blocks=7) == "recompute"
+    for reason in ("off-here", "layout", "topology"):
+        assert after_refusal(released, reason, capacity_blocks=64) == "recompute"
+    assert after_refusal({"released": False}, "off-here", capacity_blocks=64) == "recompute"
