@@ -90,6 +90,16 @@ def _reader_splits(config: DeploymentConfig) -> int:
     return decode // prefill if decode % prefill == 0 else 1
 
 
+def _staging_release(config: DeploymentConfig) -> bool:
+    """Whether prefill workers may free a packed request's blocks at once: every decode worker
+    of a plan stages (the transport section is the deployment's), and reads whole slots where
+    its TP is a multiple of the prefill's (or the config names the split); otherwise a decode
+    would recompute what it could have read per block."""
+    if config.transport.kv_staging_reader_splits is not None:
+        return True
+    return _tensor_parallel(config, config.decode) % _tensor_parallel(config, config.prefill) == 0
+
+
 def _tensor_parallel(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
     return group.tensor_parallel_size or config.engine.tensor_parallel_size
 
@@ -184,6 +194,7 @@ def _model_worker_specs(
                 kv_lease_s=config.transport.kv_lease_s,
                 kv_staging_mib=config.transport.kv_staging_mib,
                 kv_staging_max_descriptor_bytes=config.transport.kv_staging_max_descriptor_bytes,
+                kv_staging_release=role == "prefill" and on_staging and _staging_release(config),
                 kv_staging_reader_splits=(
                     _reader_splits(config) if role == "prefill" and on_staging else None
                 ),

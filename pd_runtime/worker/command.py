@@ -103,6 +103,8 @@ class WorkerSpec:
     # Prefill: head ranges per slot, one per decode rank reading from this rank (decode TP /
     # prefill TP); None: 1.
     kv_staging_reader_splits: int | None = None
+    # Prefill: free a packed request's blocks at once (every decode reading from it stages).
+    kv_staging_release: bool = False
     otlp_endpoint: str | None = None  # OTLP/HTTP base URL: vLLM's traces go there
     service_name: str | None = None  # their service.name; default vllm-ROLE
     extra_args: tuple[str, ...] = ()
@@ -145,11 +147,13 @@ def build_worker_command(
     if spec.kv_staging_mib is not None:
         kv_transfer["kv_connector"] = STAGING_CONNECTOR
         kv_transfer["kv_connector_module_path"] = STAGING_CONNECTOR_MODULE
-        staging: dict[str, int] = {"buffer_mib": spec.kv_staging_mib}
+        staging: dict[str, int | bool] = {"buffer_mib": spec.kv_staging_mib}
         if spec.kv_staging_max_descriptor_bytes is not None:
             staging["max_descriptor_bytes"] = spec.kv_staging_max_descriptor_bytes
         if spec.kv_staging_reader_splits is not None:
             staging["reader_splits"] = spec.kv_staging_reader_splits
+        if spec.kv_staging_release:
+            staging["release_blocks"] = True
         extra[STAGING_KEY] = staging
     if extra:
         kv_transfer["kv_connector_extra_config"] = extra

@@ -101,6 +101,12 @@ class WorkerSettings(BaseModel):
         description="prefill: pack each slot as this many head ranges, one per decode rank "
         "reading from this worker (decode TP / prefill TP); default 1",
     )
+    kv_staging_release: bool = Field(
+        default=False,
+        description="prefill: give a packed request's KV blocks back to the pool at once (its "
+        "staging slot holds the KV until the decode reads it); only where every decode reading "
+        "from this worker stages too, with the TP reader_splits was computed for",
+    )
     enforce_eager: bool = Field(
         default=_SPEC["enforce_eager"], description="no CUDA graphs / torch.compile"
     )

@@ -36,6 +36,11 @@ class StagingSettings:
     #: Stage only while one per-block descriptor (one layer's K and V of one block, or one head
     #: range of it) is smaller than this: larger descriptors already keep the link busy.
     max_descriptor_bytes: int = 64 * 1024
+    #: Prefill side: give a packed request's blocks back to the pool at once (the slot holds its
+    #: KV). Only where every decode reading from this worker reads whole slots (stages, with a
+    #: TP that reader_splits was computed for): a plain NixlConnector decode would read the
+    #: freed blocks. The launcher sets it where that holds.
+    release_blocks: bool = False
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> StagingSettings | None:

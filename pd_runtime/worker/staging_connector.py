@@ -113,17 +113,19 @@ class StagingScheduler(NixlPullConnectorScheduler):
         vllm_config: VllmConfig,
         engine_id: str,
         kv_cache_config: KVCacheConfig,
+        settings: StagingSettings | None = None,
     ) -> None:
         super().__init__(vllm_config, engine_id, kv_cache_config)
+        self._release = settings is not None and settings.release_blocks
         # Made when the workers first say where their buffers are (never, with staging off).
         self._ring: BlockRing | None = None
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         self._workers: StagingWorkerMeta | None = None
         self._prompts: dict[str, tuple[Request, list[int]]] = {}  # prefills being computed
         self._packed: dict[str, tuple[int, list[int]]] = {}  # packed, request not finished
-        # Staged requests whose blocks went back at once: slot offset until the decode has read
-        # it (or the lease expired); vLLM's scheduler no longer knows these requests.
-        self._held: dict[str, int] = {}
+        # Staged requests: slot offset until the decode has read it (or the lease expired), and
+        # whether their blocks went back at once (then vLLM's scheduler no longer knows them).
+        self._held: dict[str, tuple[int, bool]] = {}
         self.stats = StagingStats()  # the prefill's fallbacks (its worker counts the packs)
 
     def update_state_after_alloc(
@@ -194,21 +196,22 @@ class StagingScheduler(NixlPullConnectorScheduler):
             and workers is not None
             and [list(group) for group in params["remote_block_ids"]] == [packed_ids]
         ):
-            self._held[req_id] = offset
+            self._held[req_id] = (offset, self._release)
             params[STAGING_KEY] = StagedSlot(
                 ranks=tuple(workers.ranks[rank] for rank in range(self._tp_size)),
                 offset_blocks=offset,
                 num_blocks=len(packed_ids),
                 signature=workers.signature,
                 splits=workers.splits,
-                released=True,
+                released=self._release,
             ).to_params()
             # The slot holds the KV now (packed at the end of the forward that completed the
-            # prompt, before this step's output): the blocks need not wait for the decode's
-            # read. They go back to the pool at once (still a prefix-cache hit until evicted);
-            # the worker keeps the lease and reports the read (or the expiry), which frees the
-            # slot below.
-            return False, params
+            # prompt, before this step's output): with release on, the blocks need not wait for
+            # the decode's read. They go back to the pool at once (still a prefix-cache hit
+            # until evicted); the worker keeps the lease and reports the read (or the expiry),
+            # which frees the slot below.
+            if self._release:
+                return False, params
         else:  # aborted, or its blocks are not what was packed: the decode reads per block
             if delay_free and params is not None:
                 self.stats.record_fallback("blocks-changed")
@@ -227,11 +230,18 @@ class StagingScheduler(NixlPullConnectorScheduler):
         # hear of it again.
         sent = connector_output.finished_sending
         for req_id in list(sent or ()):
-            offset = self._held.pop(req_id, None)
-            if offset is not None:
+            held = self._held.pop(req_id, None)
+            if held is not None:
                 assert sent is not None and self._ring is not None
+                offset, released = held
                 self._ring.free(offset)
-                sent.discard(req_id)
+                if released:
+                    sent.discard(req_id)
+
+    def has_pending_push_work(self) -> bool:
+        # vLLM keeps an engine stepping while a finished request still holds blocks; a released
+        # one holds only a slot, and only stepping polls the read's notification and the lease.
+        return any(released for _, released in self._held.values())
 
 
 class StagingWorker(NixlPullConnectorWorker):
@@ -293,16 +303,18 @@ class StagingWorker(NixlPullConnectorWorker):
             self._splits,
         )
 
-    def _fallback(self, reason: str, detail: str) -> None:
-        """Count a request read per block (``reason``, one of FALLBACK_REASONS); log the first."""
+    def _fallback(self, reason: str, detail: str, action: str = "per-block") -> None:
+        """Count a request not moved as a slot (``reason``, one of FALLBACK_REASONS) and what
+        happens instead (``action``: per-block or recompute); log the first of each reason."""
         self.staging_stats.record_fallback(reason)
         if reason not in self._fallbacks_logged:
             self._fallbacks_logged.add(reason)
             logger.info(
-                "pd-runtime KV staging not used for a request (%s: %s); vLLM's per-block path; "
-                "counted in pd_staging_fallbacks_total, logged once per reason",
+                "pd-runtime KV staging not used for a request (%s: %s): %s; counted in "
+                "pd_staging_fallbacks_total, logged once per reason",
                 reason,
                 detail,
+                "read per block" if action == "per-block" else "recomputed here",
             )
 
     def worker_meta(self) -> StagingWorkerMeta | None:
@@ -356,6 +368,8 @@ class StagingWorker(NixlPullConnectorWorker):
         engine_id = meta.remote.engine_id
         ready = engine_id in self._remote_agents and engine_id not in self._invalid_remote_engines
         if not ready:  # vLLM handshakes first and calls again, or fails the request
+            if params is not None:  # a read that waited for room: its params wait too
+                self._recv_params[req_id] = params
             super()._read_blocks_for_req(req_id, meta)
             return
         if params is None:
@@ -376,15 +390,42 @@ class StagingWorker(NixlPullConnectorWorker):
         if action == "wait":  # each step's unpacks free room
             self._waiting[req_id] = (meta, params)
             return
-        self._fallback(reason, detail)
+        self._fallback(reason, detail, action)
         if action == "per-block":
             super()._read_blocks_for_req(req_id, meta)
             return
         # Recomputed here (vLLM's kv_load_failure_policy): not counted as a transport failure,
-        # and the prefill's peer stays valid; the prefill frees the slot when its lease ends.
+        # the prefill's peer stays valid, and the prefill hears that the slot will not be read.
+        self._notify_unread(req_id, meta)
         self._handle_failed_transfer(
             req_id, None, self._recv_failures, record_failed_transfer=False
         )
+
+    def _notify_unread(self, req_id: str, meta: ReqMeta) -> None:
+        """Tell each source rank its slot will not be read (the completion notification vLLM
+        sends after a read, or for a full local hit), so the prefill frees it now rather than
+        at the lease's end."""
+        assert meta.remote is not None
+        engine_id = meta.remote.engine_id
+        mapping = self.tp_mappings[engine_id]
+        notif = f"{meta.remote.request_id}:{mapping.local_consumers}".encode()
+        for source in mapping.all_source_ranks:
+            agent = self._remote_agents[engine_id].get((0, source))
+            if agent is None:  # no handshake with that rank: its lease frees the slot
+                continue
+            try:
+                self.nixl_wrapper.send_notif(agent, notif_msg=notif)
+            except Exception as e:  # the lease frees the slot instead
+                self._log_failure(
+                    failure_type="notification_failed",
+                    msg="staged slot not read; the prefill frees it at its lease's end",
+                    req_id=req_id,
+                    error=e,
+                    dst_engine_id=engine_id,
+                    remote_rank=source,
+                    remote_agent_name=agent,
+                )
+                self.xfer_stats.record_failed_notification()
 
     def _read_staged(self, req_id: str, meta: ReqMeta, params: Any) -> tuple[str, str] | None:
         """Post one READ of the prefill's slot; else why not, as (reason, detail)."""
@@ -505,7 +546,7 @@ class PdStagingConnector(NixlPullConnector):
         )
         if role == KVConnectorRole.SCHEDULER:
             self.connector_scheduler = StagingScheduler(
-                vllm_config, self.engine_id, kv_cache_config
+                vllm_config, self.engine_id, kv_cache_config, settings
             )
         else:
             self.connector_worker = StagingWorker(

@@ -137,8 +137,10 @@ class StagingPromMetrics(NixlPromMetrics):
         self._engine_labels = per_engine_labelvalues
         self.fallbacks = counter(
             name="pd_staging_fallbacks",
-            documentation="Requests moved by vLLM's per-block path instead of one staged slot, "
-            "by reason (" + "; ".join(f"{k}: {v}" for k, v in FALLBACK_REASONS.items()) + ")",
+            documentation="Requests not moved as one staged slot (counted on each TP rank that "
+            "decided it), by reason ("
+            + "; ".join(f"{k}: {v}" for k, v in FALLBACK_REASONS.items())
+            + ")",
             labelnames=[*labelnames, "reason"],
         )
         for labels in per_engine_labelvalues.values():  # every reason shows, at 0 until it occurs

@@ -160,7 +160,8 @@ def test_staging_prefill_packs_a_head_range_per_decode_rank_reading_from_it(
         ]
         for p in plan.by_kind("worker")
     }
-    assert staging["prefill-0"] == {"buffer_mib": 128, "reader_splits": 2}
+    # Every decode rank reads whole slots, so the prefill frees a packed request's blocks.
+    assert staging["prefill-0"] == {"buffer_mib": 128, "reader_splits": 2, "release_blocks": True}
     assert staging["decode-0"] == staging["decode-1"] == {"buffer_mib": 128}
     data["transport"]["kv_staging_reader_splits"] = 1  # an explicit setting wins
     plan = plan_deployment(
@@ -169,6 +170,24 @@ def test_staging_prefill_packs_a_head_range_per_decode_rank_reading_from_it(
     prefill = plan.by_kind("worker")[0]
     transfer = json.loads(flag(prefill.argv, "--kv-transfer-config"))
     assert transfer["kv_connector_extra_config"]["pd_staging"]["reader_splits"] == 1
+
+
+def test_a_prefill_keeps_its_blocks_where_decodes_cannot_read_whole_slots(tmp_path: Path) -> None:
+    """Prefill TP4 -> decode TP2: a decode rank would need two prefill ranks' slots, so it reads
+    per block, and the prefill must keep the blocks it packed for that read."""
+    data = yaml.safe_load(LOCAL.read_text())
+    data["transport"]["kv_staging_mib"] = 128
+    data["prefill"]["tensor_parallel_size"] = 4
+    data["decode"]["tensor_parallel_size"] = 2
+    plan = plan_deployment(
+        parse_config(DeploymentConfig, data), tmp_path, Platform("cuda", 8, (0,))
+    )
+    prefill = plan.by_kind("worker")[0]
+    transfer = json.loads(flag(prefill.argv, "--kv-transfer-config"))
+    assert transfer["kv_connector_extra_config"]["pd_staging"] == {
+        "buffer_mib": 128,
+        "reader_splits": 1,
+    }
 
 
 @pytest.mark.parametrize(("setting", "expected"), [(None, "none"), ("peer", "peer")])

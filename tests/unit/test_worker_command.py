@@ -8,6 +8,7 @@ import pytest
 
 from pd_runtime.errors import ConfigError
 from pd_runtime.worker.command import WorkerSpec, build_worker_command
+from pd_runtime.worker.staging import StagingSettings
 from pd_runtime.worker.transport import RdmaPort, detect_rdma_ports, ucx_environment
 
 
@@ -197,10 +198,13 @@ def test_without_kv_staging_the_worker_runs_vllms_own_connector() -> None:
 def test_a_prefill_worker_packs_one_head_range_per_reading_decode_rank() -> None:
     spec = WorkerSpec(
         role="prefill", model="/m", port=1, platform="cpu", kv_staging_mib=8,
-        kv_staging_reader_splits=2,
+        kv_staging_reader_splits=2, kv_staging_release=True,
     )  # fmt: skip
     transfer = json.loads(flag(build_worker_command(spec, environ={})[0], "--kv-transfer-config"))
     assert transfer["kv_connector_extra_config"]["pd_staging"] == {
         "buffer_mib": 8,
         "reader_splits": 2,
+        "release_blocks": True,
     }
+    settings = StagingSettings.from_extra_config(transfer["kv_connector_extra_config"])
+    assert settings is not None and settings.release_blocks and settings.reader_splits == 2
