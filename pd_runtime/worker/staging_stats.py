@@ -114,25 +114,22 @@ class StagingPromMetrics(NixlPromMetrics):
         histogram: Any = self._histogram_cls  # vLLM types these as any of the three kinds
         counter: Any = self._counter_cls
         buckets = [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
-        self.pack_seconds: dict[int, Any] = create_metric_per_engine(
-            histogram(
-                name="pd_staging_pack_seconds",
-                documentation="Time a prefill worker spent packing a request's KV blocks into "
-                "its staging slot (per TP rank; a step's packs are timed together and shared)",
-                buckets=buckets,
-                labelnames=labelnames,
-            ),
-            per_engine_labelvalues,
+
+        def seconds(name: str, documentation: str) -> dict[int, Any]:
+            metric = histogram(
+                name=name, documentation=documentation, buckets=buckets, labelnames=labelnames
+            )
+            return create_metric_per_engine(metric, per_engine_labelvalues)
+
+        self.pack_seconds = seconds(
+            "pd_staging_pack_seconds",
+            "Time a prefill worker spent packing a request's KV blocks into its staging slot "
+            "(per TP rank; a step's packs are timed together and shared)",
         )
-        self.unpack_seconds: dict[int, Any] = create_metric_per_engine(
-            histogram(
-                name="pd_staging_unpack_seconds",
-                documentation="Time a decode worker spent unpacking a staged slot it read into "
-                "its KV blocks (per TP rank; the count is the staged reads)",
-                buckets=buckets,
-                labelnames=labelnames,
-            ),
-            per_engine_labelvalues,
+        self.unpack_seconds = seconds(
+            "pd_staging_unpack_seconds",
+            "Time a decode worker spent unpacking a staged slot it read into its KV blocks "
+            "(per TP rank; the count is the staged reads)",
         )
         self._engine_labels = per_engine_labelvalues
         self.fallbacks = counter(

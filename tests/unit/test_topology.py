@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -147,19 +148,7 @@ def test_staging_prefill_packs_a_head_range_per_decode_rank_reading_from_it(
     tmp_path: Path,
 ) -> None:
     """Prefill TP2 -> decode TP4 on 10 GPUs: each prefill rank is read by two decode ranks."""
-    data = yaml.safe_load(LOCAL.read_text())
-    data["transport"]["kv_staging_mib"] = 128
-    data["prefill"]["tensor_parallel_size"] = 2
-    data["decode"]["tensor_parallel_size"] = 4
-    plan = plan_deployment(
-        parse_config(DeploymentConfig, data), tmp_path, Platform("cuda", 10, (0,))
-    )
-    staging = {
-        p.name: json.loads(flag(p.argv, "--kv-transfer-config"))["kv_connector_extra_config"][
-            "pd_staging"
-        ]
-        for p in plan.by_kind("worker")
-    }
+    data, staging = _staging_plan(tmp_path, prefill_tp=2, decode_tp=4, gpus=10)
     # Every decode rank reads whole slots, so the prefill frees a packed request's blocks.
     assert staging["prefill-0"] == {"buffer_mib": 128, "reader_splits": 2, "release_blocks": True}
     assert staging["decode-0"] == staging["decode-1"] == {"buffer_mib": 128}
@@ -175,18 +164,27 @@ def test_staging_prefill_packs_a_head_range_per_decode_rank_reading_from_it(
 def test_a_prefill_keeps_its_blocks_where_decodes_cannot_read_whole_slots(tmp_path: Path) -> None:
     """Prefill TP4 -> decode TP2: a decode rank would need two prefill ranks' slots, so it reads
     per block, and the prefill must keep the blocks it packed for that read."""
+    _, staging = _staging_plan(tmp_path, prefill_tp=4, decode_tp=2, gpus=8)
+    assert staging["prefill-0"] == {"buffer_mib": 128, "reader_splits": 1}
+
+
+def _staging_plan(
+    tmp_path: Path, *, prefill_tp: int, decode_tp: int, gpus: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The embedded config with 128 MiB staging and these TPs on ``gpus`` GPUs, and each
+    worker's ``pd_staging`` settings as its command line gives them to vLLM."""
     data = yaml.safe_load(LOCAL.read_text())
     data["transport"]["kv_staging_mib"] = 128
-    data["prefill"]["tensor_parallel_size"] = 4
-    data["decode"]["tensor_parallel_size"] = 2
+    data["prefill"]["tensor_parallel_size"] = prefill_tp
+    data["decode"]["tensor_parallel_size"] = decode_tp
     plan = plan_deployment(
-        parse_config(DeploymentConfig, data), tmp_path, Platform("cuda", 8, (0,))
+        parse_config(DeploymentConfig, data), tmp_path, Platform("cuda", gpus, (0,))
     )
-    prefill = plan.by_kind("worker")[0]
-    transfer = json.loads(flag(prefill.argv, "--kv-transfer-config"))
-    assert transfer["kv_connector_extra_config"]["pd_staging"] == {
-        "buffer_mib": 128,
-        "reader_splits": 1,
+    return data, {
+        p.name: json.loads(flag(p.argv, "--kv-transfer-config"))["kv_connector_extra_config"][
+            "pd_staging"
+        ]
+        for p in plan.by_kind("worker")
     }
 
 
