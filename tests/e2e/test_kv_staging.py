@@ -123,6 +123,21 @@ def _agreeing_tokens(colocated: dict[str, Any], disaggregated: dict[str, Any]) -
     return TOKENS
 
 
+def _settled(url: str, *counters: str) -> dict[str, float]:
+    """A worker's metrics once ``counters`` stop moving (two scrapes 0.5 s apart agree; at most
+    10 s). vLLM records connector stats as its API server processes each step's output; this
+    guards the end-of-test counts against a lag there (they failed once, unexplained)."""
+    last = scrape_metrics(url)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = scrape_metrics(url)
+        if all(now.get(c) == last.get(c) for c in counters):
+            return now
+        last = now
+    return last
+
+
 def _why_not_transferred(d: Deployment, per_request: list[float], decode: dict[str, float]) -> str:
     """What a missing transfer needs explained: transfers per request, how the sidecar served
     the requests, the decode's failed READs, and the warnings the parts logged."""
@@ -194,7 +209,7 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
         agreeing += _agreeing_tokens(colocated, disaggregated)
     # Near-ties are rare: most tokens must have been compared, or the check above says little.
     assert agreeing >= 0.75 * TOKENS * len(prompts), agreeing
-    after = scrape_metrics(decode.metrics_url)
+    after = _settled(decode.metrics_url, f"{DESCRIPTORS}_count", f"{UNPACKS}_count")
     transfers = after[f"{DESCRIPTORS}_count"] - before.get(f"{DESCRIPTORS}_count", 0.0)
     descriptors = after[f"{DESCRIPTORS}_sum"] - before.get(f"{DESCRIPTORS}_sum", 0.0)
     # Every rank reads its heads, for every request.
@@ -202,7 +217,7 @@ def test_staged_transfers_give_colocated_output_with_one_descriptor_per_rank(
     assert descriptors == transfers  # one READ of one region per rank and request
     # What operators see (pd_staging_* on each worker's /metrics): one pack per request on the
     # prefill, one unpack per read on the decode, no request sent per block on either side.
-    prefill_after = scrape_metrics(prefill.metrics_url)
+    prefill_after = _settled(prefill.metrics_url, f"{PACKS}_count")
     packs = prefill_after[f"{PACKS}_count"] - prefill_before[f"{PACKS}_count"]
     assert packs == len(prompts)
     assert after[f"{UNPACKS}_count"] - before[f"{UNPACKS}_count"] == transfers
