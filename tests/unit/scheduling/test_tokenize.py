@@ -193,6 +193,60 @@ async def test_atokenize_runs_off_the_loop_with_the_same_result(model_dir: Path,
         t.close()
 
 
+@pytest.mark.parametrize("inline_chars", [0, 10**9])
+async def test_atokenize_encodes_little_new_text_on_the_loop_and_much_on_the_thread(
+    model_dir: Path, hf: Any, inline_chars: int
+) -> None:
+    """Up to ``inline_encode_chars`` of new text is encoded on the event loop (no thread hop:
+    the tokenizer thread is never asked); more goes to the thread. Same ids either way, for
+    chat and completion prompts, cached, new and in between, and concurrent requests."""
+    import asyncio
+    import random
+    import threading
+
+    t = PromptTokenizer(str(model_dir), inline_encode_chars=inline_chars)
+    await t.aload()
+    seg = t._segments
+    assert seg is not None
+    threads: set[str] = set()
+    real = seg.encode_many
+
+    def recording(chunks: list[str]) -> list[list[int]]:
+        threads.add(threading.current_thread().name)
+        return real(chunks)
+
+    seg.encode_many = recording  # type: ignore[method-assign]
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "naïve", "日本", "42", "fox", "the"]
+    system = " ".join(rng.choice(words) for _ in range(600))
+    try:
+        bodies: list[tuple[str, dict[str, Any]]] = []
+        for i in range(12):
+            doc = " ".join(rng.choice(words) for _ in range(rng.randint(1, 900)))
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": doc}]
+            bodies.append((CHAT, {"messages": messages}))
+            bodies.append((COMPLETIONS, {"prompt": f"{system} {doc} {i}"}))
+        expected = [
+            hf.encode(
+                hf.apply_chat_template(b["messages"], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )
+            if path == CHAT
+            else hf.encode(b["prompt"])
+            for path, b in bodies
+        ]
+        got = await asyncio.gather(*(t.atokenize(path, b) for path, b in bodies))
+        assert got == expected
+        assert await t.atokenize(*bodies[0]) == expected[0]  # cached now
+        loop_thread = threading.current_thread().name
+        if inline_chars:
+            assert threads == {loop_thread}
+        else:
+            assert threads and loop_thread not in threads
+    finally:
+        t.close()
+
+
 # ---- KVAwareScheduler.prepare with a tokenizer ---------------------------------------------
 
 
@@ -304,6 +358,30 @@ def test_completions_sharing_a_long_document_reuse_its_chunks(hf: Any) -> None:
     assert enc.encode(prompt, True) == hf.encode(prompt)
     # Only the chunk where the two prompts part (and the rest after it) was encoded again.
     assert enc.misses - misses <= 2 and enc.hits >= len(document) // 64 - 1
+
+
+def test_new_chunks_are_encoded_in_one_batch_and_a_repeated_one_once(hf: Any) -> None:
+    """The chunks a text brings that the cache lacks go to the tokenizer together, each once
+    however often the text repeats it; the ids still equal the whole encode."""
+    from pd_runtime.scheduling.tokenize import SegmentEncoder
+
+    enc = SegmentEncoder(hf, chunk_chars=16, verify_first=0)
+    batches: list[list[str]] = []
+    real = enc.encode_many
+
+    def recording(chunks: list[str]) -> list[list[int]]:
+        batches.append(list(chunks))
+        return real(chunks)
+
+    enc.encode_many = recording  # type: ignore[method-assign]
+    text = "alpha beta gamma delta <|im_end|>alpha beta gamma delta <|im_end|>epsilon zeta eta"
+    assert enc.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert len(batches) == 1
+    assert len(batches[0]) == len(set(batches[0])) == enc.misses
+    assert batches[0] == ["alpha beta gamma", " delta ", "epsilon zeta eta"]
+    assert enc.hits == 2  # the second "alpha beta gamma" and " delta ": encoded once each
+    assert enc.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert len(batches) == 1  # all cached now: no call
 
 
 def test_chat_prompts_sharing_a_system_prompt_reuse_its_tokens(
