@@ -1,8 +1,8 @@
 """The KV-cache-aware scheduler: precise prefix index, load signals, profiles, P/D decider.
 
 Per request:
-  1. ``prepare`` (off the event loop): tokenize the prompt as the engine will (chat template
-     included) and key its full blocks (:mod:`pd_runtime.kv_events.keys`);
+  1. ``prepare`` (awaited; the BPE of much new text runs off the event loop): tokenize the
+     prompt as the engine will (chat template included) and key its full blocks (:mod:`pd_runtime.kv_events.keys`);
   2. ``schedule`` (on the loop, no I/O): look the keys up in the KV-event index and in the
      pending overlay (requests routed but not yet reported by their engine), run the decode
      profile, let the decider choose direct or disaggregated, run the prefill profile if so,
