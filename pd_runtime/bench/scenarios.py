@@ -22,6 +22,9 @@ cache), scrape the workers' prefix-cache counters, run the workload, scrape agai
     vllm-router     vLLM's Rust router, cache_aware policy over the two decode workers
     vllm-router-pd  vLLM's Rust router in P/D mode (--vllm-pd-disaggregation, NIXL) over the
                     prefill worker and the two decode workers, cache_aware policy
+    vllm-router-kv  vLLM's Rust router, kv_aware policy over the two decode workers, subscribed
+                    to their KV events (the workers then bind their publishers, as for
+                    coordinator replicas, and our coordinators connect to them too)
 
 ``repetitions: N`` runs every (front, workload) cell N times, the fronts' order rotated each
 time (so no front always runs first, on a cold machine, or last), and writes per repetition the
@@ -106,7 +109,14 @@ class Context:
 def _coordinator(ctx: Context, name: str, description: str, **update: Any) -> Front:
     from pd_runtime.config.loader import dump_yaml
 
-    config = ctx.plan.coordinator.model_copy(update={"port": ctx.port, **update})
+    # One process, whatever the plan says (a plan made for vllm-router-kv has two replicas so
+    # that the workers bind their KV-event publishers): its own port and the default profiles.
+    scheduler = update.pop("scheduler", ctx.plan.coordinator.scheduler)
+    if scheduler.policy == "kv-aware":
+        params = {**scheduler.params, "replicas": 1}
+        scheduler = scheduler.model_copy(update={"params": params})
+    update = {"port": ctx.port, "reuse_port": False, "scheduler": scheduler, **update}
+    config = ctx.plan.coordinator.model_copy(update=update)
     path = ctx.run_dir / f"coordinator-{name}.yaml"
     dump_yaml(config, path)
     argv = [sys.executable, "-m", "pd_runtime", "coordinator", "--config", str(path)]
@@ -200,7 +210,7 @@ def _router_binary() -> str:
     return found
 
 
-def _router_common(ctx: Context) -> list[str]:
+def _router_common(ctx: Context, policy: str = "cache_aware") -> list[str]:
     return [
         _router_binary(),
         "--host", "127.0.0.1",
@@ -208,7 +218,7 @@ def _router_common(ctx: Context) -> list[str]:
         "--prometheus-port", str(ctx.port + 50),
         "--worker-startup-check-interval", "1",
         "--log-level", "warning",
-        "--policy", "cache_aware",
+        "--policy", policy,
     ]  # fmt: skip
 
 
@@ -217,6 +227,29 @@ def _vllm_router(ctx: Context) -> Front:
     return Front(
         "vllm-router", f"http://127.0.0.1:{ctx.port}", argv,
         f"vllm-router {ROUTER_VERSION}, cache_aware policy over the decode workers (no P/D)",
+    )  # fmt: skip
+
+
+def _vllm_router_kv(ctx: Context) -> Front:
+    """vllm-router's ``kv_aware`` policy, fed by the decode workers' own KV-event publishers
+    (the plan has them bind: see :data:`WORKERS_BIND_FOR`)."""
+    argv = [*_router_common(ctx, "kv_aware"), "--worker-urls", *ctx.decode_urls]
+    urls = set(ctx.decode_urls)
+    for endpoint in ctx.plan.coordinator.endpoints:
+        url = f"http://{endpoint.address}"
+        if endpoint.role != "decode" or url not in urls:
+            continue
+        if endpoint.kv_events is None or endpoint.kv_events_bind:
+            raise RuntimeError(f"{url}: its KV-event publisher does not bind; nothing to subscribe")
+        argv += ["--kv-event-source", f"{url}={endpoint.kv_events}"]
+        if endpoint.kv_events_replay is not None:
+            argv += ["--kv-event-replay-source", f"{url}={endpoint.kv_events_replay}"]
+    block_size = ctx.plan.coordinator.scheduler.params.get("block_size", 16)
+    argv += ["--kv-event-block-size", str(block_size)]
+    return Front(
+        "vllm-router-kv", f"http://127.0.0.1:{ctx.port}", argv,
+        f"vllm-router {ROUTER_VERSION}, kv_aware policy over the decode workers (no P/D), fed by "
+        "their KV events",
     )  # fmt: skip
 
 
@@ -241,7 +274,13 @@ FRONTS: dict[str, Callable[[Context], Front]] = {
     "direct": _direct,
     "vllm-router": _vllm_router,
     "vllm-router-pd": _vllm_router_pd,
+    "vllm-router-kv": _vllm_router_kv,
 }
+
+#: Fronts that subscribe to the workers' KV-event publishers themselves: with one of them in the
+#: run, the deployment is planned as for coordinator replicas (each worker binds its publisher,
+#: every subscriber connects), and our coordinators connect too.
+WORKERS_BIND_FOR = frozenset({"vllm-router-kv"})
 
 
 # -- processes and worker state ------------------------------------------------------------------
@@ -756,17 +795,29 @@ def _run_front(
     return rows
 
 
-def run(config_path: Path, out: Path) -> int:
+def plan_workers(cfg: dict[str, Any], run_dir: Path, **prepare: Any) -> tuple[Any, Any]:
+    """The deployment and the plan of its workers and sidecars (no coordinator: each front is
+    started on its own). With a front of :data:`WORKERS_BIND_FOR` in ``cfg["fronts"]`` it is
+    planned as for two coordinator replicas, so the workers bind their KV-event publishers."""
     from pd_runtime.config import DeploymentConfig
-    from pd_runtime.launcher.local import LocalLauncher
     from pd_runtime.launcher.prepare import prepare_deployment
+
+    deployment = DeploymentConfig.model_validate(cfg["deployment"])
+    if WORKERS_BIND_FOR & set(cfg["fronts"]) and deployment.coordinator.replicas < 2:
+        coordinator = deployment.coordinator.model_copy(update={"replicas": 2})
+        deployment = deployment.model_copy(update={"coordinator": coordinator})
+    plan = prepare_deployment(deployment, run_dir, **prepare)
+    plan = dataclasses.replace(plan, parts=[p for p in plan.parts if p.kind != "coordinator"])
+    return deployment, plan
+
+
+def run(config_path: Path, out: Path) -> int:
+    from pd_runtime.launcher.local import LocalLauncher
 
     cfg = yaml.safe_load(config_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path("runs") / f"bench-{out.name}"  # process logs: large, not committed
-    deployment = DeploymentConfig.model_validate(cfg["deployment"])
-    plan = prepare_deployment(deployment, run_dir)
-    plan = dataclasses.replace(plan, parts=[p for p in plan.parts if p.kind != "coordinator"])
+    deployment, plan = plan_workers(cfg, run_dir)
     model = deployment.model.name
     text = TextGen(cfg.get("tokenizer"))
     machine = machine_description()

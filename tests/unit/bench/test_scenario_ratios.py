@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from pd_runtime.bench.scenarios import FRONTS, goodput_ratios, is_ours, ratio_table
 
 
@@ -81,6 +83,41 @@ def test_every_front_of_ours_writes_a_coordinator_config_that_loads(tmp_path) ->
     assert "predicted-latency" in scorers and "prefix-cache" in scorers
     led = {s.type: s.weight for s in params["pd-latency-led"].profiles["decode"].scorers}
     assert led == {"predicted-latency": 4, "prefix-cache": 1, "in-flight-load": 1}
+
+
+def test_vllm_router_kv_subscribes_to_the_decode_workers_own_publishers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With vllm-router-kv in the run the workers bind their KV-event publishers (the router
+    and our coordinator both connect), the router gets one source per decode worker and the
+    engines' block size, and our fronts stay one process with the default profiles."""
+    import yaml
+
+    from pd_runtime.bench.scenarios import DEFAULT_CONFIG, Context, plan_workers
+    from pd_runtime.config.coordinator import CoordinatorConfig
+
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    quiet = {"progress": lambda _: None, "generate_model": False}
+    _, usual = plan_workers({**cfg, "fronts": ["pd-kv-aware", "vllm-router"]}, tmp_path, **quiet)
+    assert all(e.kv_events_bind for e in usual.coordinator.endpoints)
+    with pytest.raises(RuntimeError, match="does not bind"):
+        FRONTS["vllm-router-kv"](Context(usual, tmp_path, 12000))
+
+    _, plan = plan_workers({**cfg, "fronts": ["pd-kv-aware", "vllm-router-kv"]}, tmp_path, **quiet)
+    assert not any(e.kv_events_bind for e in plan.coordinator.endpoints)
+    argv = FRONTS["vllm-router-kv"](Context(plan, tmp_path, 12001)).argv
+    assert argv is not None and argv[argv.index("--policy") + 1] == "kv_aware"
+    sources = [argv[i + 1] for i, a in enumerate(argv) if a == "--kv-event-source"]
+    decode = [e for e in plan.coordinator.endpoints if e.role == "decode"]
+    assert sources == [f"http://{e.address}={e.kv_events}" for e in decode] and len(decode) == 2
+    assert all(s.split("=", 1)[1].startswith("ipc://") for s in sources)
+    assert argv[argv.index("--kv-event-block-size") + 1] == str(
+        cfg["deployment"]["engine"]["block_size"]
+    )
+    for name in ("pd-kv-aware", "kv-aware"):
+        FRONTS[name](Context(plan, tmp_path, 12000))
+        written = yaml.safe_load((tmp_path / f"coordinator-{name}.yaml").read_text())
+        config = CoordinatorConfig.model_validate(written)
+        assert config.scheduler.params["replicas"] == 1 and not config.reuse_port
+        assert not any(e.kv_events_bind for e in config.endpoints)  # it connects, too
 
 
 def test_token_share_says_which_worker_computed_the_prompts() -> None:
