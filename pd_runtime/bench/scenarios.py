@@ -230,9 +230,38 @@ def _vllm_router(ctx: Context) -> Front:
     )  # fmt: skip
 
 
+#: Publisher endpoint -> the tcp:// endpoint that forwards it (one forwarder per publisher
+#: for the whole run, however many repetitions build the front).
+_FORWARDED: dict[str, str] = {}
+
+
+def _tcp_events(endpoint: str) -> str:
+    """``endpoint`` as vllm-router accepts it. Its KV-event sources must be ``tcp://HOST:PORT``,
+    while the workers bind their publishers on ``ipc://`` paths (no network interface): a pyzmq
+    forwarder (``zmq.proxy``, XSUB -> XPUB, subscriptions passed upstream) on a loopback port
+    bridges one to the other, in a daemon thread of this process."""
+    if endpoint.startswith("tcp://"):
+        return endpoint
+    if endpoint not in _FORWARDED:
+        import threading
+
+        import zmq
+
+        context = zmq.Context.instance()
+        upstream, downstream = context.socket(zmq.XSUB), context.socket(zmq.XPUB)
+        upstream.connect(endpoint)
+        port = downstream.bind_to_random_port("tcp://127.0.0.1")
+        threading.Thread(
+            target=zmq.proxy, args=(upstream, downstream), name="kv-events-forwarder", daemon=True
+        ).start()
+        _FORWARDED[endpoint] = f"tcp://127.0.0.1:{port}"
+    return _FORWARDED[endpoint]
+
+
 def _vllm_router_kv(ctx: Context) -> Front:
     """vllm-router's ``kv_aware`` policy, fed by the decode workers' own KV-event publishers
-    (the plan has them bind: see :data:`WORKERS_BIND_FOR`)."""
+    (the plan has them bind: see :data:`WORKERS_BIND_FOR`; forwarded to tcp: see
+    :func:`_tcp_events`)."""
     argv = [*_router_common(ctx, "kv_aware"), "--worker-urls", *ctx.decode_urls]
     urls = set(ctx.decode_urls)
     for endpoint in ctx.plan.coordinator.endpoints:
@@ -241,11 +270,13 @@ def _vllm_router_kv(ctx: Context) -> Front:
             continue
         if endpoint.kv_events is None or endpoint.kv_events_bind:
             raise RuntimeError(f"{url}: its KV-event publisher does not bind; nothing to subscribe")
-        argv += ["--kv-event-source", f"{url}={endpoint.kv_events}"]
+        argv += ["--kv-event-source", f"{url}={_tcp_events(endpoint.kv_events)}"]
         if endpoint.kv_events_replay is not None:
             argv += ["--kv-event-replay-source", f"{url}={endpoint.kv_events_replay}"]
-    block_size = ctx.plan.coordinator.scheduler.params.get("block_size", 16)
-    argv += ["--kv-event-block-size", str(block_size)]
+    params = ctx.plan.coordinator.scheduler.params
+    # The model's directory: the router loads its tokenizer.json to key prompts as the engines do.
+    argv += ["--kv-event-block-size", str(params.get("block_size", 16))]
+    argv += ["--kv-event-model", str(params.get("tokenizer", ctx.plan.model_path))]
     return Front(
         "vllm-router-kv", f"http://127.0.0.1:{ctx.port}", argv,
         f"vllm-router {ROUTER_VERSION}, kv_aware policy over the decode workers (no P/D), fed by "

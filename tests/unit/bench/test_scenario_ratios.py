@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,11 +108,14 @@ def test_vllm_router_kv_subscribes_to_the_decode_workers_own_publishers(tmp_path
     assert argv is not None and argv[argv.index("--policy") + 1] == "kv_aware"
     sources = [argv[i + 1] for i, a in enumerate(argv) if a == "--kv-event-source"]
     decode = [e for e in plan.coordinator.endpoints if e.role == "decode"]
-    assert sources == [f"http://{e.address}={e.kv_events}" for e in decode] and len(decode) == 2
-    assert all(s.split("=", 1)[1].startswith("ipc://") for s in sources)
+    assert [s.split("=", 1)[0] for s in sources] == [f"http://{e.address}" for e in decode]
+    assert len(decode) == 2 and all(e.kv_events.startswith("ipc://") for e in decode)
+    assert all(s.split("=", 1)[1].startswith("tcp://127.0.0.1:") for s in sources)  # forwarded
     assert argv[argv.index("--kv-event-block-size") + 1] == str(
         cfg["deployment"]["engine"]["block_size"]
     )
+    model = Path(argv[argv.index("--kv-event-model") + 1])  # where its tokenizer.json is
+    assert model == Path(plan.coordinator.scheduler.params["tokenizer"])
     for name in ("pd-kv-aware", "kv-aware"):
         FRONTS[name](Context(plan, tmp_path, 12000))
         written = yaml.safe_load((tmp_path / f"coordinator-{name}.yaml").read_text())
@@ -162,3 +166,35 @@ def test_front_cpu_counts_the_front_and_its_children(tmp_path) -> None:  # type:
         Running(Front("direct", "http://127.0.0.1:1", None, ""), tmp_path / "d.log").cpu_seconds()
         is None
     )
+
+
+def test_an_ipc_publisher_reaches_a_tcp_subscriber_through_the_forwarder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """vllm-router takes tcp:// sources only: a worker's ipc:// publisher is forwarded, the
+    subscription passed upstream and multipart messages (topic, seq, payload) kept."""
+    import time
+
+    import zmq
+
+    from pd_runtime.bench.scenarios import _tcp_events
+
+    context = zmq.Context.instance()
+    publisher = context.socket(zmq.PUB)
+    endpoint = f"ipc://{tmp_path}/kv.sock"
+    publisher.bind(endpoint)
+    forwarded = _tcp_events(endpoint)
+    assert forwarded.startswith("tcp://127.0.0.1:") and _tcp_events(endpoint) == forwarded
+    assert _tcp_events("tcp://10.0.0.1:5557") == "tcp://10.0.0.1:5557"
+    subscriber = context.socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.connect(forwarded)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the subscription has travelled upstream
+            publisher.send_multipart([b"topic", b"\x00" * 8, b"payload"])
+            if subscriber.poll(100):
+                assert subscriber.recv_multipart() == [b"topic", b"\x00" * 8, b"payload"]
+                return
+        raise AssertionError("nothing arrived through the forwarder")
+    finally:
+        subscriber.close(0)
+        publisher.close(0)
