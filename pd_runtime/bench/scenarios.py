@@ -247,7 +247,7 @@ def _tcp_events(endpoint: str) -> str:
 
         import zmq
 
-        context = zmq.Context.instance()
+        context: Any = zmq.Context.instance()
         upstream, downstream = context.socket(zmq.XSUB), context.socket(zmq.XPUB)
         upstream.connect(endpoint)
         port = downstream.bind_to_random_port("tcp://127.0.0.1")
