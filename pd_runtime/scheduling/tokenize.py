@@ -101,6 +101,10 @@ class SegmentEncoder:
         self.hits = 0
         self.misses = 0
         self._backend: Any = getattr(tokenizer, "backend_tokenizer", None)
+        # Looked up once, not per request (older tokenizers have no encode_batch_fast).
+        self._encode_batch: Any = getattr(self._backend, "encode_batch_fast", None) or getattr(
+            self._backend, "encode_batch", None
+        )
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self._ids = {t.content: i for i, t in added.items()}
         self.enabled = bool(
@@ -215,9 +219,7 @@ class SegmentEncoder:
         of a chunk's BPE time measured single-threaded) and encodes the chunks of a new
         document in parallel on the tokenizer's own threads, without the GIL. It touches no
         state of this encoder, so it may run on another thread while the loop plans."""
-        backend = self._backend
-        batch = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
-        return [e.ids for e in batch(chunks, add_special_tokens=False)]
+        return [e.ids for e in self._encode_batch(chunks, add_special_tokens=False)]
 
     def _put(self, piece: str, ids: array[int]) -> None:
         if len(ids) > self.max_tokens:
