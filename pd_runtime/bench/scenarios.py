@@ -23,8 +23,8 @@ cache), scrape the workers' prefix-cache counters, run the workload, scrape agai
     vllm-router-pd  vLLM's Rust router in P/D mode (--vllm-pd-disaggregation, NIXL) over the
                     prefill worker and the two decode workers, cache_aware policy
     vllm-router-kv  vLLM's Rust router, kv_aware policy over the two decode workers, subscribed
-                    to their KV events (the workers then bind their publishers, as for
-                    coordinator replicas, and our coordinators connect to them too)
+                    to their KV events (the workers then bind their publishers,
+                    ``coordinator.workers_bind_kv_events``, and our coordinators connect too)
 
 ``repetitions: N`` runs every (front, workload) cell N times, the fronts' order rotated each
 time (so no front always runs first, on a cold machine, or last), and writes per repetition the
@@ -109,14 +109,7 @@ class Context:
 def _coordinator(ctx: Context, name: str, description: str, **update: Any) -> Front:
     from pd_runtime.config.loader import dump_yaml
 
-    # One process, whatever the plan says (a plan made for vllm-router-kv has two replicas so
-    # that the workers bind their KV-event publishers): its own port and the default profiles.
-    scheduler = update.pop("scheduler", ctx.plan.coordinator.scheduler)
-    if scheduler.policy == "kv-aware":
-        params = {**scheduler.params, "replicas": 1}
-        scheduler = scheduler.model_copy(update={"params": params})
-    update = {"port": ctx.port, "reuse_port": False, "scheduler": scheduler, **update}
-    config = ctx.plan.coordinator.model_copy(update=update)
+    config = ctx.plan.coordinator.model_copy(update={"port": ctx.port, **update})
     path = ctx.run_dir / f"coordinator-{name}.yaml"
     dump_yaml(config, path)
     argv = [sys.executable, "-m", "pd_runtime", "coordinator", "--config", str(path)]
@@ -309,8 +302,8 @@ FRONTS: dict[str, Callable[[Context], Front]] = {
 }
 
 #: Fronts that subscribe to the workers' KV-event publishers themselves: with one of them in the
-#: run, the deployment is planned as for coordinator replicas (each worker binds its publisher,
-#: every subscriber connects), and our coordinators connect too.
+#: run, each worker binds its publisher (``coordinator.workers_bind_kv_events``) and every
+#: subscriber connects, our coordinators too.
 WORKERS_BIND_FOR = frozenset({"vllm-router-kv"})
 
 
@@ -828,14 +821,14 @@ def _run_front(
 
 def plan_workers(cfg: dict[str, Any], run_dir: Path, **prepare: Any) -> tuple[Any, Any]:
     """The deployment and the plan of its workers and sidecars (no coordinator: each front is
-    started on its own). With a front of :data:`WORKERS_BIND_FOR` in ``cfg["fronts"]`` it is
-    planned as for two coordinator replicas, so the workers bind their KV-event publishers."""
+    started on its own). With a front of :data:`WORKERS_BIND_FOR` in ``cfg["fronts"]`` the
+    workers bind their KV-event publishers (``coordinator.workers_bind_kv_events``)."""
     from pd_runtime.config import DeploymentConfig
     from pd_runtime.launcher.prepare import prepare_deployment
 
     deployment = DeploymentConfig.model_validate(cfg["deployment"])
-    if WORKERS_BIND_FOR & set(cfg["fronts"]) and deployment.coordinator.replicas < 2:
-        coordinator = deployment.coordinator.model_copy(update={"replicas": 2})
+    if WORKERS_BIND_FOR & set(cfg["fronts"]):
+        coordinator = deployment.coordinator.model_copy(update={"workers_bind_kv_events": True})
         deployment = deployment.model_copy(update={"coordinator": coordinator})
     plan = prepare_deployment(deployment, run_dir, **prepare)
     plan = dataclasses.replace(plan, parts=[p for p in plan.parts if p.kind != "coordinator"])

@@ -203,6 +203,13 @@ class CoordinatorSection(CoordinatorEdge):
         description="coordinator processes behind the one port (SO_REUSEPORT): each subscribes "
         "to every worker's KV events and scrapes on its own, so they need no shared state",
     )
+    workers_bind_kv_events: bool = Field(
+        default=False,
+        description="each worker binds its KV-event publisher (an ipc:// path on its host) and "
+        "every subscriber connects: any number of subscribers (coordinator replicas, or a peer "
+        "router beside ours). Implied by replicas > 1; otherwise the coordinator binds and the "
+        "workers connect",
+    )
     replica_port: int | None = Field(
         default=None,
         ge=1,

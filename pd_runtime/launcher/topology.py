@@ -227,7 +227,7 @@ def _ipc_endpoint(run_dir: Path, name: str) -> str:
     path = run_dir.resolve() / f"kv-events-{name}.sock"
     if len(str(path)) > _MAX_IPC_PATH:
         raise ConfigError(
-            f"coordinator.replicas: the KV-event socket path {path} is longer than a unix socket "
+            f"coordinator: the KV-event socket path {path} is longer than a unix socket "
             f"allows ({_MAX_IPC_PATH} bytes); use a shorter run directory"
         )
     return f"ipc://{path}"
@@ -265,7 +265,8 @@ def plan_deployment(
     models = config.single_models()
     placed = _worker_specs(models, platform, machine)
     replicated = config.coordinator.replicas > 1
-    if replicated:  # each worker binds its publisher; every coordinator replica connects
+    # Each worker binds its publisher and every subscriber (each replica) connects.
+    if replicated or config.coordinator.workers_bind_kv_events:
         placed = [
             (name, replace(spec, kv_events_endpoint=_ipc_endpoint(run_dir, name)), where)
             if spec.kv_events_port is not None

@@ -121,6 +121,22 @@ def test_coordinator_replicas_share_the_port_and_connect_to_bound_publishers(
     assert decode1.kv_events_replay == "tcp://127.0.0.1:5761"
 
 
+def test_workers_can_bind_their_publishers_for_one_coordinator(tmp_path: Path) -> None:
+    """workers_bind_kv_events without replicas: the workers bind (ipc://), the one coordinator
+    connects, and stays one process with the default (unreplicated) profiles."""
+    plan = plan_deployment(
+        config(coordinator__workers_bind_kv_events=True), tmp_path, Platform("cpu", 0, (0, 1))
+    )
+    assert [p.name for p in plan.by_kind("coordinator")] == ["coordinator"]
+    assert not plan.coordinator.reuse_port
+    assert plan.coordinator.scheduler.params["replicas"] == 1
+    socket = f"ipc://{tmp_path.resolve()}/kv-events-decode-1.sock"
+    worker = next(p for p in plan.parts if p.name == "decode-1")
+    assert json.loads(flag(worker.argv, "--kv-events-config"))["endpoint"] == socket
+    decode1 = next(e for e in plan.coordinator.endpoints if e.name == "decode-1")
+    assert (decode1.kv_events, decode1.kv_events_bind) == (socket, False)
+
+
 def test_one_coordinator_keeps_its_name_port_and_bound_subscriber(tmp_path: Path) -> None:
     plan = plan_deployment(config(), tmp_path, Platform("cpu", 0, (0, 1)))
     assert [(p.name, p.port) for p in plan.by_kind("coordinator")] == [("coordinator", 8000)]

@@ -120,7 +120,7 @@ def test_vllm_router_kv_subscribes_to_the_decode_workers_own_publishers(tmp_path
         FRONTS[name](Context(plan, tmp_path, 12000))
         written = yaml.safe_load((tmp_path / f"coordinator-{name}.yaml").read_text())
         config = CoordinatorConfig.model_validate(written)
-        assert config.scheduler.params["replicas"] == 1 and not config.reuse_port
+        assert config.scheduler.params["replicas"] == 1 and not config.reuse_port  # one process
         assert not any(e.kv_events_bind for e in config.endpoints)  # it connects, too
 
 
