@@ -31,8 +31,10 @@ time (so no front always runs first, on a cold machine, or last), and writes per
 ratio of our best front's goodput to vllm-router's best (``ratios.json``, min and max in
 ``summary.md``). A workload may carry its own ``slos`` (else the config's).
 
-Then an open-loop rate sweep on a few fronts and vLLM's own ``vllm bench serve`` against our
-gateway. Writes ``<out>/records/<front>/<workload>.json`` (per-request records), ``summary.json``,
+Then an open-loop rate sweep on a few fronts (the first repetition, or every one with
+``every_repetition``; ``closed_loop: false`` runs the sweep alone): every front gets the same
+Poisson arrivals, so TTFT compares at equal offered load (``sweep_ratios.json``). And vLLM's own
+``vllm bench serve`` against our gateway. Writes ``<out>/records/<front>/<workload>.json`` (per-request records), ``summary.json``,
 ``summary.md``, ``sweep.json``, PNG plots and ``machine.json`` (see docs/benchmarks.md).
 """
 
@@ -633,6 +635,80 @@ def ratio_table(ratios: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_workloads(sweep: dict[str, Any]) -> list[str]:
+    """The workloads a ``rate_sweep`` covers: ``workloads: [...]``, or one ``workload``."""
+    names = sweep.get("workloads") or [sweep["workload"]]
+    return [str(n) for n in names]
+
+
+def sweep_ratios(sweep: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (repetition, workload, offered rate) of the open-loop sweep: our best TTFT p50 over
+    vllm-router ``cache_aware``'s, and our best goodput over vllm-router's best. At one offered
+    rate every front gets the same requests at the same times, so unlike the closed loop a front
+    that parks clients on a slow worker does not lower the load the others see."""
+    out = []
+    cells = sorted(
+        {(r.get("repetition", 0), r["workload"].split("@")[0], r["offered_rate"]) for r in sweep}
+    )
+    for repetition, workload, rate in cells:
+        here = [
+            r for r in sweep
+            if r.get("repetition", 0) == repetition and r["offered_rate"] == rate
+            and r["workload"].split("@")[0] == workload and r.get("ttft_p50_ms") is not None
+        ]  # fmt: skip
+        ours = [r for r in here if is_ours(r["scenario"])]
+        theirs = [r for r in here if r["scenario"].startswith("vllm-router")]
+        cache_aware = next((r for r in theirs if r["scenario"] == "vllm-router"), None)
+        if not ours or cache_aware is None:
+            continue
+        best_ttft = min(ours, key=lambda r: r["ttft_p50_ms"])
+        best_goodput = max(r["goodput_rps"] or 0.0 for r in ours)
+        theirs_goodput = max(r["goodput_rps"] or 0.0 for r in theirs)
+        out.append(
+            {
+                "repetition": repetition,
+                "workload": workload,
+                "offered_rate": rate,
+                "ours_best_ttft": best_ttft["scenario"],
+                "ours_ttft_p50_ms": best_ttft["ttft_p50_ms"],
+                "cache_aware_ttft_p50_ms": cache_aware["ttft_p50_ms"],
+                "ttft_p50_ratio_vs_cache_aware": round(
+                    best_ttft["ttft_p50_ms"] / cache_aware["ttft_p50_ms"], 3
+                )
+                if cache_aware["ttft_p50_ms"]
+                else None,
+                "goodput_ratio": round(best_goodput / theirs_goodput, 3)
+                if theirs_goodput
+                else None,
+            }
+        )
+    return out
+
+
+def sweep_ratio_table(ratios: list[dict[str, Any]]) -> str:
+    """Markdown: per (workload, offered rate), the TTFT p50 and goodput ratios of every
+    repetition."""
+    lines = [
+        "| workload | offered req/s | TTFT p50 ours / cache_aware, per repetition | max "
+        "| goodput ours / vllm-router, per repetition |",
+        "|---|---|---|---|---|",
+    ]
+    for workload, rate in sorted({(r["workload"], r["offered_rate"]) for r in ratios}):
+        mine = [r for r in ratios if r["workload"] == workload and r["offered_rate"] == rate]
+        ttft = [r["ttft_p50_ratio_vs_cache_aware"] for r in mine]
+        goodput = [r["goodput_ratio"] for r in mine]
+
+        def cells(values: list[float | None]) -> str:
+            return ", ".join("-" if v is None else f"{v:.2f}" for v in values)
+
+        known = [v for v in ttft if v is not None]
+        lines.append(
+            f"| {workload} | {rate:g} | {cells(ttft)} | {max(known, default=float('nan')):.2f} "
+            f"| {cells(goodput)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _vllm_bench_serve(
     url: str, model: str, tokenizer: str, spec: dict, slos: dict, out: Path
 ) -> dict:
@@ -714,10 +790,11 @@ def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
         for front in fronts
     }
     reps = len({r.get("repetition", 0) for r in measured})
-    bar_chart(
-        out / "goodput.png", f"Goodput (requests/s within the SLOs), median of {reps} repetition(s)",
-        workloads, goodput, ylabel="goodput (req/s)",
-    )  # fmt: skip
+    if measured:  # none in a sweep-only run (closed_loop: false)
+        bar_chart(
+            out / "goodput.png", f"Goodput (requests/s within the SLOs), median of {reps} repetition(s)",
+            workloads, goodput, ylabel="goodput (req/s)",
+        )  # fmt: skip
 
     for workload in sorted({r["workload"] for r in rows if "@" not in r["workload"]}):
         series = {}
@@ -736,23 +813,25 @@ def _plots(out: Path, rows: list[dict], sweep: list[dict]) -> None:
             out / f"ttft-cdf-{workload}.png", f"TTFT CDF, {workload}", series,
             xlabel="TTFT (ms, log scale)", ylabel="fraction of requests", log_x=True, steps=True,
         )  # fmt: skip
-    if sweep:
+    for workload in sorted({r["workload"].split("@")[0] for r in sweep}):
+        rows_here = [r for r in sweep if r["workload"].split("@")[0] == workload]
         for key, ylabel, name in (
-            ("throughput_rps", "achieved requests/s", "throughput-vs-rate.png"),
-            ("ttft_p50_ms", "TTFT p50 (ms)", "ttft-vs-rate.png"),
+            ("throughput_rps", "achieved requests/s", "throughput-vs-rate"),
+            ("ttft_p50_ms", "TTFT p50 (ms)", "ttft-vs-rate"),
         ):
             series = {}
-            for front in sorted({r["scenario"] for r in sweep}):
-                pts = sorted(
-                    (r["offered_rate"], r[key])
-                    for r in sweep
-                    if r["scenario"] == front and r.get(key) is not None
-                )
-                if pts:
-                    series[front] = ([p[0] for p in pts], [p[1] for p in pts])
+            for front in sorted({r["scenario"] for r in rows_here}):
+                by_rate: dict[float, list[float]] = {}
+                for r in rows_here:
+                    if r["scenario"] == front and r.get(key) is not None:
+                        by_rate.setdefault(r["offered_rate"], []).append(r[key])
+                if by_rate:
+                    rates = sorted(by_rate)
+                    series[front] = (rates, [median(by_rate[x]) for x in rates])
             line_chart(
-                out / name, f"{ylabel} vs offered rate ({sweep[0]['workload'].split('@')[0]})",
-                series, xlabel="offered rate (requests/s, Poisson)", ylabel=ylabel,
+                out / f"{name}-{workload}.png",
+                f"{ylabel} vs offered rate ({workload}, median of repetitions)", series,
+                xlabel="offered rate (arrivals/s, Poisson; multi-turn: conversations/s)", ylabel=ylabel,
             )  # fmt: skip
 
 
@@ -778,7 +857,7 @@ def _run_front(
         running.wait_ready(model)
         time.sleep(2)  # KV-event subscriptions connect
         _warm_up(front, model, text, cfg)
-        for spec in cfg["workloads"]:
+        for spec in cfg["workloads"] if cfg.get("closed_loop", True) else ():
             try:
                 row = _bench_once(
                     ctx, front, model, text, spec, cfg, out, spec["name"],
@@ -790,15 +869,17 @@ def _run_front(
                 print(f"  {name} {spec['name']} FAILED: {exc}", flush=True)
             rows.append(row)
         sw = cfg.get("rate_sweep")
-        if repetition == 0 and sw and name in sw["fronts"]:
-            for rate in sw["rates"]:
-                spec = next(w for w in cfg["workloads"] if w["name"] == sw["workload"])
+        if sw and name in sw["fronts"] and (repetition == 0 or sw.get("every_repetition")):
+            for workload in sweep_workloads(sw):
+                spec = next(w for w in cfg["workloads"] if w["name"] == workload)
                 spec = {**spec, "requests": sw["requests"]}
-                label = f"{sw['workload']}@{rate:g}rps"
-                row = _bench_once(
-                    ctx, front, model, text, spec, cfg, out, label, rate, running=running
-                )
-                sweep.append({**row, "offered_rate": rate})
+                for rate in sw["rates"]:
+                    label = f"{workload}@{rate:g}rps"
+                    row = _bench_once(
+                        ctx, front, model, text, spec, cfg, out, label, rate,
+                        repetition=repetition, running=running,
+                    )  # fmt: skip
+                    sweep.append({**row, "offered_rate": rate})
         vb = cfg.get("vllm_bench_serve")
         if repetition == 0 and vb and vb["front"] == name:
             try:
@@ -889,13 +970,23 @@ def run(config_path: Path, out: Path) -> int:
     if ratios:
         md += ["\n## Ours / vllm-router, per repetition\n", ratio_table(ratios)]
     if sweep:
-        md += ["\n## Rate sweep\n", markdown_table(sweep, ("offered_rate", *SUMMARY_KEYS))]
+        md += [
+            "\n## Rate sweep\n",
+            markdown_table(sweep, ("repetition", "offered_rate", *SUMMARY_KEYS)),
+        ]
+        swept = sweep_ratios(sweep)
+        write_json(out / "sweep_ratios.json", swept)
+        if swept:
+            md += ["\n## Rate sweep: ours / vllm-router at equal offered load\n"]
+            md += [sweep_ratio_table(swept)]
     md += ["\n## Fronts\n"] + [f"- `{k}`: {v}\n" for k, v in notes.items()]
     (out / "summary.md").write_text("".join(md))
     _plots(out, rows, sweep)
     print(markdown_table(rows, keys))
     if ratios:
         print(ratio_table(ratios))
+    if sweep and sweep_ratios(sweep):
+        print(sweep_ratio_table(sweep_ratios(sweep)))
     print(f"results in {out} ({machine['wall_s']} s)")
     return 0
 

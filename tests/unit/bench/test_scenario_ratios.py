@@ -198,3 +198,48 @@ def test_an_ipc_publisher_reaches_a_tcp_subscriber_through_the_forwarder(tmp_pat
     finally:
         subscriber.close(0)
         publisher.close(0)
+
+
+def _sweep_row(
+    front: str, workload: str, rate: float, repetition: int, ttft: float, goodput: float
+) -> dict:
+    return {
+        "scenario": front,
+        "workload": f"{workload}@{rate:g}rps",
+        "offered_rate": rate,
+        "repetition": repetition,
+        "ttft_p50_ms": ttft,
+        "goodput_rps": goodput,
+    }
+
+
+def test_sweep_ratios_compare_fronts_at_the_same_offered_rate_per_repetition() -> None:
+    from pd_runtime.bench.scenarios import sweep_ratio_table, sweep_ratios, sweep_workloads
+
+    assert sweep_workloads({"workload": "random"}) == ["random"]
+    assert sweep_workloads({"workloads": ["random", "long-doc"]}) == ["random", "long-doc"]
+    sweep = [
+        _sweep_row("pd-latency-led", "random", 1.0, 0, 120.0, 1.0),
+        _sweep_row("kv-aware", "random", 1.0, 0, 90.0, 0.9),  # ours' best TTFT
+        _sweep_row("vllm-router", "random", 1.0, 0, 100.0, 0.95),
+        _sweep_row("vllm-router-kv", "random", 1.0, 0, 80.0, 0.5),  # not the TTFT reference
+        _sweep_row("pd-latency-led", "random", 2.0, 0, 300.0, 1.8),
+        _sweep_row("vllm-router", "random", 2.0, 0, 200.0, 1.2),
+        _sweep_row("pd-latency-led", "random", 1.0, 1, 110.0, 1.0),
+        _sweep_row("vllm-router", "random", 1.0, 1, 100.0, 1.0),
+        _sweep_row("pd-latency-led", "long-doc", 1.0, 0, 50.0, 1.0),  # no vllm-router: no ratio
+    ]
+    ratios = sweep_ratios(sweep)
+    assert [(r["repetition"], r["workload"], r["offered_rate"]) for r in ratios] == [
+        (0, "random", 1.0),
+        (0, "random", 2.0),
+        (1, "random", 1.0),
+    ]
+    first = ratios[0]
+    assert first["ours_best_ttft"] == "kv-aware"
+    assert first["ttft_p50_ratio_vs_cache_aware"] == 0.9  # 90 / 100
+    assert first["goodput_ratio"] == round(1.0 / 0.95, 3)  # best of ours / best of theirs
+    assert ratios[1]["ttft_p50_ratio_vs_cache_aware"] == 1.5
+    table = sweep_ratio_table(ratios)
+    assert "| random | 1 | 0.90, 1.10 | 1.10 | 1.05, 1.00 |" in table
+    assert "| random | 2 | 1.50 | 1.50 | 1.50 |" in table
