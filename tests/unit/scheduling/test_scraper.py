@@ -487,3 +487,89 @@ async def test_sidecar_health_and_metrics_are_fetched_concurrently() -> None:
             assert (state.scrape_failures, state.healthy, state.waiting) == (0, True, 3.0)
         finally:
             await scraper.stop()
+
+
+def vllm_like_app(hits: list[str]) -> FastAPI:
+    """vLLM's two /metrics: its own route renders every metric, and prometheus_client's ASGI app
+    mounted for /metrics/... (as vLLM mounts it) answers ``name[]=`` with only those."""
+    import re
+    from urllib.parse import unquote
+
+    from prometheus_client import (
+        CollectorRegistry,
+        Gauge,
+        Histogram,
+        generate_latest,
+        make_asgi_app,
+    )
+    from starlette.routing import Mount
+
+    registry = CollectorRegistry()
+    labels = ["engine", "model_name"]
+    Gauge("vllm:num_requests_waiting", "w", labels, registry=registry).labels("0", "m").set(2)
+    Gauge("vllm:num_requests_running", "r", labels, registry=registry).labels("0", "m").set(7)
+    Gauge("vllm:kv_cache_usage_perc", "k", labels, registry=registry).labels("0", "m").set(0.5)
+    xfer = Histogram("vllm:nixl_xfer_time_seconds", "x", labels, registry=registry)
+    xfer.labels("0", "m").observe(0.25)
+    xfer.labels("0", "m").observe(0.75)
+    for i in range(200):  # the bulk the filter leaves out
+        Gauge(f"vllm:other_{i}", "o", labels, registry=registry).labels("0", "m").set(i)
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def count(request, call_next):  # type: ignore[no-untyped-def]
+        query = unquote(request.url.query)
+        hits.append(request.url.path + ("?" + query if query else ""))
+        return await call_next(request)
+
+    @app.get("/metrics")
+    async def whole() -> Response:
+        return PlainTextResponse(generate_latest(registry).decode())
+
+    mount = Mount("/metrics", make_asgi_app(registry=registry))
+    mount.path_regex = re.compile("^/metrics(?P<path>.*)$")
+    app.routes.append(mount)
+    return app
+
+
+async def test_a_vllm_worker_is_scraped_through_its_filtered_metrics() -> None:
+    hits: list[str] = []
+    with serve(vllm_like_app(hits)) as url:
+        state = endpoint_state(url.removeprefix("http://"))
+        scraper = await started([state])
+        try:
+            await scraper.scrape_once()
+        finally:
+            await scraper.stop()
+    assert (state.waiting, state.running, state.kv_usage) == (2.0, 7.0, 0.5)
+    assert (state.nixl_xfer_seconds_sum, state.nixl_xfer_count) == (1.0, 2.0)
+    assert hits and all(h.startswith("/metrics/?name[]=") for h in hits), hits  # never whole
+    assert len(hits) == 2  # one request per round
+
+
+async def test_a_worker_without_the_filter_is_scraped_whole_from_then_on(
+    live: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The stand-in serves /metrics only: /metrics/ answers a redirect, which is not followed.
+    caplog.set_level(logging.INFO, logger="pd_runtime.scheduling.scraper")
+    state = endpoint_state(live)
+    scraper = await started([state])
+    try:
+        assert (state.waiting, state.running) == (3.0, 5.0)  # the first round fell back at once
+        assert scraper._whole == {live}
+        fetched: list[str] = []
+        assert scraper._client is not None
+        real_fetch = scraper._client.fetch
+
+        async def recording(method: str, url: str, **kw: object) -> object:
+            fetched.append(url)
+            return await real_fetch(method, url, **kw)  # type: ignore[arg-type]
+
+        scraper._client.fetch = recording  # type: ignore[method-assign]
+        await scraper.scrape_once()
+        assert fetched == [f"http://{live}/metrics"]
+        assert state.healthy and state.scrape_failures == 0
+    finally:
+        await scraper.stop()
+    said = [r.getMessage() for r in caplog.records if "scraping it whole" in r.getMessage()]
+    assert len(said) == 1 and live in said[0]
