@@ -34,8 +34,9 @@ ratio of our best front's goodput to vllm-router's best (``ratios.json``, min an
 Then an open-loop rate sweep on a few fronts (the first repetition, or every one with
 ``every_repetition``; ``closed_loop: false`` runs the sweep alone): every front gets the same
 Poisson arrivals, so TTFT compares at equal offered load (``sweep_ratios.json``). And vLLM's own
-``vllm bench serve`` against our gateway. Writes ``<out>/records/<front>/<workload>.json`` (per-request records), ``summary.json``,
-``summary.md``, ``sweep.json``, PNG plots and ``machine.json`` (see docs/benchmarks.md).
+``vllm bench serve`` against our gateway. Writes ``<out>/records/<front>/<workload>.json``
+(per-request records), ``summary.json``, ``summary.md``, ``sweep.json``, PNG plots and
+``machine.json`` (see docs/benchmarks.md).
 """
 
 from __future__ import annotations

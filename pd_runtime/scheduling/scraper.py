@@ -5,9 +5,9 @@ Read: ``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_ca
 (0..1), and on decode workers ``vllm:nixl_xfer_time_seconds`` ``_sum``/``_count`` (the KV pulls'
 time, from which the latency model learns the transfer cost per token). They are asked for by
 name (:data:`FILTERED_PATH`), so vLLM renders only them; a worker that does not answer them
-there is scraped whole from then on. Only their lines are parsed, on the event loop: picked out of the text by one regex scan
-(~50 us for vLLM's ~450 lines) and parsed in ~0.1-0.2 ms, where parsing the whole text took ~7 ms
-(in a worker thread, which still holds the GIL). A text without any of them (not Prometheus, or
+there is scraped whole from then on. Only their lines are parsed, on the event loop: picked out
+of the text by one regex scan (~50 us for vLLM's ~450 lines) and parsed in ~0.1-0.2 ms, where
+parsing the whole text took ~7 ms (in a worker thread, which still holds the GIL). A text without any of them (not Prometheus, or
 not vLLM) is parsed whole in a worker thread, as before, so a broken answer still fails the round.
 
 Health. Requests to a decode endpoint go through its sidecar (``EndpointConfig.url``), so a dead
@@ -196,13 +196,14 @@ class MetricsScraper:
     async def _filtered(self, address: str) -> str | None:
         """The gauges' lines from the worker's filtered ``/metrics/``, or None when it does not
         answer them (then it is scraped whole, this round and later ones). A transport failure
-        raises: the worker is down, not unable to filter."""
+        or a 5xx raises: the worker is down or failing, not unable to filter."""
         if address in self._whole:
             return None
         assert self._client is not None
-        answer = await self._client.fetch(
-            "GET", f"http://{address}{FILTERED_PATH}", timeout=self._timeout
-        )
+        url = f"http://{address}{FILTERED_PATH}"
+        answer = await self._client.fetch("GET", url, timeout=self._timeout)
+        if answer.status_code >= 500:  # failing, not unable to filter: a failed scrape
+            raise _Answered(url, answer)
         gauges = select_samples(answer.text, GAUGES) if answer.status_code == 200 else None
         if gauges is None:
             self._whole.add(address)

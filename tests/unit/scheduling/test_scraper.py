@@ -573,3 +573,29 @@ async def test_a_worker_without_the_filter_is_scraped_whole_from_then_on(
         await scraper.stop()
     said = [r.getMessage() for r in caplog.records if "scraping it whole" in r.getMessage()]
     assert len(said) == 1 and live in said[0]
+
+
+async def test_a_failing_filtered_scrape_is_a_failed_round_not_a_fallback() -> None:
+    """A 5xx there says the worker is failing, not that it cannot filter: the round fails (as a
+    failing whole /metrics did) and the filtered path is asked again next round."""
+    status = {"code": 503}
+    app = FastAPI()
+
+    @app.get("/metrics/")
+    async def filtered() -> Response:
+        return PlainTextResponse(
+            'vllm:num_requests_waiting{engine="0"} 4.0\n', status_code=status["code"]
+        )
+
+    with serve(app) as url:
+        address = url.removeprefix("http://")
+        state = endpoint_state(address)
+        scraper = await started([state], unhealthy_after=5)
+        try:
+            assert state.scrape_failures == 1 and state.waiting is None
+            assert scraper._whole == set()
+            status["code"] = 200
+            await scraper.scrape_once()
+            assert (state.scrape_failures, state.waiting) == (0, 4.0)
+        finally:
+            await scraper.stop()
