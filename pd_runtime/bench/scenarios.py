@@ -574,45 +574,53 @@ def is_ours(front: str) -> bool:
     return not front.startswith("vllm-router") and front != "direct" and "(" not in front
 
 
+def _ours_over_theirs(here: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One cell's verdict (rows of every front for one workload, repetition and, in the rate
+    sweep, offered rate): our best front's goodput over vllm-router's best, and our best TTFT
+    p50 over vllm-router cache_aware's. None without a measured row of each side."""
+    measured = [r for r in here if r.get("goodput_rps") is not None]
+    ours = [r for r in measured if is_ours(r["scenario"])]
+    theirs = [r for r in measured if r["scenario"].startswith("vllm-router")]
+    if not ours or not theirs:
+        return None
+    best_ours = max(ours, key=lambda r: r["goodput_rps"])
+    best_theirs = max(theirs, key=lambda r: r["goodput_rps"])
+    timed = [r for r in ours if r.get("ttft_p50_ms") is not None]
+    fastest = min(timed, key=lambda r: r["ttft_p50_ms"]) if timed else None
+    cache_aware = next((r for r in theirs if r["scenario"] == "vllm-router"), None)
+    reference = cache_aware.get("ttft_p50_ms") if cache_aware is not None else None
+    theirs_goodput = best_theirs["goodput_rps"]
+    return {
+        "ours_best": best_ours["scenario"],
+        "ours_goodput_rps": best_ours["goodput_rps"],
+        "vllm_router_best": best_theirs["scenario"],
+        "vllm_router_goodput_rps": theirs_goodput,
+        "goodput_ratio": round(best_ours["goodput_rps"] / theirs_goodput, 3)
+        if theirs_goodput
+        else None,
+        "ours_best_ttft": fastest["scenario"] if fastest else None,
+        "ours_ttft_p50_ms": fastest["ttft_p50_ms"] if fastest else None,
+        "cache_aware_ttft_p50_ms": reference,
+        "ttft_p50_ratio_vs_cache_aware": round(fastest["ttft_p50_ms"] / reference, 3)
+        if fastest and reference
+        else None,
+    }
+
+
 def goodput_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (repetition, workload): our best front's goodput over vllm-router's best, and our
-    best TTFT p50 over vllm-router cache_aware's. A cell that failed counts as missing."""
+    """Per (repetition, workload) of the closed loop: :func:`_ours_over_theirs`. A cell that
+    failed counts as missing."""
     out = []
     cells = sorted(
         {(r.get("repetition", 0), r["workload"]) for r in rows if "@" not in r["workload"]}
     )
     for repetition, workload in cells:
         here = [
-            r for r in rows
-            if r.get("repetition", 0) == repetition and r["workload"] == workload
-            and r.get("goodput_rps") is not None
-        ]  # fmt: skip
-        ours = [r for r in here if is_ours(r["scenario"])]
-        theirs = [r for r in here if r["scenario"].startswith("vllm-router")]
-        if not ours or not theirs:
-            continue
-        best_ours = max(ours, key=lambda r: r["goodput_rps"])
-        best_theirs = max(theirs, key=lambda r: r["goodput_rps"])
-        cache_aware = next((r for r in theirs if r["scenario"] == "vllm-router"), None)
-        ttfts = [r["ttft_p50_ms"] for r in ours if r.get("ttft_p50_ms") is not None]
-        ttft_ratio = None
-        if cache_aware and cache_aware.get("ttft_p50_ms") and ttfts:
-            ttft_ratio = round(min(ttfts) / cache_aware["ttft_p50_ms"], 3)
-        theirs_goodput = best_theirs["goodput_rps"]
-        out.append(
-            {
-                "repetition": repetition,
-                "workload": workload,
-                "ours_best": best_ours["scenario"],
-                "ours_goodput_rps": best_ours["goodput_rps"],
-                "vllm_router_best": best_theirs["scenario"],
-                "vllm_router_goodput_rps": theirs_goodput,
-                "goodput_ratio": round(best_ours["goodput_rps"] / theirs_goodput, 3)
-                if theirs_goodput
-                else None,
-                "ttft_p50_ratio_vs_cache_aware": ttft_ratio,
-            }
-        )
+            r for r in rows if r.get("repetition", 0) == repetition and r["workload"] == workload
+        ]
+        verdict = _ours_over_theirs(here)
+        if verdict is not None:
+            out.append({"repetition": repetition, "workload": workload, **verdict})
     return out
 
 
@@ -643,10 +651,10 @@ def sweep_workloads(sweep: dict[str, Any]) -> list[str]:
 
 
 def sweep_ratios(sweep: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (repetition, workload, offered rate) of the open-loop sweep: our best TTFT p50 over
-    vllm-router ``cache_aware``'s, and our best goodput over vllm-router's best. At one offered
-    rate every front gets the same requests at the same times, so unlike the closed loop a front
-    that parks clients on a slow worker does not lower the load the others see."""
+    """Per (repetition, workload, offered rate) of the open-loop sweep: :func:`_ours_over_theirs`,
+    for the cells with vllm-router cache_aware in them. At one offered rate every front gets the
+    same requests at the same times, so unlike the closed loop a front that parks clients on a
+    slow worker does not lower the load the others see."""
     out = []
     cells = sorted(
         {(r.get("repetition", 0), r["workload"].split("@")[0], r["offered_rate"]) for r in sweep}
@@ -655,34 +663,13 @@ def sweep_ratios(sweep: list[dict[str, Any]]) -> list[dict[str, Any]]:
         here = [
             r for r in sweep
             if r.get("repetition", 0) == repetition and r["offered_rate"] == rate
-            and r["workload"].split("@")[0] == workload and r.get("ttft_p50_ms") is not None
+            and r["workload"].split("@")[0] == workload
         ]  # fmt: skip
-        ours = [r for r in here if is_ours(r["scenario"])]
-        theirs = [r for r in here if r["scenario"].startswith("vllm-router")]
-        cache_aware = next((r for r in theirs if r["scenario"] == "vllm-router"), None)
-        if not ours or cache_aware is None:
-            continue
-        best_ttft = min(ours, key=lambda r: r["ttft_p50_ms"])
-        best_goodput = max(r["goodput_rps"] or 0.0 for r in ours)
-        theirs_goodput = max(r["goodput_rps"] or 0.0 for r in theirs)
-        out.append(
-            {
-                "repetition": repetition,
-                "workload": workload,
-                "offered_rate": rate,
-                "ours_best_ttft": best_ttft["scenario"],
-                "ours_ttft_p50_ms": best_ttft["ttft_p50_ms"],
-                "cache_aware_ttft_p50_ms": cache_aware["ttft_p50_ms"],
-                "ttft_p50_ratio_vs_cache_aware": round(
-                    best_ttft["ttft_p50_ms"] / cache_aware["ttft_p50_ms"], 3
-                )
-                if cache_aware["ttft_p50_ms"]
-                else None,
-                "goodput_ratio": round(best_goodput / theirs_goodput, 3)
-                if theirs_goodput
-                else None,
-            }
-        )
+        verdict = _ours_over_theirs(here)
+        if verdict is not None and verdict["cache_aware_ttft_p50_ms"] is not None:
+            out.append(
+                {"repetition": repetition, "workload": workload, "offered_rate": rate, **verdict}
+            )
     return out
 
 
@@ -970,12 +957,12 @@ def run(config_path: Path, out: Path) -> int:
     md = [f"# {cfg['name']}: {machine['started']}\n", markdown_table(rows, keys)]
     if ratios:
         md += ["\n## Ours / vllm-router, per repetition\n", ratio_table(ratios)]
+    swept = sweep_ratios(sweep)
     if sweep:
         md += [
             "\n## Rate sweep\n",
             markdown_table(sweep, ("repetition", "offered_rate", *SUMMARY_KEYS)),
         ]
-        swept = sweep_ratios(sweep)
         write_json(out / "sweep_ratios.json", swept)
         if swept:
             md += ["\n## Rate sweep: ours / vllm-router at equal offered load\n"]
@@ -986,8 +973,8 @@ def run(config_path: Path, out: Path) -> int:
     print(markdown_table(rows, keys))
     if ratios:
         print(ratio_table(ratios))
-    if sweep and sweep_ratios(sweep):
-        print(sweep_ratio_table(sweep_ratios(sweep)))
+    if swept:
+        print(sweep_ratio_table(swept))
     print(f"results in {out} ({machine['wall_s']} s)")
     return 0
 
