@@ -4,7 +4,7 @@ the health of the decode endpoints' sidecars in the same round.
 Read: ``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``
 (0..1), and on decode workers ``vllm:nixl_xfer_time_seconds`` ``_sum``/``_count`` (the KV pulls'
 time, from which the latency model learns the transfer cost per token). They are asked for by
-name (:data:`FILTERED_PATH`), so vLLM renders only them; a worker that does not answer them
+name (:data:`FILTERED_QUERY`), so vLLM renders only them; a worker that does not answer them
 there is scraped whole from then on. Only their lines are parsed, on the event loop: picked out
 of the text by one regex scan (~50 us for vLLM's ~450 lines) and parsed in ~0.1-0.2 ms, where
 parsing the whole text took ~7 ms (in a worker thread, which still holds the GIL). A text without any of them (not Prometheus, or
@@ -57,7 +57,7 @@ READ = (*GAUGES, NIXL_SECONDS_SUM, NIXL_COUNT)
 #: vLLM serves ``/metrics`` twice: its own route renders every metric (~70 kB; ~8 ms of the API
 #: server's CPU, on its event loop, per scrape on our 2-core VM), and prometheus_client's ASGI
 #: app, mounted for ``/metrics/...``, honours ``name[]=`` and renders only those (~0.7 ms).
-FILTERED_PATH = "/metrics/?" + "&".join(f"name[]={name}" for name in READ)
+FILTERED_QUERY = "/?" + "&".join(f"name[]={name}" for name in READ)
 
 
 def sidecar_health_url(config: EndpointConfig) -> str | None:
@@ -193,43 +193,40 @@ class MetricsScraper:
             raise _Answered(url, answer)
         return answer
 
-    async def _filtered(self, address: str) -> str | None:
-        """The gauges' lines from the worker's filtered ``/metrics/``, or None when it does not
-        answer them (then it is scraped whole, this round and later ones). A transport failure
-        or a 5xx raises: the worker is down or failing, not unable to filter."""
-        if address in self._whole:
-            return None
-        assert self._client is not None
-        url = f"http://{address}{FILTERED_PATH}"
-        answer = await self._client.fetch("GET", url, timeout=self._timeout)
-        if answer.status_code >= 500:  # failing, not unable to filter: a failed scrape
-            raise _Answered(url, answer)
-        gauges = select_samples(answer.text, GAUGES) if answer.status_code == 200 else None
-        if gauges is None:
-            self._whole.add(address)
+    async def _values(self, state: EndpointState) -> dict[str, float]:
+        """The worker's samples of :data:`READ`: from its filtered ``/metrics/``, or from the
+        whole ``/metrics`` for a worker that does not answer the gauges there (remembered: this
+        round and later ones). A transport failure or a 5xx raises: the worker is down or
+        failing, not unable to filter."""
+        url = state.config.metrics_url
+        if state.address not in self._whole:
+            assert self._client is not None
+            filtered = url + FILTERED_QUERY
+            answer = await self._client.fetch("GET", filtered, timeout=self._timeout)
+            if answer.status_code >= 500:
+                raise _Answered(filtered, answer)
+            lines = select_samples(answer.text, READ) if answer.status_code == 200 else None
+            values = parse_metrics(lines) if lines is not None else {}
+            if any(gauge in values for gauge in GAUGES):
+                return values
+            self._whole.add(state.address)
             log.info(
                 "%s: no filtered /metrics/ (HTTP %s), scraping it whole",
-                address,
+                state.address,
                 answer.status_code,
             )
-            return None
-        return select_samples(answer.text, READ)
+        text = (await self._get(url)).text
+        lines = select_samples(text, READ)
+        if lines is not None:
+            return parse_metrics(lines)
+        return await asyncio.to_thread(parse_metrics, text)
 
     async def _scrape_metrics(self, state: EndpointState) -> str | None:
-        """Fill ``state`` from the worker's ``/metrics``; None, or what went wrong."""
-        url = state.config.metrics_url
+        """Fill ``state`` from the worker's metrics; None, or what went wrong."""
         try:
-            gauges = await self._filtered(state.address)
-            text = ""
-            if gauges is None:
-                text = (await self._get(url)).text
-                gauges = select_samples(text, READ)
-            if gauges is not None:
-                values = parse_metrics(gauges)
-            else:
-                values = await asyncio.to_thread(parse_metrics, text)
+            values = await self._values(state)
         except Exception as exc:
-            return _describe(url, exc)
+            return _describe(state.config.metrics_url, exc)
         state.waiting = values.get(WAITING)
         state.running = values.get(RUNNING)
         state.kv_usage = values.get(KV_USAGE)

@@ -599,3 +599,30 @@ async def test_a_failing_filtered_scrape_is_a_failed_round_not_a_fallback() -> N
             assert (state.scrape_failures, state.waiting) == (0, 4.0)
         finally:
             await scraper.stop()
+
+
+async def test_a_200_without_the_gauges_on_the_filtered_path_falls_back_to_the_whole_text() -> None:
+    """A server that answers /metrics/ with something else (a page, another engine's metrics
+    without ours) is read whole: its real gauges come from /metrics."""
+    hits: list[str] = []
+    app = FastAPI()
+
+    @app.get("/metrics/")
+    async def other() -> Response:
+        hits.append("/metrics/")
+        return PlainTextResponse('other_engine_requests{engine="0"} 9.0\n')
+
+    @app.get("/metrics")
+    async def whole() -> Response:
+        hits.append("/metrics")
+        return PlainTextResponse(Metrics().text())
+
+    with serve(app) as url:
+        state = endpoint_state(url.removeprefix("http://"))
+        scraper = await started([state])
+        try:
+            await scraper.scrape_once()
+        finally:
+            await scraper.stop()
+    assert (state.waiting, state.running, state.kv_usage) == (3.0, 5.0, 0.25)
+    assert hits == ["/metrics/", "/metrics", "/metrics"]  # asked once, then whole
