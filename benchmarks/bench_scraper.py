@@ -5,9 +5,12 @@ checks). The stand-ins run in another process; only the scraper's process is tim
 
     python benchmarks/bench_scraper.py --metrics FILE [--rounds 400] [--baseline REF] [--out DIR]
 
-``--baseline REF``: the same rounds with the scraper of a git worktree at REF, in alternating
-child processes (the machine is shared: compare within one run). At the default 0.5 s interval
-the coordinator runs two rounds a second, idle or not.
+``--baseline REF``: the same rounds with the scraper of ``pd_runtime`` as of REF (exported with
+``bench_ingest.export``), in alternating child processes (the machine is shared: compare within
+one run). At the default 0.5 s interval the coordinator runs two rounds a second, idle or not.
+The stand-in serves the whole text only (``/metrics/`` is a 404), so since the scraper asks
+vLLM's filtered ``/metrics/`` first this measures its whole-text fallback; what the filter saves
+on the worker's side was measured on live vLLM workers (benchmarks/results/2026-12-07-scraper).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,57 +103,28 @@ def main() -> int:
     ap.add_argument("--baseline", help="git ref whose scraper runs beside this tree's")
     ap.add_argument("--base-port", type=int, default=14100)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out")
     args = ap.parse_args()
     ports = [args.base_port + i for i in range(5)]
-    args.metrics = str(Path(args.metrics).resolve())
+    metrics = Path(args.metrics).resolve()
+    if args.serve:
+        serve(metrics, ports)
+        return 0
     if args.child:
         print(json.dumps(measure(ports, args.rounds)))
         return 0
-    server = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); "
-         f"import bench_scraper as b; from pathlib import Path; "
-         f"b.serve(Path({str(Path(args.metrics).resolve())!r}), {ports})"]
-    )  # fmt: skip
-    trees = {"current": str(REPO)}
-    tmp = None
-    if args.baseline:
-        tmp = tempfile.mkdtemp(prefix="scraper-base-")
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", tmp, args.baseline],
-            check=True,
-        )
-        trees = {"baseline": tmp, **trees}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-    try:
-        time.sleep(1.5)
-        for repeat in range(args.repeats):
-            order = list(trees) if repeat % 2 == 0 else list(reversed(trees))
-            for name in order:
-                env = {**os.environ, "PYTHONPATH": trees[name]}
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", "--metrics", args.metrics,
-                     "--rounds", str(args.rounds), "--base-port", str(args.base_port)],
-                    env=env, capture_output=True, text=True, cwd=trees[name],
-                )  # fmt: skip
-                if out.returncode != 0:
-                    raise RuntimeError(f"{name} child failed:\n{out.stderr[-3000:]}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                results[name].append(row)
-                print(f"[scraper] {name:8s} repeat {repeat + 1}: {row['cpu_ms_per_round']:.2f} ms CPU "
-                      f"per round, {row['wall_ms_per_round']:.2f} ms wall", flush=True)  # fmt: skip
-    finally:
-        server.terminate()
-        if tmp:
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", tmp], check=False
-            )
+    with tempfile.TemporaryDirectory(prefix="pd-bench-baseline-") as tmp:
+        trees = {"current": REPO}
+        if args.baseline:
+            from bench_ingest import export
+
+            trees = {"baseline": export(args.baseline, Path(tmp)), **trees}
+        results = compare(trees, metrics, args)
     summary = {
         name: {
             "cpu_ms_per_round": sorted(r["cpu_ms_per_round"] for r in rows),
-            "idle_cpu_ms_per_s_at_0.5s": round(
-                2 * sorted(r["cpu_ms_per_round"] for r in rows)[len(rows) // 2], 2
-            ),
+            "idle_cpu_ms_per_s_at_0.5s": round(2 * median(r["cpu_ms_per_round"] for r in rows), 2),
         }
         for name, rows in results.items()
     }
@@ -160,6 +135,36 @@ def main() -> int:
             json.dumps({"rounds": args.rounds, "runs": results, "summary": summary}, indent=1)
         )
     return 0
+
+
+def compare(
+    trees: dict[str, Path], metrics: Path, args: argparse.Namespace
+) -> dict[str, list[dict[str, float]]]:
+    """``--repeats`` child processes per tree (``pd_runtime`` from that tree), alternating,
+    against one stand-in process."""
+    common = ["--metrics", str(metrics), "--base-port", str(args.base_port)]
+    server = subprocess.Popen([sys.executable, __file__, "--serve", *common])
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    try:
+        time.sleep(1.5)
+        for repeat in range(args.repeats):
+            order = list(trees) if repeat % 2 == 0 else list(reversed(trees))
+            for name in order:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", "--rounds", str(args.rounds), *common],
+                    env={**os.environ, "PYTHONPATH": str(trees[name])},
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode != 0:
+                    raise RuntimeError(f"{name} child failed:\n{out.stderr[-3000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                results[name].append(row)
+                print(f"[scraper] {name:8s} repeat {repeat + 1}: {row['cpu_ms_per_round']:.2f} ms CPU "
+                      f"per round, {row['wall_ms_per_round']:.2f} ms wall", flush=True)  # fmt: skip
+    finally:
+        server.terminate()
+    return results
 
 
 if __name__ == "__main__":
