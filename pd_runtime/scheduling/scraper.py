@@ -110,8 +110,10 @@ class MetricsScraper:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     def set_endpoints(self, endpoints: Sequence[EndpointState]) -> None:
-        """Scrape these from the next round on (a round already running finishes as it was)."""
+        """Scrape these from the next round on (a round already running finishes as it was). An
+        address that left is forgotten: if it comes back it is asked the filtered path again."""
         self.endpoints = list(endpoints)
+        self._whole &= {e.address for e in self.endpoints}
 
     async def start(self) -> None:
         # aiohttp, as on the request path (its HTTP parser is in C): with httpx a round of one

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.scheduling.plugins import EndpointState
-from pd_runtime.scheduling.scraper import MetricsScraper, sidecar_health_url
+from pd_runtime.scheduling.scraper import FILTERED_QUERY, MetricsScraper, sidecar_health_url
 from tests.servers import free_port, serve
 
 
@@ -569,10 +569,20 @@ async def test_a_worker_without_the_filter_is_scraped_whole_from_then_on(
         await scraper.scrape_once()
         assert fetched == [f"http://{live}/metrics"]
         assert state.healthy and state.scrape_failures == 0
+        scraper.set_endpoints([state])  # still there: still read whole
+        assert scraper._whole == {live}
+        scraper.set_endpoints([])  # gone (discovery), then back, maybe another server now
+        scraper.set_endpoints([state])
+        fetched.clear()
+        await scraper.scrape_once()
+        assert fetched == [
+            f"http://{live}/metrics/?" + FILTERED_QUERY[2:],
+            f"http://{live}/metrics",
+        ]
     finally:
         await scraper.stop()
     said = [r.getMessage() for r in caplog.records if "scraping it whole" in r.getMessage()]
-    assert len(said) == 1 and live in said[0]
+    assert len(said) == 2 and all(live in line for line in said)  # once per time it is flagged
 
 
 async def test_a_failing_filtered_scrape_is_a_failed_round_not_a_fallback() -> None:
