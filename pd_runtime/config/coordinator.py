@@ -141,6 +141,14 @@ class CoordinatorEdge(BaseModel):
     canary_seed: int | None = Field(
         default=None, description="seed of the canary split's random draws (tests); none: random"
     )
+    decision_log_per_s: float = Field(
+        default=100.0,
+        ge=0,
+        description="at most this many 'Got pod scores' decision lines a second (INFO); above "
+        "it, one line per second says how many were left out (and "
+        "pd_coordinator_decision_lines_skipped_total counts them); retries and requests whose "
+        "latency target no endpoint meets are always logged. 0: every decision",
+    )
     adapter_refresh_s: float = Field(
         default=30.0,
         ge=0,

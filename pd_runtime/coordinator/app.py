@@ -7,7 +7,8 @@ Per generation request:
      (400, ``validation.py``), check the model (404 if it is not served here);
   2. drop any routing header the client sent (``x-prefiller-host-port``): routing is ours to decide;
   3. ask the scheduler for a decode endpoint and maybe a prefill endpoint, and log the decision as
-     ``Got pod scores {...}`` (the llm-d log shape);
+     ``Got pod scores {...}`` (the llm-d log shape; up to ``decision_log_per_s`` lines a second,
+     retries and unmeetable latency targets always, ``decision_log.py``);
   4. forward to the decode endpoint's sidecar, with the prefill header when disaggregating, and
      stream the answer back; tell the scheduler when the request has ended. With
      ``direct_to_worker``, a request served without prefill goes straight to the decode worker
@@ -78,6 +79,7 @@ from pd_runtime.config.coordinator import CoordinatorConfig
 from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.coordinator.admission import AdmissionController
 from pd_runtime.coordinator.dashboard import add_dashboard_routes
+from pd_runtime.coordinator.decision_log import DecisionLineBudget
 from pd_runtime.coordinator.edge import (
     ADMITTED_KEY,
     ARRIVED_KEY,
@@ -277,6 +279,9 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
     state: dict[str, UpstreamClient] = {}
     keys = ApiKeys(resolve_api_keys(config))
     lifecycle = Lifecycle()
+    lines = DecisionLineBudget(
+        config.decision_log_per_s, logger, metrics.decision_lines_skipped.inc
+    )
     admission = AdmissionController(config.max_in_flight, config.max_queued, config.queue_timeout_s)
     metrics.admitted.set_function(lambda: admission.in_flight)
     metrics.queued.set_function(lambda: admission.queued)
@@ -311,6 +316,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         await discovery.stop()
         await scheduler.stop()
         await state["client"].aclose()
+        lines.flush()
         tracing.shutdown()
 
     app = FastAPI(title="pd-runtime coordinator", lifespan=lifespan)
@@ -481,7 +487,9 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
             tried: list[str] = []
             attempt = sched_request
             while True:
-                if logger.isEnabledFor(logging.INFO):
+                if logger.isEnabledFor(logging.INFO) and (
+                    tried or result.slo == "unmet" or lines.admit()
+                ):
                     full = logger.isEnabledFor(logging.DEBUG)
                     line = pod_scores_line(
                         request_id,

@@ -35,6 +35,11 @@ class CoordinatorMetrics:
             "x-slo-tpot-ms or the slo filter's) that no endpoint was predicted to meet",
             registry=self.registry,
         )
+        self.decision_lines_skipped = Counter(
+            "pd_coordinator_decision_lines_skipped",
+            "Decisions whose 'Got pod scores' line was not written (over decision_log_per_s)",
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter(
             "pd_coordinator_prompt_tokens",
             "Prompt tokens of scheduled requests (tokenized ones only)",
