@@ -34,8 +34,13 @@ same run. CPU time of every process (psutil) is sampled around each turn, so the
 request of each hop is reported too: on a shared machine it is steadier than wall time.
 
 With ``--compare-tree DIR`` (an older checkout, e.g. ``git worktree add DIR HEAD`` made before
-a change), our sidecar and coordinators also run from DIR (``PYTHONPATH``), as paths named
-``NAME (old)`` taking turns with the others in the same rounds: before and after in one run.
+a change), our sidecar and coordinators also run from DIR (``PYTHONPATH`` and working
+directory), as paths named ``NAME (old)`` taking turns with the others in the same rounds: before
+and after in one run. (Until 2026-12-07 they ran in this checkout's directory, where
+``python -m pd_runtime`` imports this tree: the "(old)" paths of earlier runs ran the new code.)
+The proxies' CPU per request is also kept per round, and each of our paths is divided by its
+``(old)`` version and by vllm-router's hop (P/D mode for P/D paths) round by round: the paired
+ratios' median and range are steadier than ratios of totals on a shared machine.
 
 Writes ``proxy.json``, ``proxy.md``, ``proxy-c1.png`` and ``proxy-c64.png`` to ``--out``.
 
@@ -195,12 +200,20 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
     ps: psutil.Process | None = None
     env: dict[str, str] = field(default_factory=dict)  # e.g. PYTHONPATH of an older tree
+    # Where it runs: for an older tree, that tree (``python -m`` puts the working directory
+    # first on sys.path, ahead of PYTHONPATH: from this checkout it would import this tree).
+    cwd: str | None = None
 
     def start(self, log_dir: Path) -> None:
         log = open(log_dir / f"{self.name}.log", "wb")  # noqa: SIM115 (kept open for the child)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.popen = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
         )
         self.ps = psutil.Process(self.popen.pid)
 
@@ -474,6 +487,8 @@ def topology(args: argparse.Namespace, run_dir: Path) -> tuple[list[Proc], list[
         theirs, their_paths = ours(
             args, run_dir, offset=args.compare_offset, tag=" (old)", env={"PYTHONPATH": old}
         )
+        for proc in theirs:
+            proc.cwd = old
         procs += theirs
         paths += their_paths
     if not args.no_router:
@@ -518,7 +533,8 @@ async def run(args: argparse.Namespace, procs: list[Proc], paths: list[PathSpec]
         for conc, total in zip(args.concurrency, args.requests, strict=True):
             per_round = max(1, total // args.rounds)
             cells: dict[str, dict[str, Any]] = {
-                p.name: {"samples": [], "wall_s": 0.0, "cpu_s": {}, "calls": {}} for p in paths
+                p.name: {"samples": [], "wall_s": 0.0, "cpu_s": {}, "calls": {}, "rounds": []}
+                for p in paths
             }
             budget = args.max_seconds / args.rounds
             for r in range(args.rounds):
@@ -552,6 +568,9 @@ async def run(args: argparse.Namespace, procs: list[Proc], paths: list[PathSpec]
                     deltas["load-generator"] = time.process_time() - me0
                     for n, d in deltas.items():
                         cell["cpu_s"][n] = cell["cpu_s"].get(n, 0.0) + d
+                    # This round's CPU of the path's proxies per request, for the paired ratios.
+                    proxies = sum(deltas[n] for n in path.procs if n != "standin")
+                    cell["rounds"].append(round(proxies * 1000 / max(1, len(samples)), 4))
                     bad = sum(not s.ok for s in samples)
                     print(
                         f"[proxy] c={conc} round {r + 1}/{args.rounds} {path.name:<20} "
@@ -578,6 +597,7 @@ async def run(args: argparse.Namespace, procs: list[Proc], paths: list[PathSpec]
                     3,
                 )
                 stats["standin_calls"] = cell["calls"]
+                stats["proxy_cpu_ms_per_round"] = cell["rounds"]
                 results[path.name][f"c{conc}"] = stats
             direct = results.get("direct", {}).get(f"c{conc}")
             if direct:
@@ -647,6 +667,65 @@ def table(results: dict[str, Any], concurrency: list[int]) -> str:
     return "\n".join(lines)
 
 
+def reference_of(name: str, names: Sequence[str]) -> list[str]:
+    """What a path's CPU is compared with, round by round: its own ``(old)`` version when the run
+    has one, and vllm-router's hop of the same kind (its P/D mode for P/D chains, round_robin for
+    the rest; the issue's targets are stated against those)."""
+    if name.startswith("router "):
+        return []
+    refs = [f"{name} (old)"] if f"{name} (old)" in names else []
+    base = name.removesuffix(" (old)")
+    router = "router P/D" if "P/D" in base else "router rr"
+    return [*refs, *([router] if router in names else [])]
+
+
+def paired_ratios(results: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
+    """Per concurrency and (path, reference): the proxies' CPU per request of the path over the
+    reference's, in each round (the two took turns in it, so a slow neighbour moves both), and
+    the min / median / max over rounds."""
+    out: dict[str, Any] = {}
+    for c in concurrency:
+        key = f"c{c}"
+        rounds = {
+            n: r[key]["proxy_cpu_ms_per_round"]
+            for n, r in results.items()
+            if key in r and any(r[key].get("proxy_cpu_ms_per_round", ()))  # direct: no proxy
+        }
+        cells = {}
+        for name, mine in rounds.items():
+            for ref in reference_of(name, list(rounds)):
+                ratios = [a / b for a, b in zip(mine, rounds[ref], strict=False) if b > 0]
+                if ratios:
+                    cells[f"{name} / {ref}"] = {
+                        "per_round": [round(x, 3) for x in ratios],
+                        "min": round(min(ratios), 3),
+                        "median": round(percentile(ratios, 50), 3),
+                        "max": round(max(ratios), 3),
+                    }
+        out[key] = cells
+    return out
+
+
+def ratios_table(ratios: dict[str, Any]) -> str:
+    lines = []
+    for key, cells in ratios.items():
+        if not cells:
+            continue
+        lines += [
+            f"### Proxy CPU per request, paired by round, concurrency {key[1:]}",
+            "",
+            "| path / reference | median | min | max | per round |",
+            "|---|---|---|---|---|",
+        ]
+        for pair, r in cells.items():
+            rounds = " ".join(f"{x:.2f}" for x in r["per_round"])
+            lines.append(
+                f"| {pair} | **{r['median']:.2f}** | {r['min']:.2f} | {r['max']:.2f} | {rounds} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
@@ -705,18 +784,21 @@ def main() -> int:
     finally:
         for proc in procs:
             proc.stop()
-    md = table(results, args.concurrency)
+    ratios = paired_ratios(results, args.concurrency)
+    md = table(results, args.concurrency) + "\n" + ratios_table(ratios)
     print("\n" + md)
     print(f"total {time.perf_counter() - t0:.0f}s")
     if args.out:
-        write(args, results, md)
+        write(args, results, ratios, md)
     errors = sum(
         r[f"c{c}"]["errors"] for r in results.values() for c in args.concurrency if f"c{c}" in r
     )
     return 1 if errors else 0
 
 
-def write(args: argparse.Namespace, results: dict[str, Any], md: str) -> None:
+def write(
+    args: argparse.Namespace, results: dict[str, Any], ratios: dict[str, Any], md: str
+) -> None:
     from pd_runtime.bench.plots import bar_chart
 
     out: Path = args.out
@@ -731,6 +813,7 @@ def write(args: argparse.Namespace, results: dict[str, Any], md: str) -> None:
         "note": note,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
+        "paired_ratios": ratios,
     }
     (out / "proxy.json").write_text(json.dumps(payload, indent=2) + "\n")
     head = (

@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 import pytest
 from bench_nixl import fill_pattern, nixl_pair, slots_for  # benchmarks/ (see conftest.py)
-from bench_proxy import Sample, added_latency, one_request, summarize
+from bench_proxy import Sample, added_latency, one_request, paired_ratios, ratios_table, summarize
 from standin_openai import StandIn, start
 
 from pd_runtime.common.stats import percentile
@@ -75,6 +75,38 @@ async def _measure(standin: StandIn, bodies: list[dict[str, object]]) -> list[Sa
             return out
     finally:
         await runner.cleanup()
+
+
+def test_paired_ratios_divide_round_by_round_against_the_old_tree_and_the_router() -> None:
+    def cell(*rounds: float) -> dict[str, object]:
+        return {"c64": {"proxy_cpu_ms_per_round": list(rounds)}}
+
+    results = {
+        "coord rr": cell(0.6, 0.9, 0.5),
+        "coord rr (old)": cell(0.8, 0.9, 1.0),
+        "coord kv P/D chain": cell(2.0, 3.0, 2.0),
+        "router rr": cell(0.3, 0.6, 0.25),
+        "router P/D": cell(0.5, 1.0, 0.4),
+        "direct": cell(0.0, 0.0, 0.0),  # no proxy: nothing to compare
+    }
+    ratios = paired_ratios(results, [64])["c64"]
+    assert set(ratios) == {
+        "coord rr / coord rr (old)",
+        "coord rr / router rr",
+        "coord rr (old) / router rr",
+        "coord kv P/D chain / router P/D",
+    }
+    # Round by round, not the ratio of the sums: (0.6/0.3, 0.9/0.6, 0.5/0.25) = (2, 1.5, 2).
+    assert ratios["coord rr / router rr"] == {
+        "per_round": [2.0, 1.5, 2.0],
+        "min": 1.5,
+        "median": 2.0,
+        "max": 2.0,
+    }
+    assert ratios["coord rr / coord rr (old)"]["per_round"] == [0.75, 1.0, 0.5]
+    assert ratios["coord kv P/D chain / router P/D"]["median"] == 4.0
+    table = ratios_table({"c64": ratios})
+    assert "| coord rr / router rr | **2.00** | 1.50 | 2.00 | 2.00 1.50 2.00 |" in table
 
 
 def test_standin_keeps_its_timing_and_token_count() -> None:
