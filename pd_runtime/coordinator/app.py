@@ -400,15 +400,15 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
         first_byte_timeout = config.first_byte_timeout_s if body.get("stream") is True else None
 
         def final(status: int, mode: str) -> None:
-            metrics.requests.labels(route, mode, str(status)).inc()
-            metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            metrics.requests_of(route, mode, str(status)).inc()
+            metrics.request_seconds_of(route).observe(time.perf_counter() - started)
 
         async def forward(
             attempt: SchedulingRequest, result: SchedulingResult, mode: str
         ) -> _Opened | UpstreamError:
             """One attempt on ``result.decode``: the open response to stream back, or the error
             that makes another endpoint worth a try (nothing has reached the client yet)."""
-            metrics.in_flight.labels(result.decode.name).inc()
+            metrics.in_flight_of(result.decode.name).inc()
             # The body is forwarded byte for byte: no re-serialisation on the hot path.
             hop_headers = dict(forwarded)
             tracing.inject(hop_headers)  # the attempt's span is the sidecar's parent
@@ -429,7 +429,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
                 url = f"{result.decode.url}{route}"
 
             def end_attempt() -> None:
-                metrics.in_flight.labels(result.decode.name).dec()
+                metrics.in_flight_of(result.decode.name).dec()
                 scheduler.release(attempt, result)
 
             clock: _AnswerClock | None = None

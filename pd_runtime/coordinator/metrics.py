@@ -3,11 +3,24 @@ in tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import lru_cache
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pd_runtime.scheduling.base import SchedulingResult
 
 __all__ = ["CoordinatorMetrics"]
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
+def _children(metric: _Metric) -> Callable[..., _Metric]:
+    """``metric.labels`` remembered per label values (bounded: a runaway label is a bug, and the
+    oldest children are then looked up again, not lost)."""
+    return lru_cache(maxsize=4096)(metric.labels)
+
 
 _FAST = (1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 #: TTFT and time per token: 1 ms (a stand-in engine) to a minute (a long prefill on a busy worker).
@@ -128,8 +141,16 @@ class CoordinatorMetrics:
             registry=self.registry,
         )
 
+        # labels() checks the values and takes the metric's lock on every call (~5 µs here);
+        # the per-request series keep their children instead. Their label values are few
+        # (routes, modes, statuses, endpoint names) and no series is ever removed.
+        self.requests_of = _children(self.requests)
+        self.request_seconds_of = _children(self.request_seconds)
+        self.in_flight_of = _children(self.in_flight)
+        self._decisions_of = _children(self.decisions)
+
     def record_decision(self, result: SchedulingResult, mode: str) -> None:
-        self.decisions.labels(result.decode.name, mode, result.reason or "policy").inc()
+        self._decisions_of(result.decode.name, mode, result.reason or "policy").inc()
         if result.slo == "unmet":
             self.slo_unmet.inc()
         if result.prompt_tokens is not None and result.cached_tokens is not None:
