@@ -55,6 +55,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import psutil
@@ -205,6 +207,15 @@ class Proc:
     cwd: str | None = None
 
     def start(self, log_dir: Path) -> None:
+        # A process left over from an earlier run on the same port would answer the health check
+        # and the requests while this one fails to bind: its CPU would not be measured.
+        address = urlsplit(self.health_url)
+        with socket.socket() as probe:
+            if probe.connect_ex((address.hostname or "127.0.0.1", address.port or 80)) == 0:
+                raise RuntimeError(
+                    f"{self.name}: port {address.port} is already in use (a process left over "
+                    "from an earlier run?)"
+                )
         log = open(log_dir / f"{self.name}.log", "wb")  # noqa: SIM115 (kept open for the child)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.popen = subprocess.Popen(
