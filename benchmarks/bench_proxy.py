@@ -647,15 +647,22 @@ def fmt(v: Any) -> str:
     )
 
 
+TABLE_COLUMNS = [
+    "path", "requests", "errors", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99",
+    "added TTFT p50 / p99", "added E2E p50 / p99", "E2E p50 ratio", "req/s",
+    "CPU ms/req (proxies)", "prefill calls/req",
+]  # fmt: skip
+
+
+def _section(title: str, columns: Sequence[str]) -> list[str]:
+    """A markdown heading and the head of its table."""
+    return [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def table(results: dict[str, Any], concurrency: list[int]) -> str:
     lines = []
     for c in concurrency:
-        lines += [
-            f"### Concurrency {c}",
-            "",
-            "| path | requests | errors | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | added TTFT p50 / p99 | added E2E p50 / p99 | E2E p50 ratio | req/s | CPU ms/req (proxies) | prefill calls/req |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines += _section(f"Concurrency {c}", TABLE_COLUMNS)
         for name, r in results.items():
             s = r.get(f"c{c}")
             if not s:
@@ -722,12 +729,10 @@ def ratios_table(ratios: dict[str, Any]) -> str:
     for key, cells in ratios.items():
         if not cells:
             continue
-        lines += [
-            f"### Proxy CPU per request, paired by round, concurrency {key[1:]}",
-            "",
-            "| path / reference | median | min | max | per round |",
-            "|---|---|---|---|---|",
-        ]
+        lines += _section(
+            f"Proxy CPU per request, paired by round, concurrency {key[1:]}",
+            ["path / reference", "median", "min", "max", "per round"],
+        )
         for pair, r in cells.items():
             rounds = " ".join(f"{x:.2f}" for x in r["per_round"])
             lines.append(
