@@ -854,6 +854,27 @@ def write(
             log=True,
             size=(1400, 620),
         )
+    plot_ratios(out, ratios)
+
+
+def plot_ratios(out: Path, ratios: dict[str, Any]) -> None:
+    """``proxy-ratios-cN.png``: each paired ratio's median, min and max over the rounds, with
+    issue 12's 1.5x (a hop over vllm-router's) and 1.0 (no change from the old tree) drawn."""
+    from pd_runtime.bench.plots import bar_chart
+
+    for key, cells in ratios.items():
+        if not cells:
+            continue
+        stats = ("median", "min", "max")
+        bar_chart(
+            out / f"proxy-ratios-{key}.png",
+            f"Proxy CPU per request over the reference's, paired by round, concurrency {key[1:]}",
+            list(cells),
+            {s: [r[s] for r in cells.values()] for s in stats},
+            ylabel="ratio",
+            targets={"1.5x (issue 12, hop / vllm-router)": 1.5, "1.0": 1.0},
+            size=(1400, 620),
+        )
 
 
 if __name__ == "__main__":

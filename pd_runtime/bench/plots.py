@@ -10,6 +10,7 @@ return False, writing nothing, when matplotlib is not installed or there is noth
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def bar_chart(
             label, (1.0, v), xycoords=("axes fraction", "data"), ha="right", va="bottom",
             color="#c00000", fontsize=9, xytext=(-4, 3), textcoords="offset points",
         )  # fmt: skip
-    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_xticks(range(len(groups)), [textwrap.fill(g, 16) for g in groups])  # no overlaps
     ax.set_ylabel(ylabel)
     if log:
         _log_axis(ax, "y")
