@@ -1,10 +1,11 @@
 """How many ``Got pod scores`` lines the coordinator writes: every decision up to a rate, then one
 line per window saying how many were left out.
 
-Why a limit: the decision line is the costliest bookkeeping the coordinator does per request.
-Building it (with the kv-aware breakdown and scores it carries, ~70 µs of the ~95 µs a line
-costs), handing it to the logging thread and writing it came to ~15 % of the coordinator hop's
-CPU at 64 concurrent streams (``benchmarks/results/2026-12-07-decision-lines``). At a thousand
+Why a limit: the decision line is the costliest bookkeeping the coordinator does per request:
+building it (the kv-aware breakdown and scores are ~70 µs of the ~95 µs a line costs,
+``benchmarks/results/2026-12-07-decisions``), handing it to the logging thread and writing it.
+Capped at 100 lines a second, the coordinator's CPU per request at 64 concurrent streams fell by
+12-14 % (``benchmarks/results/2026-12-07-decision-lines``, paired by round). At a thousand
 requests a second it is also megabytes of log a second that nobody reads line by line. Below the
 rate (the default, 100 lines/s, covers a demo, an e2e run, a debugging session) every decision is
 logged, as before; above it the first ``per_s`` of each second are, and when the window has passed
