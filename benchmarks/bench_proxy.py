@@ -42,7 +42,8 @@ The proxies' CPU per request is also kept per round, and each of our paths is di
 ``(old)`` version and by vllm-router's hop (P/D mode for P/D paths) round by round: the paired
 ratios' median and range are steadier than ratios of totals on a shared machine.
 
-Writes ``proxy.json``, ``proxy.md``, ``proxy-c1.png`` and ``proxy-c64.png`` to ``--out``.
+Writes ``proxy.json``, ``proxy.md``, ``proxy-c1.png``, ``proxy-c64.png`` and ``proxy-ratios-cN.png``
+to ``--out``.
 
     python benchmarks/bench_proxy.py --out benchmarks/results/DATE-components
 """
