@@ -58,10 +58,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: FastAPI, port: int | None = None) -> Iterator[str]:
+def serve(app: FastAPI, port: int | None = None, http: Any = "auto") -> Iterator[str]:
+    """``app`` on a uvicorn thread; ``http``: uvicorn's protocol (our servers run
+    ``common.header_deadline``'s, which also gives requests their disconnect hook)."""
     port = port or free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -178,9 +182,11 @@ class FakeEngine:
 
 
 @contextmanager
-def sidecar_chain(**settings: Any) -> Iterator[tuple[str, FakeEngine, FakeEngine, str]]:
-    """A real sidecar in front of a fake decode engine, trusting one fake prefill engine.
-    Yields ``(sidecar_url, prefill, decode, prefiller HOST:PORT)``."""
+def sidecar_chain(
+    http: Any = "auto", **settings: Any
+) -> Iterator[tuple[str, FakeEngine, FakeEngine, str]]:
+    """A real sidecar in front of a fake decode engine, trusting one fake prefill engine, served
+    with uvicorn protocol ``http``. Yields ``(sidecar_url, prefill, decode, prefiller HOST:PORT)``."""
     from pd_runtime.sidecar.app import SidecarSettings, create_app
 
     prefill, decode = FakeEngine("prefill"), FakeEngine("decode")
@@ -189,5 +195,5 @@ def sidecar_chain(**settings: Any) -> Iterator[tuple[str, FakeEngine, FakeEngine
         config = SidecarSettings(
             decode_url=decode_url, allowed_prefillers=frozenset({prefiller}), **settings
         )
-        with serve(create_app(config)) as sidecar_url:
+        with serve(create_app(config), http=http) as sidecar_url:
             yield sidecar_url, prefill, decode, prefiller

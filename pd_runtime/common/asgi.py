@@ -35,8 +35,10 @@ from pd_runtime.common.upstream import TRANSPORT_ERRORS, UpstreamResponse
 from pd_runtime.errors import BadRequestError, PayloadTooLargeError, UpstreamError
 
 __all__ = [
+    "DISCONNECT_HOOK",
     "HEADERS_KEY",
     "ClientWatch",
+    "DisconnectHook",
     "encode_json",
     "mount_generation",
     "receive_body",
@@ -92,29 +94,70 @@ async def receive_body(
             return b"".join(chunks) if chunks is not None else first
 
 
+#: The scope extension under which our HTTP protocol (``common.header_deadline``) hands a request
+#: its :class:`DisconnectHook`.
+DISCONNECT_HOOK = "pd.disconnect"
+
+
+class DisconnectHook:
+    """Set by the connection when its client goes away while this request's response is not
+    complete; the request may leave one callback to be run then (``fired`` tells a late one)."""
+
+    __slots__ = ("callback", "fired")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+
+
 class ClientWatch:
-    """Watches one request's client with one task; when the client goes away it cancels the task
-    that created the watch (the request's own), whatever that task is awaiting.
+    """Watches one request's client; when the client goes away it cancels the task that created
+    the watch (the request's own), whatever that task is awaiting.
+
+    Served by our HTTP protocol (the scope carries a :class:`DisconnectHook`), the connection
+    itself calls back when it is lost: nothing per request but a callback. Elsewhere (another
+    server, an in-process test transport) one task awaits ``receive()``; that task was ~15 % of
+    the coordinator hop's CPU at 64 concurrent streams
+    (``benchmarks/results/2026-12-07-decision-lines/disconnect-hook``).
 
     Create it once the body has been read (from then on the server answers ``receive()`` only on
     a disconnect); the request's task then catches ``CancelledError`` and asks :meth:`client_left`
     whether it was this watch's doing (then the cancellation is absorbed) or a real one (shutdown:
     re-raise). :meth:`stop` before the task ends."""
 
-    __slots__ = ("_task", "_watcher", "gone")
+    __slots__ = ("_hook", "_task", "_watcher", "gone")
 
-    def __init__(self, receive: Callable[[], Any]) -> None:
+    def __init__(
+        self, receive: Callable[[], Any], scope: MutableMapping[str, Any] | None = None
+    ) -> None:
         self.gone = False
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._watcher: asyncio.Future[None] | None = None
+        hook = scope.get("extensions", {}).get(DISCONNECT_HOOK) if scope is not None else None
+        self._hook: DisconnectHook | None = hook
+        if hook is None:
+            self._watcher = asyncio.ensure_future(self._watch(receive))
+        elif hook.fired:  # gone already: cancelled at this task's next await, as the task would
+            self._left()
+        else:
+            hook.callback = self._left
+
+    def _left(self) -> None:
+        self.gone = True
+        self._task.cancel()
 
     async def _watch(self, receive: Callable[[], Any]) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.gone = True
-        self._task.cancel()
+        self._left()
 
     def client_left(self) -> bool:
         """After a ``CancelledError``: True, and the cancellation undone, when the client left."""
@@ -124,7 +167,10 @@ class ClientWatch:
         return False
 
     def stop(self) -> None:
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        elif self._hook is not None:
+            self._hook.callback = None
 
 
 async def send_upstream(

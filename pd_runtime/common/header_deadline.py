@@ -16,6 +16,10 @@ business). When the timer fires, a client that had started a head gets ``408 Req
 (``Connection: close``) and the connection is closed; one that sent nothing is just closed. If a
 response is still being written on that connection (a pipelined second head left half-sent), it
 is allowed to finish and the connection closes after it.
+
+The httptools variant also gives each request a :class:`~pd_runtime.common.asgi.DisconnectHook`
+(scope extension ``pd.disconnect``), fired when the connection is lost before the response is
+complete: the generation routes learn that their client left without a task per request.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pd_runtime.common.asgi import DISCONNECT_HOOK, DisconnectHook
 
 __all__ = ["header_deadline_protocol"]
 
@@ -88,7 +94,12 @@ class _HeaderDeadline:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        cycle = self.cycle
         super().connection_lost(exc)  # type: ignore[misc]
+        if cycle is not None and cycle.disconnected:  # uvicorn's mark: lost mid-response
+            hook = cycle.scope.get("extensions", {}).get(DISCONNECT_HOOK)
+            if hook is not None:
+                hook.fire()
 
 
 class _H11HeaderDeadline(_HeaderDeadline, H11Protocol):
@@ -129,6 +140,10 @@ def _httptools_variant() -> type[asyncio.Protocol] | None:
 
         def on_headers_complete(self) -> None:
             self._cancel_header_timer()
+            # Before uvicorn starts the request: the app finds its disconnect hook in the scope
+            # (``common.asgi.ClientWatch``), so no task per request has to await receive().
+            extensions: dict[Any, Any] = self.scope.setdefault("extensions", {})
+            extensions[DISCONNECT_HOOK] = DisconnectHook()
             super().on_headers_complete()
 
     return _HttpToolsHeaderDeadline

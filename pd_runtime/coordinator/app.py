@@ -481,7 +481,7 @@ def create_app(config: CoordinatorConfig, scheduler: Scheduler | None = None) ->
 
         # From here on the client is watched (one task): if it leaves, whatever this request
         # awaits is cancelled and the upstream connection closed, before or while streaming.
-        watch = ClientWatch(receive)
+        watch = ClientWatch(receive, scope)
         streaming = False
         try:
             tried: list[str] = []

@@ -270,7 +270,7 @@ def create_app(settings: SidecarSettings) -> FastAPI:
                     raise ForbiddenError(f"prefiller {prefiller!r} is not one this sidecar trusts")
             # From here on the client is watched (one task): if it leaves, the prefill call, the
             # decode call or the stream in progress is cancelled and its connection closed.
-            watch = ClientWatch(receive)
+            watch = ClientWatch(receive, scope)
             if prefiller:
                 result = await connector.disaggregate(
                     body, lambda prefill_body: prefill(prefiller, path, body, prefill_body, headers)

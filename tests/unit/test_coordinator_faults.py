@@ -16,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
+from pd_runtime.common.header_deadline import header_deadline_protocol
 from pd_runtime.common.server import DrainingServer
 from pd_runtime.config import CoordinatorConfig
 from pd_runtime.config.endpoint import EndpointConfig
@@ -240,9 +241,20 @@ def test_kv_aware_marks_a_failed_endpoint_unhealthy_and_honours_exclude() -> Non
 # ---- client disconnects ------------------------------------------------------------------------
 
 
-def test_client_leaving_mid_stream_closes_the_sidecar_stream_promptly() -> None:
+# Served as our processes serve (the connection calls the request back when it is lost) and by
+# plain uvicorn (a watcher task per request notices it).
+PROTOCOLS = pytest.mark.parametrize(
+    "http", [header_deadline_protocol(10.0), "auto"], ids=["our-protocol", "uvicorn"]
+)
+
+
+@PROTOCOLS
+def test_client_leaving_mid_stream_closes_the_sidecar_stream_promptly(http: Any) -> None:
     sidecar = FakeEngine("sidecar", chunks=1000, chunk_delay_s=0.05)
-    with serve(sidecar.app()) as sidecar_url, serve(create_app(make_config([sidecar_url]))) as url:
+    with (
+        serve(sidecar.app()) as sidecar_url,
+        serve(create_app(make_config([sidecar_url])), http=http) as url,
+    ):
         with httpx.stream("POST", f"{url}/v1/completions", json=STREAM, timeout=10) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
@@ -252,9 +264,13 @@ def test_client_leaving_mid_stream_closes_the_sidecar_stream_promptly() -> None:
         wait_for(lambda: in_flight in httpx.get(f"{url}/metrics").text)
 
 
-def test_client_leaving_before_the_response_starts_closes_the_sidecar_request() -> None:
+@PROTOCOLS
+def test_client_leaving_before_the_response_starts_closes_the_sidecar_request(http: Any) -> None:
     sidecar = FakeEngine("sidecar", hang_s=30)
-    with serve(sidecar.app()) as sidecar_url, serve(create_app(make_config([sidecar_url]))) as url:
+    with (
+        serve(sidecar.app()) as sidecar_url,
+        serve(create_app(make_config([sidecar_url])), http=http) as url,
+    ):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", json=BODY, timeout=0.5)
         assert wait_for(lambda: sidecar.aborted == ["hang"]) < 3

@@ -1,5 +1,6 @@
-"""The raw-ASGI generation path (``pd_runtime.common.asgi``): one watcher task per request that
-cancels the request's own task when the client leaves (and only then), the body read with the
+"""The raw-ASGI generation path (``pd_runtime.common.asgi``): the connection's disconnect hook (our
+HTTP protocol), or else one watcher task per request, cancels the request's own task when the
+client leaves (and only then), the body read with the
 gateway's limits, and errors nobody planned for still answered in the OpenAI shape."""
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
-from pd_runtime.common.asgi import ClientWatch, receive_body, request_headers
+from pd_runtime.common.asgi import (
+    DISCONNECT_HOOK,
+    ClientWatch,
+    DisconnectHook,
+    receive_body,
+    request_headers,
+)
 from pd_runtime.coordinator.app import create_app
 from pd_runtime.errors import BadRequestError, PayloadTooLargeError
 from tests.servers import FakeEngine, serve
@@ -53,6 +60,49 @@ async def test_a_client_that_leaves_cancels_what_the_request_awaits() -> None:
     client.left.set()
     await asyncio.wait_for(task, 1)
     assert outcome == ["client left", "went on"]
+
+
+@pytest.mark.parametrize("left_before_the_watch", [False, True])
+async def test_with_the_connections_hook_no_task_watches_and_the_hook_cancels(
+    left_before_the_watch: bool,
+) -> None:
+    hook = DisconnectHook()
+    scope = {"type": "http", "extensions": {DISCONNECT_HOOK: hook}}
+    outcome: list[str] = []
+    started = asyncio.Event()
+
+    async def never() -> dict[str, Any]:
+        raise AssertionError("receive() must not be awaited when the connection calls back")
+
+    async def request() -> None:
+        tasks = len(asyncio.all_tasks())
+        watch = ClientWatch(never, scope)
+        outcome.append(f"tasks +{len(asyncio.all_tasks()) - tasks}")
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            outcome.append("client left" if watch.client_left() else "cancelled")
+        finally:
+            watch.stop()
+
+    if left_before_the_watch:
+        hook.fire()  # the connection was lost while the body was read
+    task = asyncio.ensure_future(request())
+    await started.wait()
+    if not left_before_the_watch:
+        hook.fire()  # what the protocol's connection_lost does
+    await asyncio.wait_for(task, 1)
+    assert outcome == ["tasks +0", "client left"]
+    assert hook.callback is None  # stop() or the firing let go of the request
+
+
+async def test_a_stopped_watch_is_not_called_back() -> None:
+    hook = DisconnectHook()
+    watch = ClientWatch(lambda: None, {"extensions": {DISCONNECT_HOOK: hook}})
+    watch.stop()
+    hook.fire()  # the response had completed: nothing to cancel
+    assert not watch.gone
 
 
 async def test_a_real_cancellation_is_not_taken_for_the_client_leaving() -> None:

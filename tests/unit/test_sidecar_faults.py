@@ -10,15 +10,19 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from pd_runtime.common.header_deadline import header_deadline_protocol
 from pd_runtime.sidecar.app import SidecarSettings, create_app
 from tests.servers import FakeEngine, sidecar_chain, wait_for
 
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 7}
 
 
-@pytest.fixture
-def chain() -> Iterator[tuple[str, FakeEngine, FakeEngine, str]]:
-    with sidecar_chain(prefill_timeout_s=30.0, decode_timeout_s=1.0) as parts:
+@pytest.fixture(params=["our-protocol", "uvicorn"])
+def chain(request: pytest.FixtureRequest) -> Iterator[tuple[str, FakeEngine, FakeEngine, str]]:
+    """Served as our processes serve (the connection calls a request back when it is lost) and
+    by plain uvicorn (a watcher task per request notices it)."""
+    http = header_deadline_protocol(10.0) if request.param == "our-protocol" else "auto"
+    with sidecar_chain(http, prefill_timeout_s=30.0, decode_timeout_s=1.0) as parts:
         yield parts
 
 
