@@ -4,7 +4,7 @@ and whether the client is still there.
 If the client goes away before the response starts, :func:`unless_disconnected` cancels the
 upstream call, so the worker sees the disconnect and aborts the request instead of generating into
 the void. (That is the FastAPI paths'; the generation paths are plain ASGI,
-:mod:`pd_runtime.common.asgi`, watching the client with one task per request.)
+:mod:`pd_runtime.common.asgi`, told by the connection when the client leaves: no task.)
 """
 
 from __future__ import annotations

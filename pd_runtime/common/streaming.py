@@ -48,7 +48,7 @@ async def open_upstream(
     try:
         # No extra task: ``asyncio.timeout`` bounds the wait in this task (``wait_for`` made one
         # on Python 3.11), and only a ``client_request`` to watch costs a watcher (the raw-ASGI
-        # generation path watches with one task per request instead: ``common.asgi``).
+        # generation path is told by the connection instead: ``common.asgi.ClientWatch``).
         async with asyncio.timeout(first_byte_timeout_s):
             sending = client.open(method, url, headers=headers, content=content, timeout=timeout)
             if client_request is None:
