@@ -94,6 +94,18 @@ async def started(states: list[EndpointState], **kw: float) -> MetricsScraper:
     raise AssertionError("the first scrape round never finished")
 
 
+async def two_rounds(app: FastAPI) -> EndpointState:
+    """``app`` served as one worker, scraped twice (the start's round and one more)."""
+    with serve(app) as url:
+        state = endpoint_state(url.removeprefix("http://"))
+        scraper = await started([state])
+        try:
+            await scraper.scrape_once()
+        finally:
+            await scraper.stop()
+    return state
+
+
 async def test_scrape_fills_the_endpoint_state(live: str, metrics: Metrics) -> None:
     state = endpoint_state(live)
     assert (state.waiting, state.running, state.kv_usage, state.scraped_at) == (None,) * 4
@@ -534,13 +546,7 @@ def vllm_like_app(hits: list[str]) -> FastAPI:
 
 async def test_a_vllm_worker_is_scraped_through_its_filtered_metrics() -> None:
     hits: list[str] = []
-    with serve(vllm_like_app(hits)) as url:
-        state = endpoint_state(url.removeprefix("http://"))
-        scraper = await started([state])
-        try:
-            await scraper.scrape_once()
-        finally:
-            await scraper.stop()
+    state = await two_rounds(vllm_like_app(hits))
     assert (state.waiting, state.running, state.kv_usage) == (2.0, 7.0, 0.5)
     assert (state.nixl_xfer_seconds_sum, state.nixl_xfer_count) == (1.0, 2.0)
     assert hits and all(h.startswith("/metrics/?name[]=") for h in hits), hits  # never whole
@@ -627,12 +633,6 @@ async def test_a_200_without_the_gauges_on_the_filtered_path_falls_back_to_the_w
         hits.append("/metrics")
         return PlainTextResponse(Metrics().text())
 
-    with serve(app) as url:
-        state = endpoint_state(url.removeprefix("http://"))
-        scraper = await started([state])
-        try:
-            await scraper.scrape_once()
-        finally:
-            await scraper.stop()
+    state = await two_rounds(app)
     assert (state.waiting, state.running, state.kv_usage) == (3.0, 5.0, 0.25)
     assert hits == ["/metrics/", "/metrics", "/metrics"]  # asked once, then whole
