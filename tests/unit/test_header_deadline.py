@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 
 from pd_runtime import cli
 from pd_runtime.common import server as common_server
+from pd_runtime.common.asgi import DISCONNECT_HOOK, DisconnectHook
 from pd_runtime.common.header_deadline import header_deadline_protocol
 from tests.servers import free_port
 
@@ -209,3 +211,47 @@ def test_the_deployment_sections_take_a_header_timeout() -> None:
 
     assert CoordinatorSection(port=8000, header_timeout_s=3).header_timeout_s == 3
     assert SidecarConfig(port=8300).header_timeout_s == 10.0
+
+
+def test_the_httptools_protocol_hands_each_request_a_hook_fired_when_its_client_leaves() -> None:
+    """The path ``ClientWatch`` relies on (``common.asgi``): the scope carries a disconnect hook,
+    fired by a connection lost mid-response and not by one closed after a complete response."""
+    hooks: dict[str, DisconnectHook] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        hooks[scope["path"]] = scope["extensions"][DISCONNECT_HOOK]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/stream":  # a stream that never ends unless its client leaves
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            await asyncio.sleep(30)
+        await send({"type": "http.response.body", "body": b"done"})
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning",
+        http=header_deadline_protocol(TIMEOUT_S, "httptools"), lifespan="off",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /whole HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 3
+        while not hooks["/stream"].fired:
+            assert time.monotonic() < deadline, "the hook was not fired when the client left"
+            time.sleep(0.01)
+        assert not hooks["/whole"].fired  # closed after its response was complete
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
