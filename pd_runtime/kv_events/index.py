@@ -52,8 +52,15 @@ from pd_runtime.kv_events.events import (
     decode_token_ids,
 )
 from pd_runtime.kv_events.keys import ROOT_KEY, BlockKey, chain_keys
+from pd_runtime.kv_events.native import native
 
-__all__ = ["IndexIntegrityError", "IndexStats", "PrefixIndex", "leading_blocks"]
+__all__ = [
+    "IndexIntegrityError",
+    "IndexStats",
+    "PrefixIndex",
+    "leading_blocks",
+    "leading_blocks_py",
+]
 
 _Tier = dict[EngineBlockHash, BlockKey]
 
@@ -71,7 +78,27 @@ def leading_blocks(
     Two ways to add holders the masks do not know (the scheduler's pending overlay): ``overlay``
     (key -> bits, ORed in per key: a second lookup per block) and ``spans`` (``(start, end,
     bit)``: positions ``[start, end)`` of ``keys`` held by ``bit``; no lookup at all, the bits
-    are switched on and off as the walk passes the spans' ends)."""
+    are switched on and off as the walk passes the spans' ends).
+
+    Runs compiled (:mod:`.native`) for up to 64 endpoints (bits are reused, so their masks fit
+    64 bits) without ``overlay``, else :func:`leading_blocks_py`; the two give the same dict,
+    order included."""
+    if native is not None and not overlay and len(endpoint_of_bit) <= 64:
+        found = native.leading_blocks(keys, masks, endpoint_of_bit, spans)
+        if found is not NotImplemented:
+            return found
+    return leading_blocks_py(keys, masks, endpoint_of_bit, overlay, spans)
+
+
+def leading_blocks_py(
+    keys: Sequence[BlockKey],
+    masks: Mapping[BlockKey, int],
+    endpoint_of_bit: Mapping[int, str],
+    overlay: Mapping[BlockKey, int] | None = None,
+    spans: Sequence[tuple[int, int, int]] | None = None,
+) -> dict[str, int]:
+    """:func:`leading_blocks` in Python: the reference of the compiled walk, and what runs for
+    masks wider than 64 bits, an ``overlay`` or where the extension is absent."""
     extra = overlay or {}
     # spans as position events: +bit where a span starts, -bit where it ends (counted per bit,
     # since spans of one endpoint may overlap).
@@ -309,6 +336,18 @@ class PrefixIndex:
         medium = ev.medium or MEDIUM_GPU
         tier = self._tier(endpoint, medium)
         bs = ev.block_size
+        if native is not None and not ev.extra_keys and bs > 0:
+            # Keyed straight from the msgpack bytes, no list of ints made. Anything odd (a
+            # placeholder, bad token ids, an unknown parent) takes the Python path below, which
+            # counts it as before.
+            parent: BlockKey | None = ROOT_KEY
+            if ev.parent_block_hash is not None:
+                parent = self._lookup(endpoint, ev.parent_block_hash)
+            if parent is not None:
+                keys = native.chain_keys_msgpack(parent, ev.token_ids, bs, len(hashes))
+                if keys is not None:
+                    self._insert(endpoint, medium, tier, hashes, keys)
+                    return
         try:
             tokens = decode_token_ids(ev.token_ids)
         except EventDecodeError:  # not an array of ints: nothing to key the blocks with
@@ -329,7 +368,17 @@ class PrefixIndex:
                 self.stats.orphan_blocks += len(hashes)
                 return
             parent = found
-        keys = chain_keys(parent, tokens, bs, ev.extra_keys)
+        self._insert(endpoint, medium, tier, hashes, chain_keys(parent, tokens, bs, ev.extra_keys))
+
+    def _insert(
+        self,
+        endpoint: str,
+        medium: str,
+        tier: _Tier,
+        hashes: Sequence[EngineBlockHash],
+        keys: Sequence[BlockKey],
+    ) -> None:
+        """Record a stored event's blocks (``hashes[i]`` keyed ``keys[i]``)."""
         # _add inlined for the usual case (a new engine hash): ingestion runs this once per block.
         held = self._held_in(medium)
         any_masks = self._any

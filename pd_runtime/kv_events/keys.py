@@ -43,7 +43,9 @@ from typing import Any, TypeAlias
 
 import msgspec
 
-__all__ = ["ROOT_KEY", "BlockKey", "chain_keys"]
+from pd_runtime.kv_events.native import native
+
+__all__ = ["ROOT_KEY", "BlockKey", "chain_keys", "chain_keys_py"]
 
 BlockKey: TypeAlias = int
 #: The parent key of a prompt's first block.
@@ -70,6 +72,21 @@ def chain_keys(
     hashed as Python ints (vLLM's are in ``[0, vocab)``). Raises ValueError for
     ``block_size < 1``.
     """
+    if native is not None and not extra_keys and block_size >= 1:
+        keys = native.chain_keys_ints(parent, token_ids, block_size)
+        if keys is not None:  # None: not a list or tuple of 64-bit ints
+            return keys
+    return chain_keys_py(parent, token_ids, block_size, extra_keys)
+
+
+def chain_keys_py(
+    parent: BlockKey,
+    token_ids: Sequence[int],
+    block_size: int,
+    extra_keys: Sequence[tuple[Any, ...] | None] | None = None,
+) -> list[BlockKey]:
+    """:func:`chain_keys` in Python: the reference (and the fallback) of the compiled version
+    (:mod:`.native`), which must give the same keys."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     keys: list[BlockKey] = []

@@ -1,0 +1,44 @@
+"""Which implementation runs the prefix index's hot loops: the compiled one or the Python one.
+
+``_native`` (``_native.c``, built by ``pip install``) keys blocks and walks a prompt's keys
+~5x faster than the Python loops in :mod:`.keys` and :mod:`.index`, which stay the reference
+(the compiled functions must give the same results: ``tests/unit/test_native.py``) and what runs
+where it is absent: a source install without a C compiler (the build is optional), another
+interpreter, or ``PD_RUNTIME_NATIVE=0`` (to compare the two, or to rule the extension out).
+
+The keys are CPython's tuple hash reproduced in C; a short self-check against ``hash`` at import
+turns the extension off if this interpreter hashes differently, rather than keying requests and
+events apart.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+__all__ = ["IMPLEMENTATION", "native"]
+
+
+def _self_check(module: ModuleType) -> bool:
+    tokens = [0, 1, 2**31, 2**61 - 1, 2**61, 12345, 2**63 - 1, -1]
+    expected, key = [], -(2**63)
+    for i in range(0, len(tokens), 2):
+        key = hash((key, hash(tuple(tokens[i : i + 2]))))
+        expected.append(key)
+    return bool(module.chain_keys_ints(-(2**63), tokens, 2) == expected)
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("PD_RUNTIME_NATIVE", "1") == "0":
+        return None
+    try:
+        from pd_runtime.kv_events import _native
+    except ImportError:
+        return None
+    return _native if _self_check(_native) else None
+
+
+#: The compiled module, or None where the Python loops run.
+native = _load()
+#: "native" or "python": said in the coordinator's start-up line.
+IMPLEMENTATION = "native" if native is not None else "python"
