@@ -253,11 +253,68 @@ none:
     Py_RETURN_NONE;
 }
 
-/* ---- the walk (index.leading_blocks for masks of <= 64 bits, no overlay) ---------------------- */
+/* ---- the walk (index.leading_blocks without an overlay) --------------------------------------- */
+
+/* Masks are endpoint bitmasks (one bit per endpoint, bits reused, so below the endpoint count):
+ * held here as up to MAX_WORDS 64-bit words, 1,024 endpoints; beyond, the Python version. */
+#define MAX_WORDS 16
+
+#if !PY_LITTLE_ENDIAN
+#error "masks are read as little-endian words"
+#endif
+
+/* A non-negative int of at most `words` words into w (zero-extended); -1 if it does not fit,
+ * is negative or is not an int (no exception left set). */
+static int to_words(PyObject *o, uint64_t *w, int words) {
+    if (!PyLong_Check(o)) return -1;
+    if (words == 1) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(o);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        w[0] = v;
+        return 0;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t got = PyLong_AsNativeBytes(
+        o, w, (Py_ssize_t)words * 8,
+        Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER |
+            Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (got < 0 || got > (Py_ssize_t)words * 8) {
+        PyErr_Clear();
+        return -1;
+    }
+#else
+    if (_PyLong_AsByteArray((PyLongObject *)o, (unsigned char *)w, (size_t)words * 8, 1, 0) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+/* The bit length of a non-negative int; (size_t)-1 for a negative one or an error (cleared). */
+static size_t bit_length(PyObject *o) {
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t bytes = PyLong_AsNativeBytes(
+        o, NULL, 0, Py_ASNATIVEBYTES_UNSIGNED_BUFFER | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    if (bytes < 0) {
+        PyErr_Clear();
+        return (size_t)-1;
+    }
+    return (size_t)bytes * 8; /* whole bytes: a width at least as large, which is all we need */
+#else
+    if (_PyLong_Sign(o) < 0) return (size_t)-1;
+    size_t bits = _PyLong_NumBits(o);
+    if (bits == (size_t)-1) PyErr_Clear();
+    return bits;
+#endif
+}
 
 typedef struct {
     Py_ssize_t at;
-    int bit;   /* 0..63 */
+    int bit;
     int delta; /* +1 a span starts here, -1 one ends */
 } SpanEdge;
 
@@ -266,47 +323,85 @@ static int edge_order(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* A Python int that is one power of two below 2**64, as its bit index; -1 otherwise. */
-static int bit_index(PyObject *o) {
-    if (!PyLong_Check(o)) return -1;
-    unsigned long long v = PyLong_AsUnsignedLongLong(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
+/* The bit index of a power of two of at most `words` words; -1 otherwise. */
+static int bit_index(PyObject *o, int words) {
+    uint64_t w[MAX_WORDS];
+    if (to_words(o, w, words) < 0) return -1;
+    int found = -1;
+    for (int i = 0; i < words; i++) {
+        if (!w[i]) continue;
+        if (found >= 0 || (w[i] & (w[i] - 1))) return -1;
+        found = 64 * i + __builtin_ctzll(w[i]);
     }
-    if (v == 0 || (v & (v - 1))) return -1;
-    return __builtin_ctzll(v);
+    return found;
 }
 
-/* Record each endpoint of `bits` (ascending bit order, as the Python version) at `count`. */
-static int record(PyObject *result, uint64_t bits, Py_ssize_t count, PyObject *endpoint_of_bit) {
-    if (!bits) return 0;
-    PyObject *n = PyLong_FromSsize_t(count);
-    if (n == NULL) return -1;
-    while (bits) {
-        uint64_t low = bits & (0 - bits);
-        bits ^= low;
-        PyObject *b = PyLong_FromUnsignedLongLong(low);
-        if (b == NULL) goto fail;
-        PyObject *endpoint = PyDict_GetItemWithError(endpoint_of_bit, b);
-        if (endpoint == NULL) {
-            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, b);
-            Py_DECREF(b);
-            goto fail;
-        }
-        Py_DECREF(b);
-        if (PyDict_SetItem(result, endpoint, n) < 0) goto fail;
+typedef struct {
+    int words;
+    PyObject *endpoint[64 * MAX_WORDS]; /* borrowed from endpoint_of_bit */
+    int live[64 * MAX_WORDS];           /* spans of each bit covering the current position */
+} Walk;
+
+/* The endpoint table from endpoint_of_bit ({1 << i: endpoint}): 0, or -1 where a key is not a
+ * power of two or there are too many endpoints (the Python version then runs). */
+static int walk_init(Walk *walk, PyObject *endpoint_of_bit) {
+    /* The highest bit sets the mask width (bits are reused, so it is below the peak endpoint
+     * count: usually one word, two from 65 endpoints). */
+    size_t top = 1;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(endpoint_of_bit, &pos, &key, &value)) {
+        if (!PyLong_CheckExact(key)) return -1;
+        size_t bits = bit_length(key);
+        if (bits == (size_t)-1 || bits > 64 * MAX_WORDS) return -1;
+        if (bits > top) top = bits;
     }
-    Py_DECREF(n);
+    walk->words = (int)((top + 63) / 64);
+    memset(walk->endpoint, 0, sizeof(PyObject *) * 64 * walk->words);
+    memset(walk->live, 0, sizeof(int) * 64 * walk->words);
+    pos = 0;
+    while (PyDict_Next(endpoint_of_bit, &pos, &key, &value)) {
+        int bit = bit_index(key, walk->words);
+        if (bit < 0) return -1;
+        walk->endpoint[bit] = value;
+    }
+    return 0;
+}
+
+/* Record each endpoint of `bits` (ascending bit order, as the Python version) at `count`;
+ * a bit with no endpoint raises KeyError, as endpoint_of_bit[low] does in Python. */
+static int record(PyObject *result, const Walk *walk, const uint64_t *bits, Py_ssize_t count) {
+    PyObject *n = NULL;
+    for (int w = 0; w < walk->words; w++) {
+        uint64_t word = bits[w];
+        while (word) {
+            int bit = 64 * w + __builtin_ctzll(word);
+            word &= word - 1;
+            PyObject *endpoint = walk->endpoint[bit];
+            if (endpoint == NULL) {
+                PyObject *one = PyLong_FromLong(1), *shift = PyLong_FromLong(bit);
+                PyObject *missing = one && shift ? PyNumber_Lshift(one, shift) : NULL;
+                if (missing) PyErr_SetObject(PyExc_KeyError, missing);
+                Py_XDECREF(one);
+                Py_XDECREF(shift);
+                Py_XDECREF(missing);
+                goto fail;
+            }
+            if (n == NULL && (n = PyLong_FromSsize_t(count)) == NULL) goto fail;
+            if (PyDict_SetItem(result, endpoint, n) < 0) goto fail;
+        }
+    }
+    Py_XDECREF(n);
     return 0;
 fail:
-    Py_DECREF(n);
+    Py_XDECREF(n);
     return -1;
 }
 
 /* leading_blocks(keys, masks, endpoint_of_bit, spans) -> dict | NotImplemented.
  * NotImplemented where the fast path does not apply (keys not a list or tuple, masks not a
- * dict, a mask or span bit beyond 64 bits): the caller runs the Python version. */
+ * dict, more than 1,024 endpoints, a mask or bit that is not what the index makes): the
+ * caller runs the Python version. */
 static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4) {
         PyErr_Format(PyExc_TypeError, "leading_blocks() takes 4 arguments (%zd given)", nargs);
@@ -317,14 +412,22 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
         !PyDict_Check(endpoint_of_bit)) {
         Py_RETURN_NOTIMPLEMENTED;
     }
+    Walk *walk = PyMem_Malloc(sizeof(Walk));
+    if (walk == NULL) return PyErr_NoMemory();
     SpanEdge *edges = NULL;
+    PyObject *result = NULL;
+    if (walk_init(walk, endpoint_of_bit) < 0) goto not_implemented;
+    const int words = walk->words;
     Py_ssize_t n_edges = 0;
     if (spans != Py_None) {
-        if (!PyList_CheckExact(spans) && !PyTuple_CheckExact(spans)) Py_RETURN_NOTIMPLEMENTED;
+        if (!PyList_CheckExact(spans) && !PyTuple_CheckExact(spans)) goto not_implemented;
         Py_ssize_t n_spans = PySequence_Fast_GET_SIZE(spans);
         if (n_spans) {
             edges = PyMem_Malloc(sizeof(SpanEdge) * 2 * n_spans);
-            if (edges == NULL) return PyErr_NoMemory();
+            if (edges == NULL) {
+                PyErr_NoMemory();
+                goto error;
+            }
         }
         PyObject **span_items = PySequence_Fast_ITEMS(spans);
         for (Py_ssize_t s = 0; s < n_spans; s++) {
@@ -336,7 +439,7 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
                 PyErr_Clear();
                 goto not_implemented;
             }
-            int bit = bit_index(PyTuple_GET_ITEM(span, 2));
+            int bit = bit_index(PyTuple_GET_ITEM(span, 2), words);
             if (bit < 0) goto not_implemented;
             if (end > start) {
                 edges[n_edges++] = (SpanEdge){start, bit, +1};
@@ -346,68 +449,67 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
         if (n_edges > 1) qsort(edges, n_edges, sizeof(SpanEdge), edge_order);
     }
 
-    PyObject *result = PyDict_New();
+    result = PyDict_New();
     if (result == NULL) goto error;
     PyObject **items = PySequence_Fast_ITEMS(keys);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
-    int live[64] = {0}; /* spans of each bit covering the current position */
-    uint64_t pend = 0, alive = 0;
+    uint64_t pend[MAX_WORDS] = {0}, alive[MAX_WORDS] = {0}, here[MAX_WORDS], gone[MAX_WORDS];
     Py_ssize_t e = 0, i = 0;
     for (i = 0; i < n; i++) {
         while (e < n_edges && edges[e].at <= i) { /* a span starting before 0: counted at 0 */
             int b = edges[e].bit;
-            live[b] += edges[e].delta;
-            if (live[b] > 0) {
-                pend |= 1ULL << b;
+            walk->live[b] += edges[e].delta;
+            if (walk->live[b] > 0) {
+                pend[b / 64] |= 1ULL << (b % 64);
             } else {
-                pend &= ~(1ULL << b);
+                pend[b / 64] &= ~(1ULL << (b % 64));
             }
             e++;
         }
-        uint64_t here = pend;
         PyObject *mask = PyDict_GetItemWithError(masks, items[i]);
         if (mask != NULL) {
-            unsigned long long m = PyLong_AsUnsignedLongLong(mask);
-            if (m == (unsigned long long)-1 && PyErr_Occurred()) {
-                PyErr_Clear(); /* wider than 64 bits (or not an int): the Python version */
-                Py_DECREF(result);
-                goto not_implemented;
-            }
-            here |= m;
+            if (to_words(mask, here, words) < 0) goto not_implemented;
         } else if (PyErr_Occurred()) { /* an unhashable key: let Python raise it */
             PyErr_Clear();
-            Py_DECREF(result);
             goto not_implemented;
+        } else {
+            memset(here, 0, sizeof(uint64_t) * words);
         }
-        if (i == 0) {
-            alive = here;
-        } else if ((here & alive) != alive) {
-            uint64_t gone = alive & ~here;
-            alive &= here;
-            if (record(result, gone, i, endpoint_of_bit) < 0) {
-                Py_DECREF(result);
-                goto error;
+        uint64_t any_alive = 0, any_gone = 0;
+        for (int w = 0; w < words; w++) {
+            here[w] |= pend[w];
+            if (i == 0) {
+                alive[w] = here[w];
+                gone[w] = 0;
+            } else {
+                gone[w] = alive[w] & ~here[w];
+                alive[w] &= here[w];
             }
+            any_alive |= alive[w];
+            any_gone |= gone[w];
         }
-        if (!alive) break;
+        if (any_gone && record(result, walk, gone, i) < 0) goto error;
+        if (!any_alive) break;
     }
-    if (record(result, alive, i, endpoint_of_bit) < 0) {
-        Py_DECREF(result);
-        goto error;
-    }
+    if (record(result, walk, alive, i) < 0) goto error;
     PyMem_Free(edges);
+    PyMem_Free(walk);
     return result;
 not_implemented:
+    Py_XDECREF(result);
     PyMem_Free(edges);
+    PyMem_Free(walk);
     Py_RETURN_NOTIMPLEMENTED;
 error:
+    Py_XDECREF(result);
     PyMem_Free(edges);
+    PyMem_Free(walk);
     return NULL;
 }
 
 static PyMethodDef methods[] = {
     {"leading_blocks", (PyCFunction)(void (*)(void))leading_blocks, METH_FASTCALL,
-     "index.leading_blocks for <= 64-bit masks without an overlay; NotImplemented otherwise."},
+     "index.leading_blocks without an overlay, up to 1,024 endpoints; NotImplemented otherwise."},
     {"chain_keys_msgpack", (PyCFunction)(void (*)(void))chain_keys_msgpack, METH_FASTCALL,
      "keys.chain_keys(parent, msgpack-decoded raw, block_size) without extras; None if raw is "
      "not a msgpack array of ints (of n_blocks * block_size ints, if n_blocks >= 0)."},

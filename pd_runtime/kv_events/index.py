@@ -80,10 +80,9 @@ def leading_blocks(
     bit)``: positions ``[start, end)`` of ``keys`` held by ``bit``; no lookup at all, the bits
     are switched on and off as the walk passes the spans' ends).
 
-    Runs compiled (:mod:`.native`) for up to 64 endpoints (bits are reused, so their masks fit
-    64 bits) without ``overlay``, else :func:`leading_blocks_py`; the two give the same dict,
-    order included."""
-    if native is not None and not overlay and len(endpoint_of_bit) <= 64:
+    Runs compiled (:mod:`.native`) without ``overlay`` for up to 1,024 endpoints, else
+    :func:`leading_blocks_py`; the two give the same dict, order included."""
+    if native is not None and not overlay:
         found = native.leading_blocks(keys, masks, endpoint_of_bit, spans)
         if found is not NotImplemented:
             return found

@@ -216,7 +216,8 @@ def check(ix: PrefixIndex, ref: Reference) -> None:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_index_matches_the_reference_on_random_streams(seed: int) -> None:
+def test_index_matches_the_reference_on_random_streams(seed: int, implementation: str) -> None:
+    """On the compiled keying and walk and on the Python loops (``implementation``)."""
     rng = random.Random(seed)
     ix, ref = PrefixIndex(), Reference()
     encoder = msgspec.msgpack.Encoder()
@@ -241,7 +242,7 @@ def test_index_matches_the_reference_on_random_streams(seed: int) -> None:
     check(ix, ref)
 
 
-def test_undecodable_token_ids_are_counted_not_raised() -> None:
+def test_undecodable_token_ids_are_counted_not_raised(implementation: str) -> None:
     """``decode_batch`` leaves ``token_ids`` as msgpack: a value that is not an array of ints
     reaches the index, which drops the blocks (as unkeyable) instead of raising."""
     payload = msgspec.msgpack.encode(

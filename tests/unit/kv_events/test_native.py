@@ -1,0 +1,140 @@
+"""The compiled hot loops (``_native.c``) against their Python references, on random inputs.
+
+``leading_blocks`` must return the very dict of ``leading_blocks_py`` (order included: the
+decision line lists endpoints in it), and both keying functions the very keys of
+``chain_keys_py``: a different key would silently split the index (events keyed one way,
+requests the other). Edge values cover CPython's int hash (the modulus 2**61 - 1, negatives,
+-1 -> -2) and every msgpack int width.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import msgspec
+import pytest
+
+from pd_runtime.kv_events.index import leading_blocks, leading_blocks_py
+from pd_runtime.kv_events.keys import chain_keys_py
+from pd_runtime.kv_events.native import IMPLEMENTATION, native
+
+encode = msgspec.msgpack.encode
+EDGE_INTS = [
+    -(2**63), -(2**61) + 1, -(2**61) - 1, -33, -32, -2, -1, 0, 1, 127, 128, 255, 256,
+    65_535, 65_536, 2**31, 2**32 - 1, 2**32, 2**61 - 2, 2**61 - 1, 2**61, 2**62, 2**63 - 1,
+]  # fmt: skip
+
+
+def test_the_extension_is_built_and_in_use() -> None:
+    """``pip install -e .`` compiles it (a C compiler is on every machine we run on); without it
+    everything still works, at the Python loops' speed, which this test would hide."""
+    if os.environ.get("PD_RUNTIME_NATIVE") == "0":
+        pytest.skip("PD_RUNTIME_NATIVE=0: the Python loops on purpose")
+    assert IMPLEMENTATION == "native", "pd_runtime/kv_events/_native.c was not built"
+
+
+needs_native = pytest.mark.skipif(native is None, reason="extension not built")
+
+
+def random_tokens(rng: random.Random, n: int) -> list[int]:
+    kind = rng.random()
+    if kind < 0.5:
+        return [rng.randrange(200_000) for _ in range(n)]
+    if kind < 0.8:
+        return [rng.randrange(-(2**63), 2**63) for _ in range(n)]
+    return [rng.choice(EDGE_INTS) for _ in range(n)]
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(4))
+def test_keys_equal_the_python_keys(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(500):
+        bs = rng.choice([1, 2, 3, 16, 32])
+        tokens = random_tokens(rng, rng.randint(0, 100))
+        parent = rng.choice([0, -1, -2, rng.randrange(-(2**63), 2**63)])
+        expected = chain_keys_py(parent, tokens, bs)
+        assert native.chain_keys_ints(parent, tokens, bs) == expected
+        assert native.chain_keys_ints(parent, tuple(tokens), bs) == expected
+        raw = msgspec.Raw(encode(tokens))
+        assert native.chain_keys_msgpack(parent, raw, bs, -1) == expected
+        assert native.chain_keys_msgpack(parent, raw, bs, len(tokens) // bs) == (
+            expected if len(tokens) % bs == 0 else None
+        )
+
+
+@needs_native
+def test_keying_edge_cases_fall_back_rather_than_guess() -> None:
+    big = [2**64 - 1, 2**63, 2**63 + 5, 3]  # msgpack uint64 beyond int64: hashed like Python
+    assert native.chain_keys_msgpack(0, encode(big), 2, 2) == chain_keys_py(0, big, 2)
+    assert native.chain_keys_ints(0, big, 2) is None  # a Python int beyond int64: Python's turn
+    assert native.chain_keys_ints(0, [1, True], 1) is None  # not exactly int
+    assert native.chain_keys_ints(0, range(8), 2) is None  # not a list or tuple
+    long = list(range(70_000))  # array32 header
+    assert native.chain_keys_msgpack(0, encode(long), 16, -1) == chain_keys_py(0, long, 16)
+    for bad in (
+        encode([1, 2.0]),  # a float
+        encode([1, "2"]),
+        encode([1, 2]) + b"\x00",  # trailing bytes
+        encode([1, 2])[:-1],  # truncated
+        b"\xdd\xff\xff\xff\xff\x01",  # a header longer than the bytes
+        encode({"a": 1}),
+        b"",
+        encode([1, 2, 3, None]),  # a bad value after the last full block still counts
+    ):
+        assert native.chain_keys_msgpack(0, bad, 2, -1) is None, bad
+    assert native.chain_keys_msgpack(0, encode([1, 2, 3, 4]), 2, 3) is None  # count mismatch
+    with pytest.raises(ValueError, match="block_size"):
+        native.chain_keys_ints(0, [1], 0)
+
+
+def random_walk_case(rng: random.Random) -> tuple[list[int], dict[int, int], dict[int, str], list]:
+    n_endpoints = rng.choice([1, 2, 8, 63, 64, 65, 68, 130, 300])  # one to five mask words
+    bits = rng.sample(range(n_endpoints), rng.randint(1, n_endpoints))  # bits are reused: gaps
+    endpoint_of_bit = {1 << b: f"e{b}" for b in bits}
+    keys = [rng.randrange(-(2**63), 2**63) for _ in range(rng.randint(0, 40))]
+    masks = {}
+    for i, key in enumerate(keys):
+        if rng.random() < 0.9:  # holders thin out along the prompt, as prefixes do
+            mask = sum(1 << b for b in bits if rng.random() < 1 - i / 30)
+            if mask:
+                masks[key] = mask
+    spans = [
+        (s := rng.randint(0, len(keys) + 2), s + rng.randint(-2, 20), 1 << rng.choice(bits))
+        for _ in range(rng.randint(0, 6))
+    ]  # empty and reversed spans, spans past the end, overlapping spans of one bit
+    return keys, masks, endpoint_of_bit, spans
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(4))
+def test_walk_equals_the_python_walk_order_included(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(2_000):
+        keys, masks, endpoint_of_bit, spans = random_walk_case(rng)
+        for case_spans in (None, spans):
+            expected = leading_blocks_py(keys, masks, endpoint_of_bit, spans=case_spans)
+            got = native.leading_blocks(keys, masks, endpoint_of_bit, case_spans)
+            assert list(got.items()) == list(expected.items()), (keys, masks, case_spans)
+
+
+@needs_native
+def test_walk_hands_what_it_cannot_do_to_python() -> None:
+    many = {1 << b: f"e{b}" for b in range(1025)}  # beyond 1,024 endpoints
+    assert native.leading_blocks([1], {1: 1}, many, None) is NotImplemented
+    two = {1: "a", 2: "b"}
+    assert native.leading_blocks([1], {1: 1 << 64}, two, None) is NotImplemented  # a stray bit
+    assert native.leading_blocks([1], {}, two, [(0, 1, 1 << 64)]) is NotImplemented
+    assert native.leading_blocks([1], {}, two, [(0, 1, 3)]) is NotImplemented  # not one bit
+    assert native.leading_blocks([1], {1: -1}, two, None) is NotImplemented
+    assert native.leading_blocks([1], {}, {3: "a"}, None) is NotImplemented
+    assert native.leading_blocks(iter([1]), {}, two, None) is NotImplemented
+    with pytest.raises(KeyError):  # a bit nobody owns: the Python version raises the same
+        native.leading_blocks([1, 2], {1: 3, 2: 1}, {1: "a", 4: "c"}, None)
+    # ... and leading_blocks itself still answers those, and an overlay.
+    keys = [10, 11, 12]
+    endpoint_of_bit = {1 << b: f"e{b}" for b in range(1100)}
+    masks = {10: (1 << 1099) | 1, 11: 1 << 1099}
+    assert leading_blocks(keys, masks, endpoint_of_bit) == {"e0": 1, "e1099": 2}
+    assert leading_blocks(keys, {10: 1}, {1: "a"}, overlay={11: 1}) == {"a": 2}
