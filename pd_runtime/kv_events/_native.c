@@ -507,6 +507,67 @@ error:
     return NULL;
 }
 
+/* ---- storing (index.PrefixIndex._insert's usual case) -------------------------------------- */
+
+/* insert_new(tier, held, hashes, keys, ep_bit, start) -> int: records blocks start, start+1,
+ * ... as the index's insertion loop does for a new engine hash (tier[h] = key, and the
+ * endpoint's bit ORed into held[key]), stopping at the first block that is not that usual case
+ * (an engine hash already in the tier, or a key the endpoint already holds under another hash):
+ * returns its position (len(hashes) when all were stored), for the caller to handle that block
+ * in Python and call again from the next. Only for the single-tier index, where held is also
+ * the any-tier dict. */
+static PyObject *insert_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "insert_new() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *tier = args[0], *held = args[1], *hashes = args[2], *keys = args[3];
+    PyObject *ep_bit = args[4];
+    Py_ssize_t start = PyLong_AsSsize_t(args[5]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    if (!PyDict_Check(tier) || !PyDict_Check(held) || !PyLong_Check(ep_bit) ||
+        !(PyList_CheckExact(hashes) || PyTuple_CheckExact(hashes)) ||
+        !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys))) {
+        PyErr_SetString(PyExc_TypeError, "insert_new: dicts, a list of hashes and keys, an int");
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(hashes);
+    if (PySequence_Fast_GET_SIZE(keys) != n) {
+        PyErr_SetString(PyExc_ValueError, "insert_new: one key per hash");
+        return NULL;
+    }
+    PyObject **hash_items = PySequence_Fast_ITEMS(hashes), **key_items = PySequence_Fast_ITEMS(keys);
+    Py_ssize_t i;
+    for (i = start < 0 ? 0 : start; i < n; i++) {
+        PyObject *h = hash_items[i], *key = key_items[i];
+        int known = PyDict_Contains(tier, h);
+        if (known < 0) return NULL;
+        if (known) break; /* a re-store or a new key for the hash */
+        PyObject *bits = PyDict_GetItemWithError(held, key);
+        PyObject *mask;
+        if (bits != NULL) {
+            PyObject *both = PyNumber_And(bits, ep_bit);
+            if (both == NULL) return NULL;
+            int dupe = PyObject_IsTrue(both);
+            Py_DECREF(both);
+            if (dupe < 0) return NULL;
+            if (dupe) break; /* the endpoint holds the key under another hash */
+            mask = PyNumber_Or(bits, ep_bit);
+            if (mask == NULL) return NULL;
+        } else if (PyErr_Occurred()) {
+            return NULL;
+        } else {
+            mask = Py_NewRef(ep_bit);
+        }
+        if (PyDict_SetItem(tier, h, key) < 0 || PyDict_SetItem(held, key, mask) < 0) {
+            Py_DECREF(mask);
+            return NULL;
+        }
+        Py_DECREF(mask);
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"leading_blocks", (PyCFunction)(void (*)(void))leading_blocks, METH_FASTCALL,
      "index.leading_blocks without an overlay, up to 1,024 endpoints; NotImplemented otherwise."},
@@ -516,6 +577,8 @@ static PyMethodDef methods[] = {
     {"chain_keys_ints", (PyCFunction)(void (*)(void))chain_keys_ints, METH_FASTCALL,
      "keys.chain_keys(parent, token_ids, block_size) without extras for a list or tuple of "
      "64-bit ints; None otherwise."},
+    {"insert_new", (PyCFunction)(void (*)(void))insert_new, METH_FASTCALL,
+     "PrefixIndex._insert's usual case (new engine hashes, one tier); returns where it stopped."},
     {NULL, NULL, 0, NULL},
 };
 

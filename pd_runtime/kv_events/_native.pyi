@@ -15,3 +15,12 @@ def chain_keys_msgpack(
 def chain_keys_ints(
     parent: int, token_ids: list[int] | tuple[int, ...], block_size: int, /
 ) -> list[int] | None: ...
+def insert_new(
+    tier: dict[bytes | int, int],
+    held: dict[int, int],
+    hashes: list[bytes | int] | list[bytes] | list[int],
+    keys: list[int],
+    ep_bit: int,
+    start: int,
+    /,
+) -> int: ...

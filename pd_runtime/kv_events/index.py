@@ -382,6 +382,17 @@ class PrefixIndex:
         held = self._held_in(medium)
         any_masks = self._any
         ep_bit = self._bit_of(endpoint)
+        if native is not None and any_masks is held:
+            # Compiled, block by block in order: the usual case in C, any other block by _add
+            # (the same rules as the loop below), then C again from the next one.
+            n, i = len(hashes), 0
+            while i < n:
+                done = native.insert_new(tier, held, hashes, keys, ep_bit, i)
+                self.stats.stored += done - i
+                if done < n:
+                    self._add(endpoint, medium, tier, hashes[done], keys[done])
+                i = done + 1
+            return
         new = 0
         for h, key in zip(hashes, keys, strict=True):
             if h in tier:  # a re-store (vLLM re-emits reused blocks) or a new key for the hash

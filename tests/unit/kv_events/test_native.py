@@ -138,3 +138,22 @@ def test_walk_hands_what_it_cannot_do_to_python() -> None:
     masks = {10: (1 << 1099) | 1, 11: 1 << 1099}
     assert leading_blocks(keys, masks, endpoint_of_bit) == {"e0": 1, "e1099": 2}
     assert leading_blocks(keys, {10: 1}, {1: "a"}, overlay={11: 1}) == {"a": 2}
+
+
+@needs_native
+def test_insert_stops_at_each_block_that_is_not_a_plain_new_one() -> None:
+    """``insert_new`` stores new engine hashes and hands back a known hash and a key the
+    endpoint already holds under another hash (``PrefixIndex._add`` does those, in order)."""
+    tier: dict[bytes | int, int] = {b"known": 7}
+    held = {7: 0b01, 8: 0b10, 9: 0b01}  # key 9 held by this endpoint (bit 0b01) already
+    hashes: list[bytes | int] = [b"a", b"b", b"known", b"c", b"d"]
+    keys = [1, 8, 7, 9, 2]
+    assert native.insert_new(tier, held, hashes, keys, 0b01, 0) == 2  # stops at the known hash
+    assert tier == {b"known": 7, b"a": 1, b"b": 8} and held[1] == 0b01 and held[8] == 0b11
+    assert native.insert_new(tier, held, hashes, keys, 0b01, 3) == 3  # key 9: a duplicate
+    assert native.insert_new(tier, held, hashes, keys, 0b01, 4) == 5
+    assert tier[b"d"] == 2 and held[2] == 0b01 and b"c" not in tier
+    wide = 1 << 70  # masks beyond one word
+    assert native.insert_new(tier, held, [b"e"], [8], wide, 0) == 1 and held[8] == wide | 0b11
+    with pytest.raises(ValueError, match="one key per hash"):
+        native.insert_new(tier, held, [b"f"], [], 1, 0)
