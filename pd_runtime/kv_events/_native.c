@@ -398,23 +398,135 @@ fail:
     return -1;
 }
 
-/* leading_blocks(keys, masks, endpoint_of_bit, spans) -> dict | NotImplemented.
+/* The ends of the claims found so far in a walk with `claims`: (position, bit), unordered, with
+ * the nearest position kept aside so that most blocks check one number. */
+typedef struct {
+    SpanEdge *items;
+    Py_ssize_t len, cap;
+    Py_ssize_t next; /* the smallest `at` among items (PY_SSIZE_T_MAX when empty) */
+} ClaimEnds;
+
+static void live_add(Walk *walk, uint64_t *pend, int bit, int delta) {
+    walk->live[bit] += delta;
+    if (walk->live[bit] > 0) {
+        pend[bit / 64] |= 1ULL << (bit % 64);
+    } else {
+        pend[bit / 64] &= ~(1ULL << (bit % 64));
+    }
+}
+
+/* Apply (and drop) the claim ends at or before position i. */
+static void ends_apply(ClaimEnds *ends, Walk *walk, uint64_t *pend, Py_ssize_t i) {
+    Py_ssize_t kept = 0, next = PY_SSIZE_T_MAX;
+    for (Py_ssize_t k = 0; k < ends->len; k++) {
+        SpanEdge edge = ends->items[k];
+        if (edge.at <= i) {
+            live_add(walk, pend, edge.bit, -1);
+        } else {
+            ends->items[kept++] = edge;
+            if (edge.at < next) next = edge.at;
+        }
+    }
+    ends->len = kept;
+    ends->next = next;
+}
+
+static PyObject *str_keys, *str_bit; /* interned attribute names of a claim */
+
+/* The claims whose first key is keys[i] (claims: {first key: [claim, ...]}, a claim having
+ * `keys`, a run of chained keys, and `bit`): each covers keys[i:] up to where its keys and
+ * the prompt's part (index.claim_spans, the Python reference, says why one comparison mostly
+ * does). Their bits are switched on and their ends queued. 0, 1 for "not for C" (the caller
+ * returns NotImplemented), -1 with an exception. */
+static int claims_start(PyObject *claims, PyObject **items, Py_ssize_t n, Py_ssize_t i,
+                        Walk *walk, uint64_t *pend, ClaimEnds *ends) {
+    PyObject *found = PyDict_GetItemWithError(claims, items[i]);
+    if (found == NULL) return PyErr_Occurred() ? (PyErr_Clear(), 1) : 0;
+    if (!PyList_CheckExact(found)) return 1;
+    for (Py_ssize_t c = 0; c < PyList_GET_SIZE(found); c++) {
+        PyObject *claim = PyList_GET_ITEM(found, c);
+        PyObject *ck = PyObject_GetAttr(claim, str_keys);
+        if (ck == NULL) return (PyErr_Clear(), 1);
+        PyObject *bit_obj = PyObject_GetAttr(claim, str_bit);
+        if (bit_obj == NULL) {
+            Py_DECREF(ck);
+            return (PyErr_Clear(), 1);
+        }
+        int bit = bit_index(bit_obj, walk->words);
+        Py_DECREF(bit_obj);
+        if (bit < 0 || !(PyList_CheckExact(ck) || PyTuple_CheckExact(ck)) ||
+            PySequence_Fast_GET_SIZE(ck) == 0) {
+            Py_DECREF(ck);
+            return 1;
+        }
+        PyObject **claim_keys = PySequence_Fast_ITEMS(ck);
+        Py_ssize_t m = PySequence_Fast_GET_SIZE(ck);
+        if (m > n - i) m = n - i;
+        Py_ssize_t length;
+        int same = PyObject_RichCompareBool(claim_keys[m - 1], items[i + m - 1], Py_EQ);
+        if (same < 0) {
+            Py_DECREF(ck);
+            return -1;
+        }
+        if (same) {
+            length = m;
+        } else { /* bisect for the first position that differs */
+            Py_ssize_t lo = 1, hi = m - 1; /* ck[0] is the head, ck[m - 1] differs */
+            while (lo <= hi) {
+                Py_ssize_t mid = (lo + hi) / 2;
+                same = PyObject_RichCompareBool(claim_keys[mid], items[i + mid], Py_EQ);
+                if (same < 0) {
+                    Py_DECREF(ck);
+                    return -1;
+                }
+                if (same) {
+                    lo = mid + 1;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            length = lo;
+        }
+        Py_DECREF(ck);
+        if (ends->len == ends->cap) {
+            Py_ssize_t cap = ends->cap ? 2 * ends->cap : 16;
+            SpanEdge *grown = PyMem_Realloc(ends->items, sizeof(SpanEdge) * cap);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            ends->items = grown;
+            ends->cap = cap;
+        }
+        live_add(walk, pend, bit, +1);
+        ends->items[ends->len++] = (SpanEdge){i + length, bit, -1};
+        if (i + length < ends->next) ends->next = i + length;
+    }
+    return 0;
+}
+
+/* leading_blocks(keys, masks, endpoint_of_bit, spans, claims) -> dict | NotImplemented.
+ * `spans` ((start, end, bit) position ranges) and `claims` (claims by first key, turned into
+ * such ranges during the walk, so that only the blocks walked are looked up) lay the
+ * scheduler's pending claims over the masks; either may be None.
  * NotImplemented where the fast path does not apply (keys not a list or tuple, masks not a
  * dict, more than 1,024 endpoints, a mask or bit that is not what the index makes): the
  * caller runs the Python version. */
 static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_Format(PyExc_TypeError, "leading_blocks() takes 4 arguments (%zd given)", nargs);
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "leading_blocks() takes 5 arguments (%zd given)", nargs);
         return NULL;
     }
     PyObject *keys = args[0], *masks = args[1], *endpoint_of_bit = args[2], *spans = args[3];
+    PyObject *claims = args[4];
     if (!(PyList_CheckExact(keys) || PyTuple_CheckExact(keys)) || !PyDict_Check(masks) ||
-        !PyDict_Check(endpoint_of_bit)) {
+        !PyDict_Check(endpoint_of_bit) || (claims != Py_None && !PyDict_Check(claims))) {
         Py_RETURN_NOTIMPLEMENTED;
     }
     Walk *walk = PyMem_Malloc(sizeof(Walk));
     if (walk == NULL) return PyErr_NoMemory();
     SpanEdge *edges = NULL;
+    ClaimEnds ends = {NULL, 0, 0, PY_SSIZE_T_MAX};
     PyObject *result = NULL;
     if (walk_init(walk, endpoint_of_bit) < 0) goto not_implemented;
     const int words = walk->words;
@@ -457,14 +569,14 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
     Py_ssize_t e = 0, i = 0;
     for (i = 0; i < n; i++) {
         while (e < n_edges && edges[e].at <= i) { /* a span starting before 0: counted at 0 */
-            int b = edges[e].bit;
-            walk->live[b] += edges[e].delta;
-            if (walk->live[b] > 0) {
-                pend[b / 64] |= 1ULL << (b % 64);
-            } else {
-                pend[b / 64] &= ~(1ULL << (b % 64));
-            }
+            live_add(walk, pend, edges[e].bit, edges[e].delta);
             e++;
+        }
+        if (i >= ends.next) ends_apply(&ends, walk, pend, i);
+        if (claims != Py_None) {
+            int got = claims_start(claims, items, n, i, walk, pend, &ends);
+            if (got < 0) goto error;
+            if (got > 0) goto not_implemented;
         }
         PyObject *mask = PyDict_GetItemWithError(masks, items[i]);
         if (mask != NULL) {
@@ -493,16 +605,19 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
     }
     if (record(result, walk, alive, i) < 0) goto error;
     PyMem_Free(edges);
+    PyMem_Free(ends.items);
     PyMem_Free(walk);
     return result;
 not_implemented:
     Py_XDECREF(result);
     PyMem_Free(edges);
+    PyMem_Free(ends.items);
     PyMem_Free(walk);
     Py_RETURN_NOTIMPLEMENTED;
 error:
     Py_XDECREF(result);
     PyMem_Free(edges);
+    PyMem_Free(ends.items);
     PyMem_Free(walk);
     return NULL;
 }
@@ -570,7 +685,8 @@ static PyObject *insert_new(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 static PyMethodDef methods[] = {
     {"leading_blocks", (PyCFunction)(void (*)(void))leading_blocks, METH_FASTCALL,
-     "index.leading_blocks without an overlay, up to 1,024 endpoints; NotImplemented otherwise."},
+     "index.leading_blocks without an overlay, spans and claims laid over the masks, up to 1,024 "
+     "endpoints; NotImplemented otherwise."},
     {"chain_keys_msgpack", (PyCFunction)(void (*)(void))chain_keys_msgpack, METH_FASTCALL,
      "keys.chain_keys(parent, msgpack-decoded raw, block_size) without extras; None if raw is "
      "not a msgpack array of ints (of n_blocks * block_size ints, if n_blocks >= 0)."},
@@ -590,4 +706,9 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    str_keys = PyUnicode_InternFromString("keys");
+    str_bit = PyUnicode_InternFromString("bit");
+    if (str_keys == NULL || str_bit == NULL) return NULL;
+    return PyModule_Create(&module);
+}

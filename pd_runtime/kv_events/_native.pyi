@@ -1,12 +1,14 @@
 # The compiled module of _native.c; see native.py.
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import NotImplementedType
+from typing import Any
 
 def leading_blocks(
     keys: list[int] | tuple[int, ...],
     masks: Mapping[int, int],
     endpoint_of_bit: Mapping[int, str],
     spans: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...] | None,
+    claims: Mapping[int, Sequence[Any]] | None,
     /,
 ) -> dict[str, int] | NotImplementedType: ...
 def chain_keys_msgpack(

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import compress, count
+from typing import Any, Protocol
 
 from pd_runtime.errors import PDRuntimeError
 from pd_runtime.kv_events.events import (
@@ -55,14 +56,63 @@ from pd_runtime.kv_events.keys import ROOT_KEY, BlockKey, chain_keys
 from pd_runtime.kv_events.native import native
 
 __all__ = [
+    "Claim",
     "IndexIntegrityError",
     "IndexStats",
     "PrefixIndex",
+    "claim_spans",
     "leading_blocks",
     "leading_blocks_py",
 ]
 
 _Tier = dict[EngineBlockHash, BlockKey]
+
+
+class Claim(Protocol):
+    """Blocks an endpoint is expected to hold soon (the scheduler's pending overlay): ``keys``,
+    a contiguous run of one prompt's chained keys, for the endpoint with ``bit``."""
+
+    @property
+    def keys(self) -> Sequence[BlockKey]: ...
+
+    @property
+    def bit(self) -> int: ...
+
+
+#: Claims by their first key: what ``claims=`` of :func:`leading_blocks` takes.
+ClaimsByHead = Mapping[BlockKey, Sequence[Claim]]
+
+
+def claim_spans(keys: Sequence[BlockKey], claims: ClaimsByHead) -> list[tuple[int, int, int]]:
+    """The ``claims`` over ``keys`` as ``(start, end, bit)`` position ranges.
+
+    Keys are chained, so a claim holding some key of ``keys`` has its head in ``keys`` too and
+    agrees with them from there until the two chains part: one lookup per key in the (small)
+    dict of heads, in C, and for each claim found one comparison (or a bisection where the
+    chains part)."""
+    if not claims:
+        return []
+    out: list[tuple[int, int, int]] = []
+    n = len(keys)
+    for i in compress(count(), map(claims.__contains__, keys)):
+        for claim in claims[keys[i]]:
+            ck = claim.keys
+            m = min(len(ck), n - i)
+            # Usually the last shared position agrees (the whole claim, or the whole rest of
+            # the prompt, is covered): one comparison.
+            if ck[m - 1] == keys[i + m - 1]:
+                length = m
+            else:  # bisect for the first position that differs
+                lo, hi = 1, m - 1  # ck[0] == keys[i] (the head), ck[m - 1] differs
+                while lo <= hi:
+                    mid = (lo + hi) // 2
+                    if ck[mid] == keys[i + mid]:
+                        lo = mid + 1
+                    else:
+                        hi = mid - 1
+                length = lo
+            out.append((i, i + length, claim.bit))
+    return out
 
 
 def leading_blocks(
@@ -71,6 +121,7 @@ def leading_blocks(
     endpoint_of_bit: Mapping[int, str],
     overlay: Mapping[BlockKey, int] | None = None,
     spans: Sequence[tuple[int, int, int]] | None = None,
+    claims: ClaimsByHead | None = None,
 ) -> dict[str, int]:
     """How many leading ``keys`` each endpoint holds, from per-key endpoint bitmasks: one dict
     lookup and one integer AND per block, stopping when every endpoint has missed.
@@ -80,12 +131,18 @@ def leading_blocks(
     bit)``: positions ``[start, end)`` of ``keys`` held by ``bit``; no lookup at all, the bits
     are switched on and off as the walk passes the spans' ends).
 
+    ``claims`` (:data:`ClaimsByHead`) are spans not yet worked out: :func:`claim_spans` of them
+    is added to ``spans``. Compiled, each is worked out when the walk reaches its head, so
+    a prompt's keys are visited once and only up to where the walk stops.
+
     Runs compiled (:mod:`.native`) without ``overlay`` for up to 1,024 endpoints, else
     :func:`leading_blocks_py`; the two give the same dict, order included."""
     if native is not None and not overlay:
-        found = native.leading_blocks(keys, masks, endpoint_of_bit, spans)
+        found = native.leading_blocks(keys, masks, endpoint_of_bit, spans, claims or None)
         if found is not NotImplemented:
             return found
+    if claims:
+        spans = [*(spans or ()), *claim_spans(keys, claims)]
     return leading_blocks_py(keys, masks, endpoint_of_bit, overlay, spans)
 
 
@@ -209,19 +266,21 @@ class PrefixIndex:
         media: Collection[str] | None = None,
         overlay: Mapping[BlockKey, int] | None = None,
         spans: Sequence[tuple[int, int, int]] | None = None,
+        claims: ClaimsByHead | None = None,
     ) -> dict[str, int]:
         """Leading blocks of ``keys`` each endpoint holds, stopping at its first miss.
 
         Only endpoints with at least one block appear. ``media`` restricts which tiers count
         (default: any). ``overlay`` adds holders the index does not know yet (key -> endpoint
         bits from :meth:`endpoint_bit`), ``spans`` the same as position ranges of ``keys``
-        (``(start, end, bit)``; see the scheduler's pending overlay); any-tier only.
+        (``(start, end, bit)``), ``claims`` as claims by first key (the scheduler's pending
+        overlay; see :func:`leading_blocks`); any-tier only.
         Cost: one dict lookup and one integer AND per block until every endpoint has missed.
         """
         if media is None:
-            return leading_blocks(keys, self._any, self._endpoint_of_bit, overlay, spans)
-        if overlay is not None or spans:
-            raise ValueError("overlay and spans are only supported when matching any medium")
+            return leading_blocks(keys, self._any, self._endpoint_of_bit, overlay, spans, claims)
+        if overlay is not None or spans or claims:
+            raise ValueError("overlay, spans and claims need matching any medium")
         held = [self._held[m] for m in set(media) if m in self._held]
         if len(held) == 1:
             return leading_blocks(keys, held[0], self._endpoint_of_bit)

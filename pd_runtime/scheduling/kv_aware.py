@@ -356,7 +356,7 @@ class KVAwareScheduler(Scheduler):
         # One walk over the index with the pending claims laid over it: a block counts as held
         # if the engine reported it or a request that will store it was just routed there.
         cached = (
-            self.index.match(keys, spans=self.pending.spans(keys) if self.pending else None)
+            self.index.match(keys, claims=self.pending.live_heads() if self.pending else None)
             if keys
             else {}
         )
@@ -544,7 +544,7 @@ class KVAwareScheduler(Scheduler):
             "blocks": len(keys),
             "block_size": self.params.block_size,
             "indexed": self.index.match(keys) if keys else {},
-            "expected": self.index.match(keys, spans=self.pending.spans(keys)) if keys else {},
+            "expected": self.index.match(keys, claims=self.pending.live_heads()) if keys else {},
         }
 
     def debug_state(self) -> dict[str, Any]:

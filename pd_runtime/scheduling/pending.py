@@ -27,9 +27,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from itertools import compress, count
 
-from pd_runtime.kv_events.index import leading_blocks
+from pd_runtime.kv_events.index import claim_spans, leading_blocks
 
 __all__ = ["PendingPrefixes", "Span"]
 
@@ -108,38 +107,18 @@ class PendingPrefixes:
 
     def spans(self, keys: Sequence[int]) -> list[Span]:
         """The live claims over ``keys``, as ``(start, end, bit)`` position ranges (expired
-        claims purged first). One lookup per key in the small dict of claim heads, in C, and
-        for each claim found one comparison (or a bisection where the chains part)."""
+        claims purged first; see :func:`~pd_runtime.kv_events.index.claim_spans`)."""
+        return claim_spans(keys, self.live_heads())
+
+    def live_heads(self) -> dict[int, list[_Claim]]:
+        """The live claims by first key (expired ones purged), for ``PrefixIndex.match(claims=)``:
+        the walk works out their spans itself, only over the blocks it visits. Read-only."""
         self._expire(self._clock())
-        heads = self._heads
-        if not heads:
-            return []
-        out: list[Span] = []
-        n = len(keys)
-        for i in compress(count(), map(heads.__contains__, keys)):
-            for claim in heads[keys[i]]:
-                ck = claim.keys
-                m = min(len(ck), n - i)
-                # Where the two chains part: keys are chained, so they agree up to some point
-                # and differ from there on. Usually the last shared position agrees (the whole
-                # claim, or the whole rest of the prompt, is covered): one comparison.
-                if ck[m - 1] == keys[i + m - 1]:
-                    length = m
-                else:  # bisect for the first position that differs
-                    lo, hi = 1, m - 1  # ck[0] == keys[i] (the head), ck[m - 1] differs
-                    while lo <= hi:
-                        mid = (lo + hi) // 2
-                        if ck[mid] == keys[i + mid]:
-                            lo = mid + 1
-                        else:
-                            hi = mid - 1
-                    length = lo
-                out.append((i, i + length, claim.bit))
-        return out
+        return self._heads
 
     def match(self, keys: Sequence[int]) -> dict[str, int]:
         """Leading blocks of ``keys`` expected on each endpoint (only endpoints with > 0)."""
-        return leading_blocks(keys, {}, self._endpoint_of_bit, spans=self.spans(keys))
+        return leading_blocks(keys, {}, self._endpoint_of_bit, claims=self.live_heads())
 
     def live_masks(self) -> dict[int, int]:
         """key -> bits of the endpoints expected to hold it (introspection: every claimed key)."""

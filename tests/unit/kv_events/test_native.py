@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 
 import msgspec
 import pytest
 
-from pd_runtime.kv_events.index import leading_blocks, leading_blocks_py
+from pd_runtime.kv_events.index import claim_spans, leading_blocks, leading_blocks_py
 from pd_runtime.kv_events.keys import chain_keys_py
 from pd_runtime.kv_events.native import IMPLEMENTATION, native
 
@@ -107,37 +108,74 @@ def random_walk_case(rng: random.Random) -> tuple[list[int], dict[int, int], dic
     return keys, masks, endpoint_of_bit, spans
 
 
+@dataclass
+class Claim:
+    keys: list[int]
+    bit: int
+
+
+def random_claims(rng: random.Random, keys: list[int], bits: list[int]) -> dict[int, list[Claim]]:
+    """Claims as the pending overlay makes them: a run of chained keys that agrees with the
+    prompt from its head for a while and then parts (or runs past the prompt's end)."""
+    claims: dict[int, list[Claim]] = {}
+    for _ in range(rng.randint(0, 6) if keys else 0):
+        start = rng.randrange(len(keys))
+        shared = rng.randint(1, len(keys) - start)
+        run = keys[start : start + shared] + [rng.getrandbits(63) for _ in range(rng.randint(0, 5))]
+        claims.setdefault(keys[start], []).append(Claim(run, 1 << rng.choice(bits)))
+    return claims
+
+
 @needs_native
 @pytest.mark.parametrize("seed", range(4))
 def test_walk_equals_the_python_walk_order_included(seed: int) -> None:
     rng = random.Random(seed)
     for _ in range(2_000):
         keys, masks, endpoint_of_bit, spans = random_walk_case(rng)
-        for case_spans in (None, spans):
-            expected = leading_blocks_py(keys, masks, endpoint_of_bit, spans=case_spans)
-            got = native.leading_blocks(keys, masks, endpoint_of_bit, case_spans)
-            assert list(got.items()) == list(expected.items()), (keys, masks, case_spans)
+        bits = [b.bit_length() - 1 for b in endpoint_of_bit]
+        claims = random_claims(rng, keys, bits)
+        for case_spans, case_claims in (
+            (None, None),
+            (spans, None),
+            (None, claims),
+            (spans, claims),
+        ):
+            all_spans = [*(case_spans or ()), *claim_spans(keys, case_claims or {})]
+            expected = leading_blocks_py(keys, masks, endpoint_of_bit, spans=all_spans)
+            got = native.leading_blocks(keys, masks, endpoint_of_bit, case_spans, case_claims)
+            assert list(got.items()) == list(expected.items()), (keys, masks, spans, claims)
 
 
 @needs_native
 def test_walk_hands_what_it_cannot_do_to_python() -> None:
     many = {1 << b: f"e{b}" for b in range(1025)}  # beyond 1,024 endpoints
-    assert native.leading_blocks([1], {1: 1}, many, None) is NotImplemented
+    assert native.leading_blocks([1], {1: 1}, many, None, None) is NotImplemented
     two = {1: "a", 2: "b"}
-    assert native.leading_blocks([1], {1: 1 << 64}, two, None) is NotImplemented  # a stray bit
-    assert native.leading_blocks([1], {}, two, [(0, 1, 1 << 64)]) is NotImplemented
-    assert native.leading_blocks([1], {}, two, [(0, 1, 3)]) is NotImplemented  # not one bit
-    assert native.leading_blocks([1], {1: -1}, two, None) is NotImplemented
-    assert native.leading_blocks([1], {}, {3: "a"}, None) is NotImplemented
-    assert native.leading_blocks(iter([1]), {}, two, None) is NotImplemented
+    assert (
+        native.leading_blocks([1], {1: 1 << 64}, two, None, None) is NotImplemented
+    )  # a stray bit
+    assert native.leading_blocks([1], {}, two, [(0, 1, 1 << 64)], None) is NotImplemented
+    assert native.leading_blocks([1], {}, two, [(0, 1, 3)], None) is NotImplemented  # not one bit
+    assert native.leading_blocks([1], {1: -1}, two, None, None) is NotImplemented
+    assert native.leading_blocks([1], {}, {3: "a"}, None, None) is NotImplemented
+    assert native.leading_blocks(iter([1]), {}, two, None, None) is NotImplemented
+    assert native.leading_blocks([1], {}, two, None, {1: [Claim([1], 3)]}) is NotImplemented
+    assert native.leading_blocks([1], {}, two, None, {1: [object()]}) is NotImplemented
+    assert native.leading_blocks([1], {}, two, None, {1: (Claim([1], 1),)}) is NotImplemented
     with pytest.raises(KeyError):  # a bit nobody owns: the Python version raises the same
-        native.leading_blocks([1, 2], {1: 3, 2: 1}, {1: "a", 4: "c"}, None)
+        native.leading_blocks([1, 2], {1: 3, 2: 1}, {1: "a", 4: "c"}, None, None)
     # ... and leading_blocks itself still answers those, and an overlay.
     keys = [10, 11, 12]
     endpoint_of_bit = {1 << b: f"e{b}" for b in range(1100)}
     masks = {10: (1 << 1099) | 1, 11: 1 << 1099}
     assert leading_blocks(keys, masks, endpoint_of_bit) == {"e0": 1, "e1099": 2}
     assert leading_blocks(keys, {10: 1}, {1: "a"}, overlay={11: 1}) == {"a": 2}
+    claims = {11: [Claim([11, 12], 2)]}  # with an overlay the claims are worked out in Python
+    expected = {"e0": 1, "e1": 3}
+    assert (
+        leading_blocks(keys, {10: 3}, {1: "e0", 2: "e1"}, overlay={11: 0}, claims=claims)
+        == expected
+    )
 
 
 @needs_native

@@ -171,7 +171,7 @@ class _Reference:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_random_claims_match_the_reference(seed: int, clock: Clock) -> None:
+def test_random_claims_match_the_reference(seed: int, clock: Clock, implementation: str) -> None:
     import random
 
     rng = random.Random(seed)
@@ -209,10 +209,13 @@ def test_random_claims_match_the_reference(seed: int, clock: Clock) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_spans_over_the_index_equal_a_brute_force_walk(seed: int, clock: Clock) -> None:
-    """The scheduler's walk (index masks + claim spans) against the definition: an endpoint
-    holds a leading block if the index or one of its live claims has it, stopping at its first
-    miss; the index has holes (removed middle blocks), claims overlap and diverge."""
+def test_spans_over_the_index_equal_a_brute_force_walk(
+    seed: int, clock: Clock, implementation: str
+) -> None:
+    """The scheduler's walk (index masks + claims, as spans or worked out during the walk)
+    against the definition: an endpoint holds a leading block if the index or one of its live
+    claims has it, stopping at its first miss; the index has holes (removed middle blocks),
+    claims overlap and diverge. Compiled and in Python (``implementation``)."""
     import random
 
     from pd_runtime.kv_events.events import BlockRemoved, BlockStored, encode_token_ids
@@ -258,4 +261,5 @@ def test_spans_over_the_index_equal_a_brute_force_walk(seed: int, clock: Clock) 
             if n:
                 want[endpoint] = n
         assert index.match(query, spans=pending.spans(query)) == want
+        assert index.match(query, claims=pending.live_heads()) == want
         assert index.match(query, overlay=claimed) == want
