@@ -30,6 +30,7 @@ from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import ConfigError, NoEndpointError
 from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.kv_events.manager import KVEventsManager
+from pd_runtime.kv_events.native import IMPLEMENTATION
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.decider import PDDecider
 from pd_runtime.scheduling.filters.slo import SLOFilter
@@ -271,6 +272,13 @@ class KVAwareScheduler(Scheduler):
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if IMPLEMENTATION == "native":
+            log.info("prefix index: compiled keying and walk (kv_events/_native.c)")
+        else:
+            log.warning(
+                "prefix index: the compiled module is not in use (not built, or "
+                "PD_RUNTIME_NATIVE=0); keying and walking in Python, several times slower"
+            )
         if self.tokenizer is not None:
             await self.tokenizer.aload()
         for state in self.states.values():
