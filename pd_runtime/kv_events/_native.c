@@ -362,7 +362,7 @@ static int walk_init(Walk *walk, PyObject *endpoint_of_bit) {
     pos = 0;
     while (PyDict_Next(endpoint_of_bit, &pos, &key, &value)) {
         int bit = bit_index(key, walk->words);
-        if (bit < 0) return -1;
+        if (bit < 0 || !PyUnicode_CheckExact(value)) return -1; /* str: hashing runs no Python */
         walk->endpoint[bit] = value;
     }
     return 0;
@@ -433,76 +433,84 @@ static void ends_apply(ClaimEnds *ends, Walk *walk, uint64_t *pend, Py_ssize_t i
 
 static PyObject *str_keys, *str_bit; /* interned attribute names of a claim */
 
-/* The claims whose first key is keys[i] (claims: {first key: [claim, ...]}, a claim having
- * `keys`, a run of chained keys, and `bit`): each covers keys[i:] up to where its keys and
- * the prompt's part (index.claim_spans, the Python reference, says why one comparison mostly
- * does). Their bits are switched on and their ends queued. 0, 1 for "not for C" (the caller
+/* keys[i] == ck[j] for two exact ints (comparing them runs no Python code): 1 or 0; -1 when
+ * either is something else. */
+static inline int same_int(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b)) return -1;
+    return PyObject_RichCompareBool(a, b, Py_EQ); /* ints: never fails */
+}
+
+/* One claim found at position i (its head is keys[i]): it covers keys[i:] up to where its keys
+ * and the prompt's part (index.claim_spans, the Python reference, says why one comparison
+ * mostly does). Its bit is switched on and its end queued. 0, 1 for "not for C" (the caller
  * returns NotImplemented), -1 with an exception. */
+static int claim_start(PyObject *claim, PyObject **items, Py_ssize_t n, Py_ssize_t i, Walk *walk,
+                       uint64_t *pend, ClaimEnds *ends) {
+    PyObject *bit_obj = PyObject_GetAttr(claim, str_bit);
+    if (bit_obj == NULL) return (PyErr_Clear(), 1);
+    int bit = bit_index(bit_obj, walk->words);
+    Py_DECREF(bit_obj);
+    PyObject *ck = PyObject_GetAttr(claim, str_keys); /* no Python code runs after this */
+    if (ck == NULL) return (PyErr_Clear(), 1);
+    if (bit < 0 || !(PyList_CheckExact(ck) || PyTuple_CheckExact(ck)) ||
+        PySequence_Fast_GET_SIZE(ck) == 0) {
+        Py_DECREF(ck);
+        return 1;
+    }
+    PyObject **claim_keys = PySequence_Fast_ITEMS(ck);
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(ck);
+    if (m > n - i) m = n - i;
+    Py_ssize_t length = m;
+    int same = same_int(claim_keys[m - 1], items[i + m - 1]);
+    if (same == 0) { /* bisect for the first position that differs */
+        Py_ssize_t lo = 1, hi = m - 1; /* ck[0] is the head, ck[m - 1] differs */
+        while (lo <= hi && same >= 0) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            same = same_int(claim_keys[mid], items[i + mid]);
+            if (same > 0) {
+                lo = mid + 1;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        length = lo;
+    }
+    Py_DECREF(ck);
+    if (same < 0) return 1;
+    if (ends->len == ends->cap) {
+        Py_ssize_t cap = ends->cap ? 2 * ends->cap : 16;
+        SpanEdge *grown = PyMem_Realloc(ends->items, sizeof(SpanEdge) * cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        ends->items = grown;
+        ends->cap = cap;
+    }
+    live_add(walk, pend, bit, +1);
+    ends->items[ends->len++] = (SpanEdge){i + length, bit, -1};
+    if (i + length < ends->next) ends->next = i + length;
+    return 0;
+}
+
+/* The claims whose first key is keys[i] (claims: {first key: [claim, ...]}, a claim having
+ * `keys`, a run of chained keys, and `bit`); claim_start for each. */
 static int claims_start(PyObject *claims, PyObject **items, Py_ssize_t n, Py_ssize_t i,
                         Walk *walk, uint64_t *pend, ClaimEnds *ends) {
     PyObject *found = PyDict_GetItemWithError(claims, items[i]);
     if (found == NULL) return PyErr_Occurred() ? (PyErr_Clear(), 1) : 0;
     if (!PyList_CheckExact(found)) return 1;
-    for (Py_ssize_t c = 0; c < PyList_GET_SIZE(found); c++) {
-        PyObject *claim = PyList_GET_ITEM(found, c);
-        PyObject *ck = PyObject_GetAttr(claim, str_keys);
-        if (ck == NULL) return (PyErr_Clear(), 1);
-        PyObject *bit_obj = PyObject_GetAttr(claim, str_bit);
-        if (bit_obj == NULL) {
-            Py_DECREF(ck);
-            return (PyErr_Clear(), 1);
-        }
-        int bit = bit_index(bit_obj, walk->words);
-        Py_DECREF(bit_obj);
-        if (bit < 0 || !(PyList_CheckExact(ck) || PyTuple_CheckExact(ck)) ||
-            PySequence_Fast_GET_SIZE(ck) == 0) {
-            Py_DECREF(ck);
-            return 1;
-        }
-        PyObject **claim_keys = PySequence_Fast_ITEMS(ck);
-        Py_ssize_t m = PySequence_Fast_GET_SIZE(ck);
-        if (m > n - i) m = n - i;
-        Py_ssize_t length;
-        int same = PyObject_RichCompareBool(claim_keys[m - 1], items[i + m - 1], Py_EQ);
-        if (same < 0) {
-            Py_DECREF(ck);
-            return -1;
-        }
-        if (same) {
-            length = m;
-        } else { /* bisect for the first position that differs */
-            Py_ssize_t lo = 1, hi = m - 1; /* ck[0] is the head, ck[m - 1] differs */
-            while (lo <= hi) {
-                Py_ssize_t mid = (lo + hi) / 2;
-                same = PyObject_RichCompareBool(claim_keys[mid], items[i + mid], Py_EQ);
-                if (same < 0) {
-                    Py_DECREF(ck);
-                    return -1;
-                }
-                if (same) {
-                    lo = mid + 1;
-                } else {
-                    hi = mid - 1;
-                }
-            }
-            length = lo;
-        }
-        Py_DECREF(ck);
-        if (ends->len == ends->cap) {
-            Py_ssize_t cap = ends->cap ? 2 * ends->cap : 16;
-            SpanEdge *grown = PyMem_Realloc(ends->items, sizeof(SpanEdge) * cap);
-            if (grown == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            ends->items = grown;
-            ends->cap = cap;
-        }
-        live_add(walk, pend, bit, +1);
-        ends->items[ends->len++] = (SpanEdge){i + length, bit, -1};
-        if (i + length < ends->next) ends->next = i + length;
+    /* A copy: reading a claim's attributes could run Python code (a property), which must not
+     * change the list under us. The prompt's keys are a tuple for the same reason. */
+    PyObject *found_claims = PyList_AsTuple(found);
+    if (found_claims == NULL) return -1;
+    int status = 0;
+    for (Py_ssize_t c = 0; c < PyTuple_GET_SIZE(found_claims) && status == 0; c++) {
+        status = claim_start(PyTuple_GET_ITEM(found_claims, c), items, n, i, walk, pend, ends);
     }
-    return 0;
+    Py_DECREF(found_claims);
+    return status;
 }
 
 /* leading_blocks(keys, masks, endpoint_of_bit, spans, claims) -> dict | NotImplemented.
@@ -527,7 +535,7 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
     if (walk == NULL) return PyErr_NoMemory();
     SpanEdge *edges = NULL;
     ClaimEnds ends = {NULL, 0, 0, PY_SSIZE_T_MAX};
-    PyObject *result = NULL;
+    PyObject *result = NULL, *held_keys = NULL;
     if (walk_init(walk, endpoint_of_bit) < 0) goto not_implemented;
     const int words = walk->words;
     Py_ssize_t n_edges = 0;
@@ -563,6 +571,13 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
 
     result = PyDict_New();
     if (result == NULL) goto error;
+    if (claims != Py_None) { /* a tuple: claim attributes could run Python code (see there) */
+        keys = PySequence_Tuple(keys);
+        if (keys == NULL) goto error;
+    } else {
+        Py_INCREF(keys);
+    }
+    held_keys = keys;
     PyObject **items = PySequence_Fast_ITEMS(keys);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
     uint64_t pend[MAX_WORDS] = {0}, alive[MAX_WORDS] = {0}, here[MAX_WORDS], gone[MAX_WORDS];
@@ -572,6 +587,7 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
             live_add(walk, pend, edges[e].bit, edges[e].delta);
             e++;
         }
+        if (!PyLong_CheckExact(items[i])) goto not_implemented; /* hashing runs no Python */
         if (i >= ends.next) ends_apply(&ends, walk, pend, i);
         if (claims != Py_None) {
             int got = claims_start(claims, items, n, i, walk, pend, &ends);
@@ -607,18 +623,21 @@ static PyObject *leading_blocks(PyObject *self, PyObject *const *args, Py_ssize_
     PyMem_Free(edges);
     PyMem_Free(ends.items);
     PyMem_Free(walk);
+    Py_XDECREF(held_keys);
     return result;
 not_implemented:
     Py_XDECREF(result);
     PyMem_Free(edges);
     PyMem_Free(ends.items);
     PyMem_Free(walk);
+    Py_XDECREF(held_keys);
     Py_RETURN_NOTIMPLEMENTED;
 error:
     Py_XDECREF(result);
     PyMem_Free(edges);
     PyMem_Free(ends.items);
     PyMem_Free(walk);
+    Py_XDECREF(held_keys);
     return NULL;
 }
 
@@ -640,7 +659,7 @@ static PyObject *insert_new(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *ep_bit = args[4];
     Py_ssize_t start = PyLong_AsSsize_t(args[5]);
     if (start == -1 && PyErr_Occurred()) return NULL;
-    if (!PyDict_Check(tier) || !PyDict_Check(held) || !PyLong_Check(ep_bit) ||
+    if (!PyDict_Check(tier) || !PyDict_Check(held) || !PyLong_CheckExact(ep_bit) ||
         !(PyList_CheckExact(hashes) || PyTuple_CheckExact(hashes)) ||
         !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys))) {
         PyErr_SetString(PyExc_TypeError, "insert_new: dicts, a list of hashes and keys, an int");
@@ -655,6 +674,8 @@ static PyObject *insert_new(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_ssize_t i;
     for (i = start < 0 ? 0 : start; i < n; i++) {
         PyObject *h = hash_items[i], *key = key_items[i];
+        /* Types whose hashing and comparing run no Python code (else _add does the block). */
+        if (!(PyBytes_CheckExact(h) || PyLong_CheckExact(h)) || !PyLong_CheckExact(key)) break;
         int known = PyDict_Contains(tier, h);
         if (known < 0) return NULL;
         if (known) break; /* a re-store or a new key for the hash */

@@ -153,8 +153,8 @@ def leading_blocks_py(
     overlay: Mapping[BlockKey, int] | None = None,
     spans: Sequence[tuple[int, int, int]] | None = None,
 ) -> dict[str, int]:
-    """:func:`leading_blocks` in Python: the reference of the compiled walk, and what runs for
-    masks wider than 64 bits, an ``overlay`` or where the extension is absent."""
+    """:func:`leading_blocks` in Python: the reference of the compiled walk, and what runs with
+    an ``overlay``, beyond 1,024 endpoints or where the extension is absent."""
     extra = overlay or {}
     # spans as position events: +bit where a span starts, -bit where it ends (counted per bit,
     # since spans of one endpoint may overlap).

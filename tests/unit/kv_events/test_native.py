@@ -164,6 +164,20 @@ def test_walk_hands_what_it_cannot_do_to_python() -> None:
     assert native.leading_blocks([1], {}, two, None, {1: (Claim([1], 1),)}) is NotImplemented
     with pytest.raises(KeyError):  # a bit nobody owns: the Python version raises the same
         native.leading_blocks([1, 2], {1: 3, 2: 1}, {1: "a", 4: "c"}, None, None)
+    assert native.leading_blocks([1, "x"], {1: 1}, two, None, None) is NotImplemented
+    assert native.leading_blocks([1], {1: 1}, {1: b"a"}, None, None) is NotImplemented
+
+    class Meddling:  # reading its bit runs Python code that empties the prompt's list
+        def __init__(self, prompt: list[int]) -> None:
+            self.prompt, self.keys = prompt, [1, 2]
+
+        @property
+        def bit(self) -> int:
+            self.prompt.clear()
+            return 1
+
+    prompt = [1, 2, 3]  # walked on a copy: no read of freed memory, the answer of the original
+    assert native.leading_blocks(prompt, {3: 1}, two, None, {1: [Meddling(prompt)]}) == {"a": 3}
     # ... and leading_blocks itself still answers those, and an overlay.
     keys = [10, 11, 12]
     endpoint_of_bit = {1 << b: f"e{b}" for b in range(1100)}
@@ -193,5 +207,6 @@ def test_insert_stops_at_each_block_that_is_not_a_plain_new_one() -> None:
     assert tier[b"d"] == 2 and held[2] == 0b01 and b"c" not in tier
     wide = 1 << 70  # masks beyond one word
     assert native.insert_new(tier, held, [b"e"], [8], wide, 0) == 1 and held[8] == wide | 0b11
+    assert native.insert_new(tier, held, ["str hash"], [3], 1, 0) == 0  # _add's turn
     with pytest.raises(ValueError, match="one key per hash"):
         native.insert_new(tier, held, [b"f"], [], 1, 0)
