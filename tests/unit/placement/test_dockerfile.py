@@ -61,6 +61,28 @@ def test_every_copied_source_exists_and_is_not_ignored() -> None:
     assert {".venv", ".cache", "runs"} <= ignored  # the CPU venv and models stay out of the context
 
 
+def test_the_build_stage_copies_everything_pip_install_builds_from() -> None:
+    """``pip install .`` in the image builds from what the build stage copied: the project files
+    (pyproject, setup.py with the C extension, the readme) and every package directory of
+    ``[tool.setuptools]`` (``kernels/`` is the ``pd_kernels`` package)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    package_dirs = setuptools.get("package-dir", {})
+    needed = {"pyproject.toml", "setup.py", project["project"]["readme"]}
+    for package in setuptools["packages"]:
+        top = package.split(".")[0]
+        needed.add(package_dirs.get(top, top))
+    copied: set[str] = set()
+    for word, args in _instructions():
+        if word == "FROM" and copied:
+            break  # the build stage ends at the next FROM
+        if word == "COPY" and "--from=" not in args:
+            copied |= {a.rstrip("/") for a in shlex.split(args)[:-1] if not a.startswith("--")}
+    assert needed <= copied, f"not copied into the build stage: {sorted(needed - copied)}"
+
+
 def test_the_entrypoint_is_our_console_script_and_the_image_runs_as_non_root() -> None:
     instructions = dict(_instructions())  # the last of each kind: the runtime stage's
     assert instructions["ENTRYPOINT"] == '["pd-runtime"]'
