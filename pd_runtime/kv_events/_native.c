@@ -1,12 +1,13 @@
-/* The prefix index's two hot loops in C: keying blocks and walking a prompt's keys.
+/* The prefix index's hot loops in C: keying blocks (events and prompts), storing an event's
+ * blocks, and walking a prompt's keys with the pending claims laid over them.
  *
  * Why C: in Python each block costs ~0.3-0.4 us to key and ~0.4 us to walk (interpreter
  * dispatch, and a new int object for every 64-bit AND). A 64-endpoint decision walks ~100-300
- * blocks and ingestion keys every stored block, so these two loops set the floor of both the
+ * blocks and ingestion keys every stored block, so these loops set the floor of both the
  * decision latency and the ingestion rate (issue 11). The Python versions in keys.py and
  * index.py stay the reference: they define the results, these functions must reproduce them
- * exactly (tests/unit/test_native.py compares them on random inputs), and they are what runs
- * where this module was not built (pd_runtime/kv_events/native.py chooses).
+ * exactly (tests/unit/kv_events/test_native.py compares them on random inputs), and they are
+ * what runs where this module was not built (pd_runtime/kv_events/native.py chooses).
  *
  * Every function returns None (or NotImplemented) where its fast path does not apply, rather
  * than raising, so that the caller falls back to the Python code and its error handling.

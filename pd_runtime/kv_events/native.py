@@ -1,9 +1,10 @@
 """Which implementation runs the prefix index's hot loops: the compiled one or the Python one.
 
-``_native`` (``_native.c``, built by ``pip install``) keys blocks and walks a prompt's keys
-~5x faster than the Python loops in :mod:`.keys` and :mod:`.index`, which stay the reference
-(the compiled functions must give the same results: ``tests/unit/test_native.py``) and what runs
-where it is absent: a source install without a C compiler (the build is optional), another
+``_native`` (``_native.c``, built by ``pip install``) keys, stores and walks blocks ~2.5-3x
+faster than the Python loops in :mod:`.keys` and :mod:`.index`
+(``benchmarks/results/2026-12-07-native``). Those stay the reference (the compiled functions
+must give the same results: ``tests/unit/kv_events/test_native.py``) and what runs where the
+extension is absent: a source install without a C compiler (the build is optional), another
 interpreter, or ``PD_RUNTIME_NATIVE=0`` (to compare the two, or to rule the extension out).
 
 The keys are CPython's tuple hash reproduced in C; a short self-check against ``hash`` at import
