@@ -728,9 +728,18 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
+/* Raised whenever a function's arguments or results change: native.py refuses a module built
+ * from another version of this file (an editable install not rebuilt after a pull) rather than
+ * calling it with the wrong arguments. */
+#define INTERFACE_VERSION 1
+
 PyMODINIT_FUNC PyInit__native(void) {
     str_keys = PyUnicode_InternFromString("keys");
     str_bit = PyUnicode_InternFromString("bit");
     if (str_keys == NULL || str_bit == NULL) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "INTERFACE_VERSION", INTERFACE_VERSION) < 0) {
+        Py_CLEAR(m);
+    }
+    return m;
 }

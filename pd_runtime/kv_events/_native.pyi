@@ -3,6 +3,8 @@ from collections.abc import Mapping, Sequence
 from types import NotImplementedType
 from typing import Any
 
+INTERFACE_VERSION: int
+
 def leading_blocks(
     keys: list[int] | tuple[int, ...],
     masks: Mapping[int, int],

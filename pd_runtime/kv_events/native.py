@@ -9,7 +9,8 @@ interpreter, or ``PD_RUNTIME_NATIVE=0`` (to compare the two, or to rule the exte
 
 The keys are CPython's tuple hash reproduced in C; a short self-check against ``hash`` at import
 turns the extension off if this interpreter hashes differently, rather than keying requests and
-events apart.
+events apart. A module built from another version of ``_native.c`` (an editable install not
+rebuilt after a pull) is not used either: its functions may take other arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-__all__ = ["IMPLEMENTATION", "native"]
+__all__ = ["IMPLEMENTATION", "NOT_NATIVE_BECAUSE", "native"]
+
+#: ``INTERFACE_VERSION`` of the ``_native.c`` this Python code calls.
+_INTERFACE_VERSION = 1
 
 
 def _self_check(module: ModuleType) -> bool:
@@ -29,17 +33,23 @@ def _self_check(module: ModuleType) -> bool:
     return bool(module.chain_keys_ints(-(2**63), tokens, 2) == expected)
 
 
-def _load() -> ModuleType | None:
+def _load() -> tuple[ModuleType | None, str]:
+    """The module, or None and why not."""
     if os.environ.get("PD_RUNTIME_NATIVE", "1") == "0":
-        return None
+        return None, "PD_RUNTIME_NATIVE=0"
     try:
         from pd_runtime.kv_events import _native
     except ImportError:
-        return None
-    return _native if _self_check(_native) else None
+        return None, "not built (no C compiler at install time?)"
+    if getattr(_native, "INTERFACE_VERSION", None) != _INTERFACE_VERSION:
+        return None, "built from another version of _native.c: reinstall (pip install -e .)"
+    if not _self_check(_native):
+        return None, "its keys differ from this interpreter's hash()"
+    return _native, ""
 
 
-#: The compiled module, or None where the Python loops run.
-native = _load()
-#: "native" or "python": said in the coordinator's start-up line.
+native, _why = _load()
+#: "native" or "python": said in the kv-aware scheduler's start-up line.
 IMPLEMENTATION = "native" if native is not None else "python"
+#: Why the Python loops run ("" when they do not).
+NOT_NATIVE_BECAUSE = _why

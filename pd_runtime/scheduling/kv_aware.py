@@ -30,7 +30,7 @@ from pd_runtime.config.endpoint import EndpointConfig
 from pd_runtime.errors import ConfigError, NoEndpointError
 from pd_runtime.kv_events.index import PrefixIndex
 from pd_runtime.kv_events.manager import KVEventsManager
-from pd_runtime.kv_events.native import IMPLEMENTATION
+from pd_runtime.kv_events.native import IMPLEMENTATION, NOT_NATIVE_BECAUSE
 from pd_runtime.scheduling.base import Scheduler, SchedulingRequest, SchedulingResult
 from pd_runtime.scheduling.decider import PDDecider
 from pd_runtime.scheduling.filters.slo import SLOFilter
@@ -276,8 +276,9 @@ class KVAwareScheduler(Scheduler):
             log.info("prefix index: compiled keying and walk (kv_events/_native.c)")
         else:
             log.warning(
-                "prefix index: the compiled module is not in use (not built, or "
-                "PD_RUNTIME_NATIVE=0); keying and walking in Python, several times slower"
+                "prefix index: the compiled module is not in use (%s); keying and walking in "
+                "Python, several times slower",
+                NOT_NATIVE_BECAUSE,
             )
         if self.tokenizer is not None:
             await self.tokenizer.aload()

@@ -210,3 +210,24 @@ def test_insert_stops_at_each_block_that_is_not_a_plain_new_one() -> None:
     assert native.insert_new(tier, held, ["str hash"], [3], 1, 0) == 0  # _add's turn
     with pytest.raises(ValueError, match="one key per hash"):
         native.insert_new(tier, held, [b"f"], [], 1, 0)
+
+
+def test_a_module_from_another_version_or_a_disabled_one_is_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An editable install not rebuilt after a pull keeps an old ``_native`` whose functions may
+    take other arguments: the Python loops run instead, and the reason is given."""
+    import sys
+    import types
+
+    from pd_runtime import kv_events
+    from pd_runtime.kv_events import native as native_module
+
+    stale = types.ModuleType("pd_runtime.kv_events._native")
+    stale.INTERFACE_VERSION = 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pd_runtime.kv_events._native", stale)
+    monkeypatch.setattr(kv_events, "_native", stale, raising=False)
+    module, why = native_module._load()
+    assert module is None and "another version" in why
+    monkeypatch.setenv("PD_RUNTIME_NATIVE", "0")
+    assert native_module._load() == (None, "PD_RUNTIME_NATIVE=0")
