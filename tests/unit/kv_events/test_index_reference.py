@@ -3,7 +3,8 @@
 The index keeps per-tier endpoint bitmasks, shares one dict between a single tier and the any-tier
 masks, and keys blocks from ``token_ids`` left as msgpack by ``decode_batch``. The reference below
 does none of that: it keeps only ``endpoint -> medium -> {engine hash: key}`` (keys from
-``chain_keys`` on the token lists as generated) and answers every query by scanning it. Every
+``chain_keys_py`` on the token lists as generated: the Python keying, never the compiled one the
+index may use, so a keying fault cannot hide in both) and answers every query by scanning it. Every
 event goes through msgpack and ``decode_batch`` before reaching the index, and after each one
 the index must give the reference's answers: ``match`` for any tier and per tier set, ``size``,
 ``endpoint_counts`` and every counter of ``stats``.
@@ -25,9 +26,9 @@ from pd_runtime.kv_events import (
     IndexStats,
     KVEventBatch,
     PrefixIndex,
-    chain_keys,
     decode_batch,
 )
+from pd_runtime.kv_events.keys import chain_keys_py
 
 Hash = bytes | int
 ENDPOINTS = ["a", "b", "c", "d"]
@@ -87,7 +88,7 @@ class Reference:
                 self.stats.orphan_blocks += len(hashes)
                 return
             extras = [tuple(x) if x is not None else None for x in extra] if extra else None
-            pairs = list(zip(hashes, chain_keys(parent_key, tokens, bs, extras), strict=True))
+            pairs = list(zip(hashes, chain_keys_py(parent_key, tokens, bs, extras), strict=True))
         for h, key in pairs:
             if tier.get(h) == key:
                 self.stats.duplicate_stores += 1
@@ -210,7 +211,7 @@ def check(ix: PrefixIndex, ref: Reference) -> None:
         for bs in sorted(set(BLOCK_SIZES)):
             for extra in EXTRAS:
                 extras = [tuple(x) if x is not None else None for x in extra] if extra else None
-                keys = chain_keys(0, tokens, bs, extras)
+                keys = chain_keys_py(0, tokens, bs, extras)
                 for media in QUERIES:
                     assert ix.match(keys, media=media) == ref.match(keys, media), (bs, media)
 
@@ -261,4 +262,4 @@ def test_undecodable_token_ids_are_counted_not_raised(implementation: str) -> No
     ix = PrefixIndex()
     ix.apply_batch("a", decode_batch(payload).events)
     assert ix.stats.unkeyable_blocks == 2 and ix.stats.stored == 1
-    assert ix.match(chain_keys(0, PROMPTS[0][:4], 4)) == {"a": 1}
+    assert ix.match(chain_keys_py(0, PROMPTS[0][:4], 4)) == {"a": 1}

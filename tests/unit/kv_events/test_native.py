@@ -18,7 +18,7 @@ import pytest
 
 from pd_runtime.kv_events.index import claim_spans, leading_blocks, leading_blocks_py
 from pd_runtime.kv_events.keys import chain_keys_py
-from pd_runtime.kv_events.native import IMPLEMENTATION, native
+from pd_runtime.kv_events.native import IMPLEMENTATION, NOT_NATIVE_BECAUSE, native
 
 encode = msgspec.msgpack.encode
 EDGE_INTS = [
@@ -29,13 +29,18 @@ EDGE_INTS = [
 
 def test_the_extension_is_built_and_in_use() -> None:
     """``pip install -e .`` compiles it (a C compiler is on every machine we run on); without it
-    everything still works, at the Python loops' speed, which this test would hide."""
+    everything still works, at the Python loops' speed, which this test would hide. With
+    ``PD_RUNTIME_NATIVE=0`` the Python loops must run, and say why."""
     if os.environ.get("PD_RUNTIME_NATIVE") == "0":
-        pytest.skip("PD_RUNTIME_NATIVE=0: the Python loops on purpose")
-    assert IMPLEMENTATION == "native", "pd_runtime/kv_events/_native.c was not built"
+        assert (IMPLEMENTATION, NOT_NATIVE_BECAUSE) == ("python", "PD_RUNTIME_NATIVE=0")
+    else:
+        assert IMPLEMENTATION == "native", f"the C extension is not in use: {NOT_NATIVE_BECAUSE}"
 
 
-needs_native = pytest.mark.skipif(native is None, reason="extension not built")
+#: Why a comparison with the compiled module cannot run (it then skips, while
+#: test_the_extension_is_built_and_in_use fails unless PD_RUNTIME_NATIVE=0 asked for this).
+NO_NATIVE = f"the C extension is not in use: {NOT_NATIVE_BECAUSE}"
+needs_native = pytest.mark.skipif(native is None, reason=NO_NATIVE)
 
 
 def random_tokens(rng: random.Random, n: int) -> list[int]:
@@ -223,6 +228,7 @@ def test_a_module_from_another_version_or_a_disabled_one_is_not_used(
     from pd_runtime import kv_events
     from pd_runtime.kv_events import native as native_module
 
+    monkeypatch.delenv("PD_RUNTIME_NATIVE", raising=False)  # else that reason comes first
     stale = types.ModuleType("pd_runtime.kv_events._native")
     stale.INTERFACE_VERSION = 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pd_runtime.kv_events._native", stale)
