@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import bench_scheduler as bench
 
+from pd_runtime.common.stats import percentile
 from pd_runtime.kv_events import index as index_module
 from pd_runtime.kv_events import keys as keys_module
 from pd_runtime.kv_events.native import native
@@ -42,11 +43,7 @@ def use(compiled: bool) -> None:
 
 
 def q(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {
-        p: xs[min(len(xs) - 1, int(len(xs) * f))]
-        for p, f in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
-    }
+    return {f"p{p}": percentile(xs, p) for p in (50, 90, 99)}
 
 
 async def measure(n: int, wl: bench.Workload, model_dir: Path) -> dict[str, object]:

@@ -8,10 +8,11 @@ Usage: python benchmarks/results/2026-12-07-native/columnar_estimate.py
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
+
+from pd_runtime.common.stats import percentile
 
 N = 64
 rng = np.random.default_rng(0)
@@ -52,8 +53,7 @@ for i in range(20_000):
     t = time.thread_time_ns()
     decide(160, i % N)
     times.append(time.thread_time_ns() - t)
-times.sort()
 print(
-    f"columnar decode profile, {N} endpoints, warm: p50 {statistics.median(times) / 1e3:.1f} µs, "
-    f"p99 {times[int(len(times) * 0.99)] / 1e3:.1f} µs"
+    f"columnar decode profile, {N} endpoints, warm: p50 {percentile(times, 50) / 1e3:.1f} µs, "
+    f"p99 {percentile(times, 99) / 1e3:.1f} µs"
 )
