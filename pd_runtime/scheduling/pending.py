@@ -49,8 +49,10 @@ class _Claim:
 
 class PendingPrefixes:
     """``bit_of`` maps an endpoint to its bit; pass the prefix index's ``endpoint_bit`` so that
-    :meth:`spans` can be laid over the index in one walk (``PrefixIndex.match(spans=)``).
-    Call :meth:`forget_endpoint` before the index forgets an endpoint (its bit is reused)."""
+    the claims can be laid over the index in one walk (``PrefixIndex.match(claims=``
+    :meth:`live_heads` ``)``, what the scheduler does; :meth:`spans` gives the same as position
+    ranges, for inspection and tests). Call :meth:`forget_endpoint` before the index forgets an
+    endpoint (its bit is reused)."""
 
     def __init__(
         self,
